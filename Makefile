@@ -1,0 +1,44 @@
+# segtrain: `make install` then `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# CPU-only machines get the CPU wheel: a local one if pip's find-links has it, else
+# PyTorch's CPU index. A machine with an NVIDIA driver gets the default (CUDA) wheel.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: install test test-slow lint train clean
+
+install: $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing the CUDA build of torch"; \
+		$(BIN)/pip install "torch>=2.1"; \
+	elif $(BIN)/pip download -q --no-index --no-deps -d $(VENV)/.torch-probe "torch==$(TORCH_VERSION)" >/dev/null 2>&1; then \
+		echo "No GPU: installing the local CPU wheel torch==$(TORCH_VERSION)"; \
+		$(BIN)/pip install "torch==$(TORCH_VERSION)"; \
+	else \
+		echo "No GPU: installing torch==$(TORCH_VERSION) from the CPU index"; \
+		$(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
+	fi
+	rm -rf $(VENV)/.torch-probe
+	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/python -c "import torch, segtrain; print('segtrain ready, torch', torch.__version__)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+test:
+	$(BIN)/python -m pytest
+
+test-slow:
+	$(BIN)/python -m pytest -m slow
+
+lint:
+	$(BIN)/ruff check segtrain tests scripts
+
+train:
+	$(BIN)/python -m segtrain
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,155 @@
+"""The one module that reads the config: it builds dataset, model, loss, optimizer, schedule,
+trainer and evaluator from ``cfg`` with ``hydra.utils.instantiate`` and runs them. Every
+other module takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from segtrain.data.loader import eval_loader
+from segtrain.data.transforms import compose
+from segtrain.engine import checkpoint, distributed
+from segtrain.engine.trainer import Trainer, resolve_precision, seed_everything
+from segtrain.eval.evaluator import Evaluator
+from segtrain.viz import default_palette
+
+log = logging.getLogger("segtrain")
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.device={name} but CUDA is not available on this machine")
+    return device
+
+
+def build_datasets(cfg: DictConfig) -> tuple[Any, Any]:
+    """(train, val) datasets with their albumentations pipelines."""
+    train = instantiate(cfg.dataset.train,
+                        transforms=compose(instantiate(cfg.dataset.train_transforms)))
+    val = instantiate(cfg.dataset.val,
+                      transforms=compose(instantiate(cfg.dataset.val_transforms)))
+    for split, ds in (("train", train), ("val", val)):
+        if ds.num_classes != cfg.dataset.num_classes:
+            raise ValueError(f"dataset.num_classes={cfg.dataset.num_classes} but the {split} "
+                             f"dataset {type(ds).__name__} has {ds.num_classes} classes")
+    return train, val
+
+
+def class_weights(cfg: DictConfig) -> list[float] | None:
+    """``loss.class_weights``: null, an explicit list, or ``median_freq``."""
+    weights = cfg.loss.get("class_weights")
+    if weights is None:
+        return None
+    if isinstance(weights, str):
+        if weights != "median_freq":
+            raise ValueError(f"loss.class_weights must be null, a list or 'median_freq', "
+                             f"got {weights!r}")
+        from segtrain.data.stats import load_or_compute_class_weights
+
+        plain = instantiate(cfg.dataset.train, transforms=None)
+        return list(load_or_compute_class_weights(plain))
+    weights = [float(w) for w in weights]
+    if len(weights) != cfg.dataset.num_classes:
+        raise ValueError(f"loss.class_weights has {len(weights)} values, expected "
+                         f"dataset.num_classes={cfg.dataset.num_classes}")
+    return weights
+
+
+def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """Each group's lr and weight decay are the base values times its multipliers."""
+    base_lr = float(cfg.optim.lr)
+    base_wd = float(cfg.optim.get("weight_decay", 0.0))
+    param_groups = [{**g, "lr": base_lr * g.get("lr_mult", 1.0),
+                     "weight_decay": base_wd * g.get("weight_decay_mult", 1.0)} for g in groups]
+    return instantiate(cfg.optim)(param_groups)
+
+
+def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
+                    show_progress: bool = False) -> Evaluator:
+    crf = instantiate(cfg.eval.crf) if cfg.eval.get("crf") else None
+    return Evaluator(eval_loader(val_set, cfg.trainer.num_workers, dist.rank, dist.world_size),
+                     cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
+                     instantiate(cfg.eval.predictor), crf, val_set.mean, val_set.std,
+                     num_samples=cfg.eval.num_samples, show_progress=show_progress)
+
+
+def palette_of(dataset, num_classes: int):
+    palette = getattr(dataset, "palette", None)
+    return palette if palette is not None and len(palette) >= num_classes else \
+        default_palette(num_classes)
+
+
+def resume_source(resume: str | None, run_dir: Path) -> str | Path | None:
+    """``auto`` resumes this run folder's last.pt when it exists (a requeued SLURM job)."""
+    if resume in (None, "", "null"):
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    return checkpoint.resolve(resume)
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Build everything from ``cfg`` and train; returns the final validation scores."""
+    run_dir = Path(run_dir)
+    dist = distributed.init()
+    seed_everything(cfg.seed + dist.rank, cfg.trainer.deterministic)
+    device = pick_device(cfg.trainer.device, dist.local_rank)
+
+    train_set, val_set = build_datasets(cfg)
+    log.info("data: %s train %d / val %d images, %d classes", cfg.dataset.name,
+             len(train_set), len(val_set), cfg.dataset.num_classes)
+    # the model's initial weights depend on the seed only, not on the data set-up
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.model)
+    groups = model.param_groups()
+    model.to(device)
+    if dist.enabled:
+        if cfg.trainer.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s, %.2fM parameters, device %s, precision %s", cfg.model._target_,
+             n_params / 1e6, device, resolve_precision(cfg.trainer.precision, device))
+
+    loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg)).to(device)
+    optimizer = build_optimizer(cfg, groups)
+    lr_factor = instantiate(cfg.lr)(max_iters=cfg.trainer.max_iters)
+    evaluator = build_evaluator(cfg, val_set, dist)
+
+    t = cfg.trainer
+    trainer = Trainer(
+        model, loss_fn, optimizer, lr_factor, train_set, evaluator, run_dir,
+        max_iters=t.max_iters, batch_size=t.batch_size, num_workers=t.num_workers,
+        iter_size=t.iter_size, precision=t.precision, clip_grad_norm=t.clip_grad_norm,
+        eval_interval=t.eval_interval, log_interval=t.log_interval,
+        checkpoint_interval=t.checkpoint_interval, seed=cfg.seed, device=device,
+        class_names=val_set.class_names, palette=palette_of(val_set, cfg.dataset.num_classes),
+        ignore_index=cfg.dataset.ignore_index,
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist)
+    source = resume_source(t.resume, run_dir)
+    if source is not None:
+        trainer.resume(source)
+    metrics = trainer.fit()
+    if dist.is_main and metrics:
+        log.info("final: mIoU %.4f  pixel acc %.4f  (best mIoU %.4f)  run folder %s",
+                 metrics["miou"], metrics["pixel_acc"], trainer.best_miou, run_dir)
+    distributed.cleanup()
+    return metrics
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    keys = ("miou", "pixel_acc", "mean_acc", "fwiou")
+    return json.dumps({k: round(metrics[k], 4) for k in keys if k in metrics})

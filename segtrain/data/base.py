@@ -1,0 +1,257 @@
+"""The dataset contract shared by every dataset module.
+
+An item is ``{"image": float32 CxHxW normalised, "mask": int64 HxW, "meta": {...}}`` with
+labels in ``0..num_classes-1`` plus one ``ignore_index`` (255). A dataset module subclasses
+``SegmentationDataset`` and implements ``__len__`` and ``load(index)``, which returns the
+raw image (uint8 HxWx3, or float32 HxWxC on a 0..255 scale when extra channels such as
+depth are stacked) and the mask already mapped to train ids (uint8/int HxW).
+
+Every problem a user can fix (missing folder, unreadable file, label value outside the
+classes, empty split) raises ``DatasetError`` with the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, get_worker_info
+
+IGNORE_INDEX = 255
+
+
+class DatasetError(RuntimeError):
+    """A dataset problem the user can fix: missing files, bad labels, empty split."""
+
+
+def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
+    """Read an image file as a uint8 array, naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert(mode) if mode else img)
+    except FileNotFoundError as err:
+        raise DatasetError(f"image file not found: {path}") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DatasetError(f"cannot read image file {path}: {err}") from err
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Read a label image keeping its raw values (palette indices for 'P' images)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L", "I", "I;16"):
+                img = img.convert("L")
+            return np.asarray(img)
+    except FileNotFoundError as err:
+        raise DatasetError(f"label file not found: {path}") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DatasetError(f"cannot read label file {path}: {err}") from err
+
+
+def read_depth(path: str | Path) -> np.ndarray:
+    """Read a 16-bit depth PNG as a uint16 HxW array, naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            depth = np.asarray(img)
+    except FileNotFoundError as err:
+        raise DatasetError(f"depth file not found: {path}") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DatasetError(f"cannot read depth file {path}: {err}") from err
+    if depth.ndim != 2:
+        raise DatasetError(f"depth file {path}: expected a single-channel 16-bit PNG, "
+                           f"got shape {depth.shape}")
+    return depth.astype(np.uint16, copy=False)
+
+
+def make_lut(mapping: Mapping[int, int], size: int = 256) -> np.ndarray:
+    """A lookup table raw value -> train id; values absent from ``mapping`` map to -1."""
+    lut = np.full(size, -1, np.int16)
+    for raw, train_id in mapping.items():
+        lut[raw] = train_id
+    return lut
+
+
+def remap_labels(raw: np.ndarray, lut: np.ndarray, path: str | Path, expected: str) -> np.ndarray:
+    """Map raw label values through ``lut`` (see ``make_lut``); unknown values are an error.
+
+    ``expected`` describes the valid raw values for the message, e.g. "0..11".
+    """
+    if raw.ndim != 2:
+        raise DatasetError(f"label file {path}: expected a single-channel label image, "
+                           f"got shape {raw.shape}")
+    raw = raw.astype(np.int64, copy=False) if raw.dtype != np.uint8 else raw
+    too_big = raw >= len(lut)
+    if too_big.any():
+        bad = np.unique(raw[too_big])[:10].tolist()
+        raise DatasetError(f"label file {path}: value(s) {bad} are not labels of this "
+                           f"dataset (expected {expected})")
+    out = lut[raw]
+    unknown = out < 0
+    if unknown.any():
+        bad = np.unique(raw[unknown])[:10].tolist()
+        raise DatasetError(f"label file {path}: value(s) {bad} are not labels of this "
+                           f"dataset (expected {expected})")
+    return out.astype(np.uint8)
+
+
+def require_root(root: str | Path, name: str, layout: str, how_to_get: str) -> Path:
+    """Return ``root`` as a Path, or explain the expected layout when it does not exist."""
+    if root is None or str(root) in ("", "???"):
+        raise DatasetError(f"{name}: dataset.root is not set. Expected layout:\n{layout}\n"
+                           f"{how_to_get}")
+    path = Path(os.path.expanduser(str(root)))
+    if not path.is_dir():
+        raise DatasetError(f"{name}: dataset root {path} does not exist or is not a folder. "
+                           f"Expected layout:\n{layout}\n{how_to_get}")
+    return path
+
+
+def require_path(path: Path, name: str, what: str, layout: str, how_to_get: str) -> Path:
+    """Raise a layout error naming ``path`` if it is missing."""
+    if not path.exists():
+        raise DatasetError(f"{name}: {what} not found: {path}. Expected layout:\n{layout}\n"
+                           f"{how_to_get}")
+    return path
+
+
+def read_list_file(path: Path, name: str, split: str) -> list[list[str]]:
+    """Read a split list: one sample per line, whitespace-separated fields; no empty split."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise DatasetError(f"{name}: cannot read split list {path}: {err}") from err
+    rows = [line.split() for line in lines if line.strip() and not line.startswith("#")]
+    if not rows:
+        raise DatasetError(f"{name}: split '{split}' is empty: the list file {path} has no "
+                           f"entries")
+    return rows
+
+
+def require_nonempty(items: Sequence[Any], name: str, split: str, where: str) -> None:
+    if len(items) == 0:
+        raise DatasetError(f"{name}: split '{split}' is empty: no samples found in {where}")
+
+
+class SegmentationDataset(Dataset):
+    """Base class: applies the albumentations pipeline and checks the label range.
+
+    Subclasses set ``class_names``, ``palette`` (Nx3 uint8), ``mean`` and ``std`` (0..1 RGB)
+    and implement ``__len__`` and ``load``.
+    """
+
+    class_names: Sequence[str] = ()
+    palette: np.ndarray = np.zeros((0, 3), np.uint8)
+    mean: Sequence[float] = (0.485, 0.456, 0.406)
+    std: Sequence[float] = (0.229, 0.224, 0.225)
+    ignore_index: int = IGNORE_INDEX
+    #: a short name used in messages and cache file names
+    name: str = "dataset"
+
+    def __init__(self, transforms: Callable[..., dict] | None = None) -> None:
+        self.transforms = transforms
+        self._seeded_for: tuple[int, int] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the image this dataset yields (3 = RGB; 4 = RGB + depth)."""
+        return 3
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Return (image uint8 HxWxC, mask HxW in train ids, meta). Abstract."""
+        raise NotImplementedError  # pragma: no cover
+
+    def load_mask(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """Return only the mask and meta (class statistics); subclasses may skip the image."""
+        _, mask, meta = self.load(index)
+        return mask, meta
+
+    def check_labels(self, mask: np.ndarray, source: str) -> None:
+        values = np.unique(mask)
+        bad = values[(values >= self.num_classes) & (values != self.ignore_index)]
+        if bad.size:
+            raise DatasetError(
+                f"{source}: label value(s) {bad.tolist()} outside 0..{self.num_classes - 1} "
+                f"and not the ignore index {self.ignore_index}"
+            )
+
+    def _seed_transforms(self) -> None:
+        """Give each DataLoader worker its own augmentation stream, derived from torch's seed.
+
+        albumentations' Compose keeps its own generator; forked workers would otherwise all
+        replay the same random crops. torch seeds every worker differently (base seed +
+        worker id), and the main process from ``torch.manual_seed``, so runs reproduce.
+        """
+        if self.transforms is None or not hasattr(self.transforms, "set_random_seed"):
+            return
+        info = get_worker_info()
+        seed = (info.seed if info is not None else torch.initial_seed()) % 2**32
+        key = (os.getpid(), seed)
+        if self._seeded_for != key:
+            self.transforms.set_random_seed(seed)
+            self._seeded_for = key
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, mask, meta = self.load(index)
+        source = str(meta.get("label_path", meta.get("name", index)))
+        if image.shape[:2] != mask.shape[:2]:
+            raise DatasetError(
+                f"image {meta.get('image_path', index)} is {image.shape[1]}x{image.shape[0]} "
+                f"but its label {source} is {mask.shape[1]}x{mask.shape[0]} (width x height)"
+            )
+        self.check_labels(mask, source)
+        meta = {**meta, "index": index, "orig_size": tuple(mask.shape[:2])}
+        if self.transforms is not None:
+            self._seed_transforms()
+            out = self.transforms(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return to_item(image, mask, meta)
+
+
+def to_item(image: np.ndarray, mask: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
+    """Convert HxWxC float image and HxW mask to the tensors of the dataset contract."""
+    if image.dtype == np.uint8:
+        raise DatasetError(
+            "the transform pipeline must end with normalisation (albumentations.Normalize) "
+            "so images are float32; check dataset.train_transforms / val_transforms"
+        )
+    image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32))
+    mask_t = torch.from_numpy(np.ascontiguousarray(mask, np.int64))
+    return {"image": image_t, "mask": mask_t, "meta": meta}
+
+
+def voc_colormap(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC palette (bit-interleaved label index), used where no official one exists."""
+    cmap = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = (r, g, b)
+    return cmap
+
+
+def unique_names(names: Iterable[str]) -> list[str]:
+    """Deduplicate while keeping order (list files sometimes repeat ids)."""
+    seen: set[str] = set()
+    out = []
+    for n in names:
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out

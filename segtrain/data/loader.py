@@ -1,0 +1,107 @@
+"""Data loading with a reproducible, resumable order.
+
+Training is iteration based. The sample order is one endless stream: epoch ``e`` is a
+permutation drawn from ``seed + e``, and iteration ``i`` takes the global batch
+``stream[i*B : (i+1)*B]``; rank ``r`` of ``W`` takes every W-th element of it. Each sample's
+augmentation is seeded from its stream position, so a run resumed at iteration ``k`` sees
+exactly the batches and augmentations the uninterrupted run saw, whatever the number of
+workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class IterationSampler(Sampler[tuple[int, int]]):
+    """Yields ``(dataset index, stream position)`` for iterations ``start_iter..``, endlessly.
+
+    Args:
+        length: dataset size.
+        batch_size: per-rank batch size.
+        seed: base seed of the permutations.
+        start_iter: first iteration to produce (resume).
+        shuffle: permute each epoch (else sequential order).
+        rank, world_size: distributed position.
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int, start_iter: int = 0,
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        if length <= 0:
+            raise ValueError("the training split is empty")
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.start_iter, self.shuffle = start_iter, shuffle
+        self.rank, self.world_size = rank, world_size
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.length)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.length, generator=g)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        global_batch = self.batch_size * self.world_size
+        pos = self.start_iter * global_batch + self.rank
+        epoch, order = -1, None
+        while True:
+            e = pos // self.length
+            if e != epoch:
+                epoch, order = e, self._epoch_order(e)
+            yield int(order[pos % self.length]), pos
+            pos += self.world_size
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for len(loader)
+        return 2**62
+
+
+class SeededAugmentation(Dataset):
+    """Wraps a dataset so that item ``(index, position)`` seeds its augmentation by position."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, position = key
+        transforms = getattr(self.dataset, "transforms", None)
+        if transforms is not None and hasattr(transforms, "set_random_seed"):
+            transforms.set_random_seed((self.seed * 7_919 + position) % 2**32)
+        return self.dataset[index]
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images and masks; keep ``meta`` as a list of dicts."""
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "mask": torch.stack([it["mask"] for it in items]),
+        "meta": [it["meta"] for it in items],
+    }
+
+
+def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
+                 start_iter: int = 0, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False) -> DataLoader:
+    """Endless, resumable training loader (see module docstring)."""
+    sampler = IterationSampler(len(dataset), batch_size, seed, start_iter, True, rank,
+                               world_size)
+    return DataLoader(SeededAugmentation(dataset, seed), batch_size=batch_size,
+                      sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, drop_last=True,
+                      # a private generator: creating the iterator must not draw from the
+                      # global RNG, or a resumed run's dropout would differ
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def eval_loader(dataset: Dataset, num_workers: int, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
+    """Batch size 1 (full images of different sizes), each rank a strided share."""
+    indices = list(range(rank, len(dataset), world_size))
+    subset = torch.utils.data.Subset(dataset, indices)
+    return DataLoader(subset, batch_size=1, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate, generator=torch.Generator().manual_seed(0))

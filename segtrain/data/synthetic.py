@@ -1,0 +1,123 @@
+"""The embedded dataset: textured shapes on textured backgrounds, generated from a seed.
+
+Nothing is read from disk or downloaded. Every image is drawn from the same family of
+textures (stripes at any angle, checkerboards, blotchy noise) in random colours, for the
+background and for each shape alike, so a pixel's texture says nothing about its class:
+the class is the *shape* the pixel belongs to (disk, square, triangle, ring, cross), which
+a network can only tell from context around the pixel. Item ``i`` of a split is a pure
+function of ``(seed, split, i)``, so splits are deterministic and independent of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from segtrain.data.base import SegmentationDataset
+
+CLASS_NAMES = ("background", "disk", "square", "triangle", "ring", "cross")
+PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25],
+                    [0, 130, 200], [245, 130, 48]], dtype=np.uint8)
+_SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random texture in two random colours, HxWx3 float in 0..255."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    kind = rng.integers(3)
+    if kind == 0:  # stripes
+        angle = rng.uniform(0, np.pi)
+        period = rng.uniform(4, 10)
+        t = (np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period) > 0)
+    elif kind == 1:  # checkerboard
+        cell = int(rng.integers(3, 8))
+        t = ((xx // cell + yy // cell) % 2) > 0
+    else:  # blotches: upsampled coarse noise
+        coarse = rng.random((size // 8 + 2, size // 8 + 2))
+        idx = (np.arange(size) / 8).astype(int)
+        t = coarse[idx][:, idx] > 0.5
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    t = t[..., None].astype(np.float32)
+    return c0 * (1 - t) + c1 * t
+
+
+def _shape_mask(rng: np.random.Generator, kind: int, size: int) -> np.ndarray:
+    """Boolean mask of one shape of class ``kind`` (1..5) at a random place and scale."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    r = rng.uniform(0.14, 0.26) * size
+    cy, cx = rng.uniform(r, size - r, 2)
+    dy, dx = yy - cy, xx - cx
+    angle = rng.uniform(0, np.pi / 2)
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    if kind == 1:  # disk
+        return dx**2 + dy**2 <= r**2
+    if kind == 2:  # square (rotated)
+        return (np.abs(u) <= r * 0.85) & (np.abs(v) <= r * 0.85)
+    if kind == 3:  # triangle (rotated): three half-planes
+        inside = np.ones_like(u, dtype=bool)
+        for k in range(3):
+            a = angle + k * 2 * np.pi / 3
+            inside &= (dx * np.cos(a) + dy * np.sin(a)) <= r * 0.55
+        return inside
+    if kind == 4:  # ring
+        d2 = dx**2 + dy**2
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+    # cross (rotated)
+    arm = r * 0.33
+    return ((np.abs(u) <= arm) & (np.abs(v) <= r)) | ((np.abs(v) <= arm) & (np.abs(u) <= r))
+
+
+def render(seed: int, image_size: int, max_shapes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one (image uint8 HxWx3, mask uint8 HxW) from ``seed``."""
+    rng = np.random.default_rng(seed)
+    image = _texture(rng, image_size)
+    mask = np.zeros((image_size, image_size), np.uint8)
+    for _ in range(int(rng.integers(1, max_shapes + 1))):
+        kind = int(rng.integers(1, len(CLASS_NAMES)))
+        region = _shape_mask(rng, kind, image_size)
+        image[region] = _texture(rng, image_size)[region]
+        mask[region] = kind
+    image += rng.normal(0, 8, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+class SyntheticShapes(SegmentationDataset):
+    """Procedural shapes dataset (the default, ``dataset=synthetic``).
+
+    Args:
+        split: ``train``, ``val`` or ``test`` (disjoint seeds).
+        num_samples: items in the split.
+        image_size: side of the square images.
+        max_shapes: shapes per image, 1..max_shapes.
+        seed: base seed; item i of a split is a pure function of (seed, split, i).
+        transforms: albumentations pipeline ending with Normalize.
+    """
+
+    class_names = CLASS_NAMES
+    palette = PALETTE
+    mean = (0.5, 0.5, 0.5)
+    std = (0.25, 0.25, 0.25)
+
+    def __init__(self, split: str, num_samples: int, image_size: int, max_shapes: int = 3,
+                 seed: int = 0, transforms: Callable[..., dict] | None = None) -> None:
+        super().__init__(transforms)
+        if split not in _SPLIT_OFFSET:
+            raise ValueError(f"synthetic split must be one of {sorted(_SPLIT_OFFSET)}, "
+                             f"got {split!r}")
+        if num_samples <= 0:
+            raise ValueError(f"dataset.num_samples must be positive, got {num_samples}")
+        self.split, self.num_samples = split, num_samples
+        self.image_size, self.max_shapes, self.seed = image_size, max_shapes, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} items")
+        item_seed = self.seed * 10_000_019 + _SPLIT_OFFSET[self.split] + index
+        image, mask = render(item_seed, self.image_size, self.max_shapes)
+        return image, mask, {"name": f"{self.split}_{index:06d}"}

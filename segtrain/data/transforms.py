@@ -1,0 +1,152 @@
+"""albumentations pipelines composed from YAML.
+
+``dataset.train_transforms`` / ``val_transforms`` are lists of ``_target_`` entries (any
+albumentations transform, or one defined here); ``compose`` wraps them in ``A.Compose``.
+Masks always follow the image with nearest-neighbour interpolation, and padding fills the
+image with the dataset mean and the mask with the ignore index, so padded pixels neither
+shift the input statistics nor count in the loss.
+
+The transforms here also accept images with more than three channels (RGB + depth, stacked
+as float32 on a 0..255 scale): colour jitter touches only the first three channels and
+``Normalize`` takes the extra channels' statistics separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from segtrain.data.base import IGNORE_INDEX
+
+
+def compose(steps: Sequence[A.BasicTransform] | None) -> A.Compose:
+    """Compose instantiated transforms into one image+mask pipeline."""
+    return A.Compose(list(steps or []))
+
+
+class RandomScaleChoice(A.DualTransform):
+    """Resize by a factor drawn from a set or a range (DeepLab: 0.5..1.5 or {0.5,0.75,...}).
+
+    Args:
+        scales: a list of discrete factors, or ``[lo, hi]`` with ``continuous=True``.
+    """
+
+    def __init__(self, scales: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5),
+                 continuous: bool = False, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        if continuous and len(scales) != 2:
+            raise ValueError(f"continuous scale needs [lo, hi], got {list(scales)}")
+        if not scales or min(float(s) for s in scales) <= 0:
+            raise ValueError(f"scales must be positive, got {list(scales)}")
+        self.scales = tuple(float(s) for s in scales)
+        self.continuous = continuous
+
+    def get_params_dependent_on_data(self, params, data):  # noqa: D401 - albumentations API
+        if self.continuous:
+            scale = self.py_random.uniform(*self.scales)
+        else:
+            scale = self.py_random.choice(self.scales)
+        return {"scale": scale}
+
+    def apply(self, img: np.ndarray, scale: float = 1.0, **params) -> np.ndarray:
+        h, w = img.shape[:2]
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, scale: float = 1.0, **params) -> np.ndarray:
+        h, w = mask.shape[:2]
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+
+    def get_transform_init_args_names(self):
+        return ("scales", "continuous")
+
+
+def pad_with_mean(min_height: int, min_width: int, mean: Sequence[float],
+                  ignore_index: int = IGNORE_INDEX,
+                  extra_mean: Sequence[float] = ()) -> A.PadIfNeeded:
+    """Pad to at least ``min_height x min_width`` at the bottom and right.
+
+    The image is filled with ``mean`` (0..1, the same values ``Normalize`` subtracts, so
+    padding becomes 0 after normalisation) and the mask with ``ignore_index``. ``extra_mean``
+    gives the fill of channels after the first three (depth).
+    """
+    fill = tuple(float(m) * 255.0 for m in list(mean) + list(extra_mean))
+    return A.PadIfNeeded(min_height=int(min_height), min_width=int(min_width),
+                         position="top_left", border_mode=cv2.BORDER_CONSTANT,
+                         fill=fill, fill_mask=int(ignore_index))
+
+
+class RGBColorJitter(A.ImageOnlyTransform):
+    """Random brightness, contrast and saturation of the first three channels.
+
+    Works on uint8 images and on float32 images on a 0..255 scale (RGB-D stacks); channels
+    after the third (depth) are left unchanged. Factors are drawn from ``[1-x, 1+x]``.
+    """
+
+    def __init__(self, brightness: float = 0.25, contrast: float = 0.25,
+                 saturation: float = 0.25, p: float = 0.5) -> None:
+        super().__init__(p=p)
+        for name, value in (("brightness", brightness), ("contrast", contrast),
+                            ("saturation", saturation)):
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        self.brightness = float(brightness)
+        self.contrast = float(contrast)
+        self.saturation = float(saturation)
+
+    def get_params(self):
+        def draw(x: float) -> float:
+            return self.py_random.uniform(1 - x, 1 + x)
+        return {"b": draw(self.brightness), "c": draw(self.contrast),
+                "s": draw(self.saturation)}
+
+    def apply(self, img: np.ndarray, b: float = 1.0, c: float = 1.0, s: float = 1.0,
+              **params) -> np.ndarray:
+        rgb = img[..., :3].astype(np.float32)
+        rgb *= b
+        gray = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+        rgb = (rgb - gray.mean()) * c + gray.mean()
+        gray = (rgb @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+        rgb = (rgb - gray) * s + gray
+        np.clip(rgb, 0, 255, out=rgb)
+        rgb = rgb.astype(img.dtype) if img.dtype != np.uint8 else (rgb + 0.5).astype(np.uint8)
+        if img.shape[-1] == 3:
+            return rgb
+        return np.concatenate([rgb, img[..., 3:]], axis=-1)
+
+    def get_transform_init_args_names(self):
+        return ("brightness", "contrast", "saturation")
+
+
+class Normalize(A.ImageOnlyTransform):
+    """``(x - mean * 255) / (std * 255)`` per channel, for images with extra channels.
+
+    ``mean``/``std`` are the RGB statistics (0..1); ``extra_mean``/``extra_std`` those of
+    channels 4.. (e.g. depth scaled to 0..1). An RGB-only image uses only the first three,
+    so one YAML serves ``use_depth=false`` and ``true``. Output is float32.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float],
+                 extra_mean: Sequence[float] = (), extra_std: Sequence[float] = (),
+                 p: float = 1.0) -> None:
+        super().__init__(p=p)
+        if len(mean) != len(std) or len(extra_mean) != len(extra_std):
+            raise ValueError("mean and std must have the same length")
+        self.mean = tuple(float(m) for m in list(mean) + list(extra_mean))
+        self.std = tuple(float(s) for s in list(std) + list(extra_std))
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        channels = img.shape[-1] if img.ndim == 3 else 1
+        if channels > len(self.mean):
+            raise ValueError(f"image has {channels} channels but Normalize has statistics "
+                             f"for {len(self.mean)}")
+        mean = np.array(self.mean[:channels], np.float32) * 255.0
+        inv_std = 1.0 / (np.array(self.std[:channels], np.float32) * 255.0)
+        return ((img.astype(np.float32) - mean) * inv_std).astype(np.float32)
+
+    def get_transform_init_args_names(self):
+        return ("mean", "std")

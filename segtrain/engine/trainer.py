@@ -1,0 +1,312 @@
+"""The iteration-based training loop.
+
+One step: ``iter_size`` micro-batches -> model -> loss dict -> backward (scaled for fp16) ->
+optional clipping -> optimizer step -> schedule step (every iteration, as DeepLab's poly).
+Evaluation, checkpoints and logs attach around it, on rank 0 only for files. Everything is
+passed in as plain objects; the trainer never sees the config (``segtrain.app`` builds it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from segtrain.data.loader import train_loader
+from segtrain.engine import checkpoint
+from segtrain.engine.distributed import DistInfo
+from segtrain.eval.evaluator import Evaluator
+from segtrain.eval.metrics import format_table
+from segtrain.viz import comparison_strip
+
+log = logging.getLogger("segtrain")
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good state was checkpointed."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA that supports it (else fp16), fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+class Trainer:
+    """Trains ``model`` for ``max_iters`` iterations and evaluates it.
+
+    Args:
+        model: returns ``{"out": logits, ...}``; already on ``device`` (DDP-wrapped if needed).
+        loss_fn: ``(outputs, batch) -> {"total": ..., term: ...}``.
+        optimizer: its groups carry the per-group learning rates.
+        lr_factor: iteration -> multiplier of each group's initial rate.
+        train_set: the augmented training dataset.
+        evaluator: scores the model on the validation set, or None.
+        run_dir: where checkpoints, logs, metrics and figures go.
+        max_iters: optimizer steps.
+        batch_size: per-rank micro-batch; the effective batch is batch_size x iter_size x ranks.
+        iter_size: micro-batches accumulated per step (DeepLab v2: 10).
+        precision: fp32 | bf16 | fp16 | auto.
+        clip_grad_norm: max gradient norm, or None.
+        eval_interval, log_interval, checkpoint_interval: in iterations.
+        seed: fixes initialisation, data order and augmentation.
+        class_names, palette, ignore_index: for tables and figures.
+        config_yaml: the resolved config, stored in checkpoints.
+        dist: the distributed position.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
+                 lr_factor: Callable[[int], float], train_set: torch.utils.data.Dataset,
+                 evaluator: Evaluator | None, run_dir: str | Path, *, max_iters: int,
+                 batch_size: int, num_workers: int, iter_size: int, precision: str,
+                 clip_grad_norm: float | None, eval_interval: int, log_interval: int,
+                 checkpoint_interval: int, seed: int, device: torch.device,
+                 class_names: Sequence[str], palette: np.ndarray, ignore_index: int,
+                 config_yaml: str = "", dist: DistInfo | None = None,
+                 show_progress: bool = True) -> None:
+        if iter_size < 1:
+            raise ValueError(f"trainer.iter_size must be >= 1, got {iter_size}")
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        self.train_set, self.evaluator = train_set, evaluator
+        self.run_dir = Path(run_dir)
+        self.max_iters, self.batch_size, self.num_workers = max_iters, batch_size, num_workers
+        self.iter_size, self.clip_grad_norm = iter_size, clip_grad_norm
+        self.eval_interval, self.log_interval = eval_interval, log_interval
+        self.checkpoint_interval = checkpoint_interval
+        self.seed, self.device = seed, device
+        self.precision = resolve_precision(precision, device)
+        self.amp_dtype = autocast_dtype(self.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.class_names, self.palette, self.ignore_index = class_names, palette, ignore_index
+        self.config_yaml = config_yaml
+        self.dist = dist or DistInfo()
+        self.show_progress = show_progress and self.dist.is_main
+        self.iteration = 0
+        self.best_miou = -math.inf
+        self.history: list[dict[str, Any]] = []
+        self._stop_signal: int | None = None
+        self.writer = None
+        if self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.run_dir / "tb"))
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def _bare_model(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self._bare_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "best_miou": self.best_miou,
+            "history": self.history,
+            "rng": rng_state(),
+            "config": self.config_yaml,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._bare_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.best_miou = float(state["best_miou"])
+        self.history = list(state.get("history", []))
+        set_rng_state(state["rng"])
+
+    def resume(self, source: str | Path) -> None:
+        state = checkpoint.load(source, map_location="cpu")
+        self.load_state_dict(state)
+        log.info("resumed from %s at iteration %d", checkpoint.resolve(source), self.iteration)
+
+    def save(self, name: str = "last.pt", state: dict[str, Any] | None = None) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        return checkpoint.save_atomic(state or self.state_dict(),
+                                      self.run_dir / "checkpoints" / name)
+
+    # -- loop ----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal API
+        self._stop_signal = signum
+
+    def fit(self) -> dict[str, Any]:
+        """Train from ``self.iteration`` to ``max_iters``; returns the final metrics."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            return self._fit()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.writer is not None:
+                self.writer.flush()
+
+    def _fit(self) -> dict[str, Any]:
+        loader = train_loader(self.train_set, self.batch_size, self.num_workers, self.seed,
+                              start_iter=self.iteration * self.iter_size,
+                              rank=self.dist.rank, world_size=self.dist.world_size,
+                              pin_memory=self.device.type == "cuda")
+        batches = iter(loader)
+        self.model.train()
+        bar = tqdm(total=self.max_iters, initial=self.iteration, desc="train",
+                   disable=not self.show_progress, dynamic_ncols=True, mininterval=1.0)
+        tic, done_since_log = time.perf_counter(), 0
+        metrics: dict[str, Any] = {}
+        while self.iteration < self.max_iters:
+            terms = self._step(batches)
+            self.iteration += 1
+            done_since_log += 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['total']:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if self.iteration % self.log_interval == 0 or self.iteration == self.max_iters:
+                rate = done_since_log / max(time.perf_counter() - tic, 1e-9)
+                self._log_train(terms, rate)
+                tic, done_since_log = time.perf_counter(), 0
+            last = self.iteration == self.max_iters
+            if self.evaluator is not None and (self.iteration % self.eval_interval == 0 or last):
+                metrics = self.evaluate()
+            if self.iteration % self.checkpoint_interval == 0 or last:
+                self.save("last.pt")
+            if self._stop_signal is not None:
+                self.save("last.pt")
+                log.warning("signal %d received: saved checkpoints/last.pt at iteration %d; "
+                            "resume with trainer.resume=%s", self._stop_signal, self.iteration,
+                            self.run_dir)
+                break
+        bar.close()
+        return metrics
+
+    def _step(self, batches) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro in range(self.iter_size):
+            batch = next(batches)
+            image = batch["image"].to(self.device, non_blocking=True)
+            batch["mask"] = batch["mask"].to(self.device, non_blocking=True)
+            sync = micro == self.iter_size - 1 or not hasattr(self.model, "no_sync")
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with self._autocast():
+                    outputs = self.model(image)
+                    terms = self.loss_fn(outputs, batch)
+                loss = terms["total"] / self.iter_size
+                if not torch.isfinite(loss):
+                    self._non_finite(terms)
+                self.scaler.scale(loss).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.iter_size
+        if self.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return sums
+
+    def _non_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        path = self.save("last.pt")  # weights are still those after the last good step
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {self.iteration + 1}: {values}. The state after "
+            f"iteration {self.iteration} is saved in {path}. Try a lower optim.lr, "
+            f"trainer.clip_grad_norm, or trainer.precision=fp32.")
+
+    # -- logging and evaluation ----------------------------------------------------------
+    def _log_train(self, terms: dict[str, float], rate: float) -> None:
+        if not self.dist.is_main:
+            return
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        log.info("iter %d/%d  %s  lr %.3e  %.2f it/s", self.iteration, self.max_iters,
+                 "  ".join(f"{k} {v:.4f}" for k, v in terms.items()),
+                 self.optimizer.param_groups[0]["lr"], rate)
+        for k, v in terms.items():
+            self.writer.add_scalar(f"train/loss/{k}", v, self.iteration)
+        for name, lr in lrs.items():
+            self.writer.add_scalar(f"train/lr/{name}", lr, self.iteration)
+        self.writer.add_scalar("train/iters_per_s", rate, self.iteration)
+
+    def evaluate(self) -> dict[str, Any]:
+        scores = self.evaluator.run(self.model, self.device, self.amp_dtype)
+        if not self.dist.is_main:
+            return scores
+        summary = {k: scores[k] for k in ("miou", "pixel_acc", "mean_acc", "fwiou")}
+        summary["iteration"] = self.iteration
+        self.history.append(summary)
+        log.info("eval at iteration %d\n%s", self.iteration,
+                 format_table(scores, self.class_names))
+        for k in ("miou", "pixel_acc", "mean_acc", "fwiou"):
+            self.writer.add_scalar(f"val/{k}", scores[k], self.iteration)
+        for name, iou in zip(self.class_names, scores["iou"]):
+            if iou == iou:  # NaN: class absent from prediction and ground truth
+                self.writer.add_scalar(f"val/iou/{name}", iou, self.iteration)
+        if self.evaluator.samples:
+            strip = comparison_strip(self.evaluator.samples, self.palette, self.ignore_index)
+            self.writer.add_image("val/image_gt_pred", strip, self.iteration, dataformats="HWC")
+        if scores["miou"] > self.best_miou:
+            self.best_miou = scores["miou"]
+            self.save("best.pt", {"model": self._bare_model.state_dict(),
+                                  "iteration": self.iteration, "metrics": summary,
+                                  "config": self.config_yaml})
+        result = {"iteration": self.iteration, "best_miou": self.best_miou,
+                  "class_names": list(self.class_names), **scores, "history": self.history}
+        tmp = self.run_dir / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(self.run_dir / "metrics.json")
+        return scores

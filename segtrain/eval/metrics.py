@@ -1,0 +1,85 @@
+"""Confusion matrix and the standard segmentation scores (Long et al. 2015, Sec. 5: pixel
+accuracy, mean accuracy, mean IU, frequency-weighted IU).
+
+Rule for a class absent from both prediction and ground truth: its IoU (and accuracy) is
+undefined (0/0) and reported as NaN; means are taken over the classes where it is defined,
+so an absent class neither helps nor hurts mIoU. A class present in the prediction only has
+IoU 0 (it counts). Ignored pixels (``ignore_index``) never enter the matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ConfusionMatrix:
+    """Accumulates ``matrix[gt, pred]`` on the tensors' device with one bincount per batch."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255,
+                 device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of predicted and ground-truth label maps (same shape)."""
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape "
+                             f"{tuple(target.shape)}")
+        n = self.num_classes
+        valid = target != self.ignore_index
+        bad = valid & ((target < 0) | (target >= n))
+        if bad.any():
+            raise ValueError(f"target holds labels outside 0..{n - 1} and ignore "
+                             f"{self.ignore_index}: {torch.unique(target[bad]).tolist()}")
+        idx = n * target[valid].to(torch.int64) + pred[valid].to(torch.int64)
+        self.matrix += torch.bincount(idx, minlength=n * n).view(n, n).to(self.matrix.device)
+
+    def all_reduce(self) -> None:
+        """Sum the matrix over distributed ranks (no-op when not distributed)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.matrix)
+
+    def compute(self) -> dict[str, float | list[float]]:
+        return scores_from_matrix(self.matrix)
+
+
+def scores_from_matrix(matrix: torch.Tensor) -> dict[str, float | list[float]]:
+    """Pixel acc, mean acc, mIoU, fwIoU and per-class IoU/acc from ``matrix[gt, pred]``."""
+    m = matrix.double()
+    tp = m.diag()
+    gt = m.sum(1)
+    pred = m.sum(0)
+    union = gt + pred - tp
+    total = m.sum()
+    nan = torch.tensor(float("nan"), dtype=m.dtype, device=m.device)
+    iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
+    acc = torch.where(gt > 0, tp / gt.clamp(min=1), nan)
+    freq = gt / total.clamp(min=1)
+    present = ~torch.isnan(iou)
+    return {
+        "pixel_acc": float(tp.sum() / total) if total > 0 else float("nan"),
+        "mean_acc": float(acc[~torch.isnan(acc)].mean()) if (~torch.isnan(acc)).any()
+        else float("nan"),
+        "miou": float(iou[present].mean()) if present.any() else float("nan"),
+        "fwiou": float((freq[present] * iou[present]).sum()) if total > 0 else float("nan"),
+        "iou": iou.tolist(),
+        "acc": acc.tolist(),
+    }
+
+
+def format_table(scores: dict, class_names: list[str] | tuple[str, ...]) -> str:
+    """Per-class IoU/accuracy table plus the summary scores, as plain text."""
+    width = max(10, *(len(n) for n in class_names))
+    lines = [f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}", "-" * (width + 18)]
+    for name, iou, acc in zip(class_names, scores["iou"], scores["acc"]):
+        fmt = lambda v: "    n/a" if v != v else f"{100 * v:7.2f}"  # noqa: E731 - NaN check
+        lines.append(f"{name:<{width}}  {fmt(iou)}  {fmt(acc)}")
+    lines.append("-" * (width + 18))
+    for key in ("miou", "pixel_acc", "mean_acc", "fwiou"):
+        lines.append(f"{key:<{width}}  {100 * scores[key]:7.2f}")
+    return "\n".join(lines)

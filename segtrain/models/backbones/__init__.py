@@ -1,0 +1,6 @@
+"""Backbones with torchvision-identical state_dict keys.
+
+Every backbone has ``forward_features(x) -> dict`` with the keys ``c2, c3, c4, c5``
+(nominal strides 4, 8, 16, 32; the real stride follows ``output_stride``) and the
+attribute ``feature_channels`` giving each key's channel count.
+"""

@@ -1,0 +1,173 @@
+"""DeepLab v1 and v2 (Chen et al., ICLR 2015 "Semantic Image Segmentation with Deep
+Convolutional Nets and Fully Connected CRFs"; Chen et al., TPAMI 2017 "DeepLab: ... Atrous
+Convolution, and Fully Connected CRFs").
+
+- DeepLab v1 "LargeFOV" (v1 Table 2): VGG-16 at output stride 8 (pool4/pool5 stride 1,
+  conv5 dilated by 2), fc6 = 3x3 convolution with dilation 12 and 1024 channels, fc7 = 1x1
+  with 1024 channels, fc8 = 1x1 classifier; dropout 0.5 after fc6 and fc7.
+- DeepLab v2 (v2 Sec. 3.2, Fig. 4, Table 3-4): ResNet-101 at output stride 8 with Atrous
+  Spatial Pyramid Pooling: parallel classifiers with dilation 2,4,8,12 (ASPP-S) or
+  6,12,18,24 (ASPP-L) whose logits are summed; the LargeFOV head (one branch, dilation 12)
+  is the paper's baseline. With ResNet each branch is one 3x3 atrous convolution to the
+  classes (the released ResNet-101 prototxt); with VGG-16 each branch is fc6-fc7-fc8.
+
+Logits at stride 8 are bilinearly upsampled to the input size (v2 Sec. 3.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segtrain.models.backbones.resnet import ResNet, resnet
+from segtrain.models.backbones.vgg import VGG, vgg16
+from segtrain.models.param_groups import backbone_head_groups, freeze_batchnorm
+
+
+class AtrousBranch(nn.Module):
+    """One DeepLab classifier branch.
+
+    ``fc`` form (VGG-16): fc6 3x3 dilated to ``hidden`` channels, ReLU, dropout, fc7 1x1,
+    ReLU, dropout, fc8 1x1 to the classes. ``conv`` form (ResNet): a single 3x3 dilated
+    convolution to the classes.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, rate: int,
+                 hidden: int | None, dropout: float = 0.5) -> None:
+        super().__init__()
+        if hidden:
+            self.layers = nn.Sequential(
+                nn.Conv2d(in_channels, hidden, 3, padding=rate, dilation=rate),  # fc6
+                nn.ReLU(inplace=True),
+                nn.Dropout2d(dropout),
+                nn.Conv2d(hidden, hidden, 1),  # fc7
+                nn.ReLU(inplace=True),
+                nn.Dropout2d(dropout),
+                nn.Conv2d(hidden, num_classes, 1),  # fc8
+            )
+        else:
+            self.layers = nn.Sequential(
+                nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate))
+        # DeepLab initialises the classifiers with N(0, 0.01) and zero bias.
+        for m in self.layers.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class ASPPv2(nn.Module):
+    """Atrous Spatial Pyramid Pooling of DeepLab v2: parallel branches, logits summed (Fig. 4)."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int],
+                 hidden: int | None, dropout: float = 0.5) -> None:
+        super().__init__()
+        if not rates:
+            raise ValueError("ASPP needs at least one dilation rate")
+        self.branches = nn.ModuleList(
+            AtrousBranch(in_channels, num_classes, int(r), hidden, dropout) for r in rates)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return out
+
+
+def _build_backbone(name: str, output_stride: int, pretrained: str | None,
+                    in_channels: int) -> tuple[nn.Module, int, int | None]:
+    """Return (backbone, its output channels, fc6 width of the VGG form or None)."""
+    if name.startswith("resnet"):
+        depth = int(name.removeprefix("resnet"))
+        net = resnet(depth, output_stride=output_stride, pretrained=pretrained,
+                     in_channels=in_channels)
+        return net.drop_classifier(), net.feature_channels["c5"], None
+    if name == "vgg16":
+        if in_channels != 3:
+            raise ValueError("the VGG-16 DeepLab takes 3 input channels")
+        net = vgg16(output_stride=output_stride, pretrained=pretrained)
+        return net, 512, 1024
+    raise ValueError(f"DeepLab v1/v2 backbone must be resnet18/34/50/101/152 or vgg16, "
+                     f"got {name!r}")
+
+
+def _transplant_vgg_fc(backbone: VGG, branch: AtrousBranch) -> None:
+    """Initialise fc6/fc7 of a LargeFOV branch by subsampling VGG-16's ImageNet fc layers.
+
+    DeepLab v1 Sec. 4.1: the 4096x(512x7x7) fc6 is decimated to 1024 filters of 3x3 (every
+    4th filter, spatial positions 0, 3, 6), fc7 to 1024x1024 (every 4th input and output).
+    """
+    fc6, fc7 = backbone.classifier[0], backbone.classifier[3]
+    conv6, conv7 = branch.layers[0], branch.layers[3]
+    with torch.no_grad():
+        w6 = fc6.weight.view(4096, 512, 7, 7)[::4][:, :, ::3, ::3]
+        conv6.weight.copy_(w6)
+        conv6.bias.copy_(fc6.bias[::4])
+        conv7.weight.copy_(fc7.weight[::4, ::4].view(1024, 1024, 1, 1))
+        conv7.bias.copy_(fc7.bias[::4])
+
+
+class DeepLab(nn.Module):
+    """Backbone at output stride 8 followed by the DeepLab v1/v2 classifier head.
+
+    Args:
+        num_classes: number of classes.
+        backbone: ``resnet101`` (v2), ``resnet50``, ``resnet18`` ... or ``vgg16`` (v1).
+        output_stride: 8 in both papers.
+        head: a key of ``head_rates`` (``aspp_s``, ``aspp_l``, ``largefov``).
+        head_rates: dilation rates of each head's branches.
+        pretrained: ImageNet checkpoint for the backbone (path, URL or ``"imagenet"``).
+        freeze_bn: keep BatchNorm statistics and affine weights fixed (v2 trains so,
+            starting from ImageNet statistics).
+        dropout: dropout after fc6/fc7 of the VGG form.
+        in_channels: input channels (4 for RGB-D; ResNet backbones only).
+    """
+
+    def __init__(self, num_classes: int, backbone: str, output_stride: int, head: str,
+                 head_rates: Mapping[str, Sequence[int]], pretrained: str | None = None,
+                 freeze_bn: bool = False, dropout: float = 0.5, in_channels: int = 3) -> None:
+        super().__init__()
+        if head not in head_rates:
+            raise ValueError(f"model.head={head!r} is not one of {sorted(head_rates)}")
+        self.backbone, channels, hidden = _build_backbone(backbone, output_stride, pretrained,
+                                                          in_channels)
+        self.head = ASPPv2(channels, num_classes, list(head_rates[head]), hidden, dropout)
+        if isinstance(self.backbone, VGG):
+            if pretrained and len(self.head.branches) == 1:
+                _transplant_vgg_fc(self.backbone, self.head.branches[0])
+            self.backbone.drop_classifier()
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            freeze_batchnorm(self.backbone)
+
+    def train(self, mode: bool = True) -> DeepLab:
+        super().train(mode)
+        if self.freeze_bn:
+            freeze_batchnorm(self.backbone)
+        return self
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.backbone.forward_features(image)["c5"]
+        logits = self.head(feats)
+        out = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return {"out": out}
+
+    def param_groups(self) -> list[dict]:
+        """Backbone at 1x, classifier weights at 10x and biases at 20x (DeepLab protocol)."""
+        return backbone_head_groups(self.backbone, self.head)
+
+
+class DeepLabV1(DeepLab):
+    """DeepLab v1 LargeFOV: VGG-16, output stride 8, fc6 3x3 dilation 12 with 1024 channels."""
+
+
+class DeepLabV2(DeepLab):
+    """DeepLab v2: ResNet-101, output stride 8, ASPP-S / ASPP-L / LargeFOV head."""
+
+
+__all__ = ["ASPPv2", "AtrousBranch", "DeepLab", "DeepLabV1", "DeepLabV2", "ResNet"]
