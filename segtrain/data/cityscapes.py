@@ -51,8 +51,9 @@ LABEL_ID_TO_TRAIN_ID = {
 }
 SPLITS = ("train", "val", "test", "trainval")
 
-LAYOUT = """  <root>/leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png
-  <root>/gtFine/{train,val,test}/<city>/*_gtFine_labelIds.png  (or *_gtFine_labelTrainIds.png)"""
+LAYOUT = ("<root>/leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png with labels in "
+          "<root>/gtFine/{train,val,test}/<city>/*_gtFine_labelIds.png "
+          "(or *_gtFine_labelTrainIds.png)")
 HOW_TO_GET = ("Download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
               "https://www.cityscapes-dataset.com/downloads/ (free account) and unzip both into "
               "dataset.root; no conversion is needed")
@@ -79,7 +80,7 @@ class Cityscapes(SegmentationDataset):
             image_dir = self.root / "leftImg8bit" / part
             if not image_dir.is_dir():
                 raise DatasetError(f"cityscapes: image folder not found: {image_dir}. Expected "
-                                   f"layout:\n{LAYOUT}\n{HOW_TO_GET}")
+                                   f"layout: {LAYOUT}. {HOW_TO_GET}")
             found = sorted(image_dir.glob("*/*_leftImg8bit.png"))
             require_nonempty(found, "cityscapes", part, f"{image_dir}/<city>/*_leftImg8bit.png")
             self.images += found

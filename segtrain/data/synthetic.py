@@ -20,6 +20,7 @@ from segtrain.data.base import SegmentationDataset
 CLASS_NAMES = ("background", "disk", "square", "triangle", "ring", "cross")
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25],
                     [0, 130, 200], [245, 130, 48]], dtype=np.uint8)
+TEXTURED_SHAPES = 0.0
 _SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
@@ -46,7 +47,7 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
 def _shape_mask(rng: np.random.Generator, kind: int, size: int) -> np.ndarray:
     """Boolean mask of one shape of class ``kind`` (1..5) at a random place and scale."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    r = rng.uniform(0.14, 0.26) * size
+    r = rng.uniform(0.16, 0.28) * size
     cy, cx = rng.uniform(r, size - r, 2)
     dy, dx = yy - cy, xx - cx
     angle = rng.uniform(0, np.pi / 2)
@@ -78,7 +79,9 @@ def render(seed: int, image_size: int, max_shapes: int) -> tuple[np.ndarray, np.
     for _ in range(int(rng.integers(1, max_shapes + 1))):
         kind = int(rng.integers(1, len(CLASS_NAMES)))
         region = _shape_mask(rng, kind, image_size)
-        image[region] = _texture(rng, image_size)[region]
+        fill = _texture(rng, image_size) if rng.random() < TEXTURED_SHAPES else \
+            np.broadcast_to(rng.uniform(0, 255, 3), image.shape)
+        image[region] = fill[region]
         mask[region] = kind
     image += rng.normal(0, 8, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8), mask

@@ -57,9 +57,11 @@ class RandomScaleChoice(A.DualTransform):
         return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
 
     def apply_to_mask(self, mask: np.ndarray, scale: float = 1.0, **params) -> np.ndarray:
+        # INTER_NEAREST_EXACT samples at pixel centres like INTER_LINEAR does for the image;
+        # plain INTER_NEAREST floors and shifts the mask by up to half an input pixel.
         h, w = mask.shape[:2]
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        return cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+        return cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST_EXACT)
 
     def get_transform_init_args_names(self):
         return ("scales", "continuous")
@@ -106,12 +108,19 @@ class RGBColorJitter(A.ImageOnlyTransform):
 
     def apply(self, img: np.ndarray, b: float = 1.0, c: float = 1.0, s: float = 1.0,
               **params) -> np.ndarray:
+        luma = np.array([0.299, 0.587, 0.114], np.float32)
         rgb = img[..., :3].astype(np.float32)
         rgb *= b
-        gray = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-        rgb = (rgb - gray.mean()) * c + gray.mean()
-        gray = (rgb @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
-        rgb = (rgb - gray) * s + gray
+        # contrast: scale around the mean grey level (a scalar, so cheap)
+        level = float(rgb.reshape(-1, 3).mean(0) @ luma)
+        rgb -= level
+        rgb *= c
+        rgb += level
+        # saturation: blend each pixel with its grey value
+        gray = (rgb @ luma)[..., None]
+        rgb -= gray
+        rgb *= s
+        rgb += gray
         np.clip(rgb, 0, 255, out=rgb)
         rgb = rgb.astype(img.dtype) if img.dtype != np.uint8 else (rgb + 0.5).astype(np.uint8)
         if img.shape[-1] == 3:
@@ -146,7 +155,10 @@ class Normalize(A.ImageOnlyTransform):
                              f"for {len(self.mean)}")
         mean = np.array(self.mean[:channels], np.float32) * 255.0
         inv_std = 1.0 / (np.array(self.std[:channels], np.float32) * 255.0)
-        return ((img.astype(np.float32) - mean) * inv_std).astype(np.float32)
+        out = img.astype(np.float32)  # always a copy, then in place
+        out -= mean
+        out *= inv_std
+        return out
 
     def get_transform_init_args_names(self):
         return ("mean", "std")

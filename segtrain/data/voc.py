@@ -42,11 +42,10 @@ CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 PALETTE = voc_colormap(21)
 SPLITS = ("train", "val", "trainval", "train_aug")
 
-LAYOUT = """  VOCdevkit/VOC2012/JPEGImages/<id>.jpg
-  VOCdevkit/VOC2012/SegmentationClass/<id>.png
-  VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt
-  VOCdevkit/VOC2012/SegmentationClassAug/<id>.png + ImageSets/Segmentation/train_aug.txt \
-(split=train_aug only)"""
+LAYOUT = ("VOCdevkit/VOC2012/JPEGImages/<id>.jpg, VOCdevkit/VOC2012/SegmentationClass/<id>.png, "
+          "VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt, and for "
+          "split=train_aug VOCdevkit/VOC2012/SegmentationClassAug/<id>.png with "
+          "ImageSets/Segmentation/train_aug.txt")
 HOW_TO_GET = ("Download and verify it with: python scripts/download_voc.py --out <dir> "
               "(then dataset.root=<dir>/VOCdevkit/VOC2012); for split=train_aug also run "
               "python scripts/prepare_voc_aug.py --voc <dir>/VOCdevkit/VOC2012 "
@@ -63,7 +62,7 @@ def find_voc_root(root: str | Path) -> Path:
             return candidate
     raise DatasetError(f"voc: no JPEGImages folder under {base} (looked in {base}, "
                        f"{base / 'VOC2012'}, {base / 'VOCdevkit' / 'VOC2012'}). Expected "
-                       f"layout:\n{LAYOUT}\n{HOW_TO_GET}")
+                       f"layout: {LAYOUT}. {HOW_TO_GET}")
 
 
 class VOCSegmentation(SegmentationDataset):
@@ -87,13 +86,13 @@ class VOCSegmentation(SegmentationDataset):
         else:
             list_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
             if not list_file.is_file():
-                raise DatasetError(f"voc: split list not found: {list_file}. Expected layout:\n"
-                                   f"{LAYOUT}\n{HOW_TO_GET}")
+                raise DatasetError(f"voc: split list not found: {list_file}. Expected layout: "
+                                   f"{LAYOUT}. {HOW_TO_GET}")
             self.ids = unique_names(r[0] for r in read_list_file(list_file, "voc", split))
             self.label_dir = self.root / "SegmentationClass"
         if not self.label_dir.is_dir():
             raise DatasetError(f"voc: label folder not found: {self.label_dir}. Expected "
-                               f"layout:\n{LAYOUT}\n{HOW_TO_GET}")
+                               f"layout: {LAYOUT}. {HOW_TO_GET}")
         self._lut = make_lut({**{i: i for i in range(21)}, IGNORE_INDEX: IGNORE_INDEX})
 
     def _aug_ids(self) -> list[str]:

@@ -1,0 +1,42 @@
+"""Shared test helpers: compose the real configs and shrink them to CPU-sized runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+SHARED_CAMVID = REPO.parent / "shared" / "data" / "camvid"
+
+# A training run small enough for a unit test: tiny images, a handful of iterations.
+TINY = [
+    "dataset.image_size=32",
+    "dataset.train.num_samples=16",
+    "dataset.val.num_samples=4",
+    "trainer.max_iters=6",
+    "trainer.batch_size=2",
+    "trainer.num_workers=0",
+    "trainer.eval_interval=3",
+    "trainer.log_interval=2",
+    "trainer.checkpoint_interval=3",
+    "trainer.device=cpu",
+    "trainer.resume=null",
+]
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/config.yaml`` with overrides, as ``python -m segtrain`` would."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+@pytest.fixture
+def tiny_cfg():
+    def make(*overrides: str) -> DictConfig:
+        return compose_config(TINY + list(overrides))
+
+    return make

@@ -1,0 +1,129 @@
+"""End-to-end training on tiny configs of the real code path: loss falls, run folder
+contents, exact resume after a kill, checkpoint errors, non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from segtrain.app import train
+from segtrain.engine import checkpoint
+from segtrain.engine.trainer import NonFiniteLossError
+from tests.conftest import REPO, TINY
+
+
+def test_short_run_loss_falls_and_leaves_a_complete_run_folder(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("trainer.max_iters=30", "trainer.eval_interval=15", "trainer.log_interval=1",
+                   "optim=adamw", "optim.lr=0.001")
+    metrics = train(cfg, tmp_path)
+    state = checkpoint.load(tmp_path)
+    assert state["iteration"] == 30
+    assert (tmp_path / "checkpoints" / "best.pt").is_file()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["miou"] == pytest.approx(metrics["miou"])
+    assert len(saved["iou"]) == 6 and saved["class_names"][0] == "background"
+    assert [h["iteration"] for h in saved["history"]] == [15, 30]
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events, "TensorBoard events missing"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0}).Reload()
+    tags = acc.Tags()
+    assert {"train/loss/total", "train/lr/head", "val/miou"} <= set(tags["scalars"])
+    assert "val/image_gt_pred" in tags["images"]
+    losses = [e.value for e in acc.Scalars("train/loss/total")]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(run_dir)["model"]
+
+
+def _cli(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "segtrain", *TINY, "trainer.max_iters=8",
+            "trainer.checkpoint_interval=1", "trainer.eval_interval=4",
+            "model.dropout=0.5", f"hydra.run.dir={run_dir}", *extra]
+
+
+def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    full, killed, resumed = tmp_path / "full", tmp_path / "killed", tmp_path / "resumed"
+    subprocess.run(_cli(full), cwd=REPO, env=env, check=True, capture_output=True)
+
+    proc = subprocess.Popen(_cli(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if checkpoint.load(last)["iteration"] >= 3:
+                break
+        except checkpoint.CheckpointError:
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    k = checkpoint.load(last)["iteration"]
+    assert 3 <= k < 8, f"the run was meant to be killed midway, it reached {k}"
+
+    subprocess.run(_cli(resumed, f"trainer.resume={killed}"), cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    a, b = _final_weights(full), _final_weights(resumed)
+    assert checkpoint.load(resumed)["iteration"] == 8
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resuming at iteration {k}"
+
+
+def test_resume_auto_continues_in_the_same_run_folder(tiny_cfg, tmp_path):
+    train(tiny_cfg("trainer.max_iters=3"), tmp_path)
+    cfg = tiny_cfg("trainer.max_iters=6", "trainer.resume=auto")
+    train(cfg, tmp_path)
+    assert checkpoint.load(tmp_path)["iteration"] == 6
+
+
+def test_missing_checkpoint_is_a_clear_error(tiny_cfg, tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found: .*last.pt"):
+        train(tiny_cfg(f"trainer.resume={tmp_path / 'no_such_run'}"), tmp_path / "run")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tiny_cfg, tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt or unreadable"):
+        train(tiny_cfg(f"trainer.resume={bad}"), tmp_path / "run")
+    torch.save({"weights": 1}, bad)
+    with pytest.raises(checkpoint.CheckpointError, match="not a segtrain checkpoint"):
+        checkpoint.load(bad)
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = checkpoint.save_atomic({"model": {"w": torch.ones(2)}}, tmp_path / "last.pt")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill in the middle of torch.save
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({"model": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(2))
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_non_finite_loss_stops_with_a_message_and_a_usable_checkpoint(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("optim.lr=1e12", "trainer.max_iters=50", "trainer.eval_interval=100",
+                   "trainer.checkpoint_interval=100")
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at iteration"):
+        train(cfg, tmp_path)
+    state = checkpoint.load(tmp_path)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
