@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import colorsys
+
 import numpy as np
 
 from segtrain.data.base import SegmentationDataset
@@ -20,7 +22,11 @@ from segtrain.data.base import SegmentationDataset
 CLASS_NAMES = ("background", "disk", "square", "triangle", "ring", "cross")
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25],
                     [0, 130, 200], [245, 130, 48]], dtype=np.uint8)
-TEXTURED_SHAPES = 0.0
+# Shapes are saturated; two pairs share a hue (disk/ring red, square/cross green), so
+# colour narrows a pixel down to a pair and only the shape around it decides the class.
+CLASS_HUES = (0.0, 0.0, 0.33, 0.63, 0.0, 0.33)
+HUE_JITTER = 0.04
+BACKGROUND_MAX_SATURATION = 0.35
 _SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
@@ -39,7 +45,7 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
         coarse = rng.random((size // 8 + 2, size // 8 + 2))
         idx = (np.arange(size) / 8).astype(int)
         t = coarse[idx][:, idx] > 0.5
-    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    c0, c1 = _background_colour(rng), _background_colour(rng)
     t = t[..., None].astype(np.float32)
     return c0 * (1 - t) + c1 * t
 
@@ -71,6 +77,19 @@ def _shape_mask(rng: np.random.Generator, kind: int, size: int) -> np.ndarray:
     return ((np.abs(u) <= arm) & (np.abs(v) <= r)) | ((np.abs(v) <= arm) & (np.abs(u) <= r))
 
 
+def _background_colour(rng: np.random.Generator) -> np.ndarray:
+    """A weakly saturated colour of any hue and brightness, RGB 0..255."""
+    hue, sat = rng.uniform(0, 1), rng.uniform(0, BACKGROUND_MAX_SATURATION)
+    return np.array(colorsys.hsv_to_rgb(hue, sat, rng.uniform(0.1, 1.0))) * 255
+
+
+def _class_colour(rng: np.random.Generator, kind: int) -> np.ndarray:
+    """A colour near the class's hue (jittered saturation and brightness), RGB 0..255."""
+    hue = (CLASS_HUES[kind] + rng.normal(0, HUE_JITTER)) % 1.0
+    sat, val = rng.uniform(0.6, 1.0), rng.uniform(0.5, 1.0)
+    return np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 255
+
+
 def render(seed: int, image_size: int, max_shapes: int) -> tuple[np.ndarray, np.ndarray]:
     """Draw one (image uint8 HxWx3, mask uint8 HxW) from ``seed``."""
     rng = np.random.default_rng(seed)
@@ -79,8 +98,10 @@ def render(seed: int, image_size: int, max_shapes: int) -> tuple[np.ndarray, np.
     for _ in range(int(rng.integers(1, max_shapes + 1))):
         kind = int(rng.integers(1, len(CLASS_NAMES)))
         region = _shape_mask(rng, kind, image_size)
-        fill = _texture(rng, image_size) if rng.random() < TEXTURED_SHAPES else \
-            np.broadcast_to(rng.uniform(0, 255, 3), image.shape)
+        # the class hue in a low-contrast texture: locally it looks like background
+        # textures of the same colour, which occur too
+        shade = _texture(rng, image_size).mean(axis=2, keepdims=True) / 255.0
+        fill = _class_colour(rng, kind) * (0.75 + 0.25 * shade)
         image[region] = fill[region]
         mask[region] = kind
     image += rng.normal(0, 8, image.shape)

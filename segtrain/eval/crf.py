@@ -39,8 +39,10 @@ class DenseCRF:
         crf = dcrf.DenseCRF2D(w, h, k)
         crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
         crf.addPairwiseGaussian(sxy=self.pos_xy_std, compat=self.pos_w)
+        # pydensecrf takes a writable uint8 C buffer: an image decoded by PIL (np.asarray)
+        # is read-only and would raise "buffer source array is read-only"
         crf.addPairwiseBilateral(sxy=self.bi_xy_std, srgb=self.bi_rgb_std,
-                                 rgbim=np.ascontiguousarray(rgb), compat=self.bi_w)
+                                 rgbim=np.require(rgb, np.uint8, ("C", "W")), compat=self.bi_w)
         q = crf.inference(self.iterations)
         return np.asarray(q, dtype=np.float32).reshape(k, h, w)
 

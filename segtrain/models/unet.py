@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from segtrain.models.param_groups import single_group
@@ -33,25 +32,24 @@ DEPTH = 4  # max-pool downsamplings of the paper's net
 VALID_BORDER = 92
 
 
+def _reflect_index(size: int, before: int, after: int, device: torch.device) -> torch.Tensor:
+    """Source index of every padded position under mirroring without edge repetition.
+
+    The mirrored extension is even and periodic with period 2 * (size - 1), so pads of any
+    width are defined (numpy's ``np.pad(mode="reflect")`` gives the same).
+    """
+    i = torch.arange(-before, size + after, device=device)
+    if size == 1:
+        return torch.zeros_like(i)
+    period = 2 * (size - 1)
+    i = i.remainder(period)
+    return torch.where(i < size, i, period - i)
+
+
 def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
-    """Reflect-pad by any amount (repeated reflection where a pad exceeds the image)."""
-    while top > 0 or bottom > 0:
-        limit = x.shape[2] - 1
-        t, b = min(top, limit), min(bottom, limit)
-        if limit == 0:  # a single row has nothing to reflect: repeat it
-            x = F.pad(x, (0, 0, top, bottom), mode="replicate")
-            break
-        x = F.pad(x, (0, 0, t, b), mode="reflect")
-        top, bottom = top - t, bottom - b
-    while left > 0 or right > 0:
-        limit = x.shape[3] - 1
-        lft, rgt = min(left, limit), min(right, limit)
-        if limit == 0:
-            x = F.pad(x, (left, right, 0, 0), mode="replicate")
-            break
-        x = F.pad(x, (lft, rgt, 0, 0), mode="reflect")
-        left, right = left - lft, right - rgt
-    return x
+    """Mirror ``x`` (N, C, H, W) at its borders by any amount (overlap-tile, Fig. 2)."""
+    x = x.index_select(2, _reflect_index(x.shape[2], top, bottom, x.device))
+    return x.index_select(3, _reflect_index(x.shape[3], left, right, x.device))
 
 
 def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -142,11 +140,8 @@ class UNet(nn.Module):
         after = 16 * bottom + 124 - size - before
         return before, after, before - VALID_BORDER
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        h, w = image.shape[-2:]
-        top, bottom, y0 = self._pad_amounts(h)
-        left, right, x0 = self._pad_amounts(w)
-        x = mirror_pad(image, top, bottom, left, right)
+    def forward_tile(self, x: torch.Tensor) -> torch.Tensor:
+        """The network of Fig. 1 on one tile: in valid mode a 572x572 tile gives 388x388."""
         skips = []
         for i, encoder in enumerate(self.encoders):
             if i > 0:
@@ -158,7 +153,13 @@ class UNet(nn.Module):
         skips.pop()  # the bottom stage feeds the decoder directly
         for decoder in self.decoders:
             x = decoder(x, skips.pop())
-        x = self.classifier(x)
+        return self.classifier(x)
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, w = image.shape[-2:]
+        top, bottom, y0 = self._pad_amounts(h)
+        left, right, x0 = self._pad_amounts(w)
+        x = self.forward_tile(mirror_pad(image, top, bottom, left, right))
         return {"out": x[:, :, y0:y0 + h, x0:x0 + w]}
 
     def param_groups(self) -> list[dict]:

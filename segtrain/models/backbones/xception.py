@@ -18,11 +18,11 @@ In the entry/middle flow units and the first exit unit each separable conv is
 ``ReLU -> depthwise -> BN -> pointwise -> BN`` (official ``activation_fn_in_separable_conv
 =False``: every depthwise conv has its BN, the ReLUs sit before each separable conv); in the
 last exit unit it is ``depthwise -> BN -> ReLU -> pointwise -> BN -> ReLU``. BatchNorm
-epsilon is 1e-3 as in the TensorFlow checkpoints. Output stride 8 or 16 replaces the remaining strides by
-atrous rates exactly as the official ``stack_blocks_dense`` does (the unit that would
-stride keeps the current rate; later units use rate * stride), and ``multi_grid`` sets the
-unit rates of the last block. ``c2`` is the stride-4 low-level feature DeepLab v3+'s
-decoder reads: the second separable conv of entry-flow block 2
+epsilon is 1e-3 as in the TensorFlow checkpoints. Output stride 8 or 16 replaces the
+remaining strides by atrous rates exactly as the official ``stack_blocks_dense`` does (the
+unit that would stride keeps the current rate; later units use rate * stride), and
+``multi_grid`` sets the unit rates of the last block. ``c2`` is the stride-4 low-level
+feature DeepLab v3+'s decoder reads: the second separable conv of entry-flow block 2
 (``entry_flow/block2/unit_1/xception_module/separable_conv2_pointwise``).
 
 torchvision has no Xception checkpoint, so the keys follow this file; ``pretrained`` takes

@@ -1,0 +1,115 @@
+"""Parameters, GFLOPs and CPU latency of the model configs, as a Markdown table.
+
+    python scripts/benchmark_models.py                       # every model below
+    python scripts/benchmark_models.py --models fcn8s unet   # a subset
+    python scripts/benchmark_models.py --threads 1 --repeats 3
+
+Each model is built from its ``conf/model/<name>.yaml`` (the papers' settings) with
+``num_classes`` (21 by default) and ``pretrained: null``.
+
+- GFLOPs: multiply-accumulates of every Conv2d, ConvTranspose2d and Linear counted with
+  forward hooks on one 3x512x512 image, reported as GFLOPs = 2 x MACs / 1e9 (BatchNorm,
+  activations, pooling, interpolation and additions are not counted). The pass runs on
+  the meta device, so it costs no compute.
+- Latency: batch 1, 3x256x256, ``model.eval()``, ``torch.no_grad()``, on the CPU; one warm-up
+  pass, then the median of ``--repeats`` timed passes. The load average is printed so that
+  a busy machine shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
+MODELS = ["fcn32s", "fcn16s", "fcn8s", "unet", "segnet", "segnet_basic", "pspnet",
+          "deeplabv3", "deeplabv3@os8", "deeplabv3_mobilenetv2", "deeplabv3plus"]
+
+
+def build(name: str, num_classes: int) -> nn.Module:
+    """``name`` is a config in conf/model; ``<config>@os8`` re-dilates it to output stride 8."""
+    config, _, stride = name.partition("@os")
+    cfg = OmegaConf.load(CONF_MODEL / f"{config}.yaml")
+    cfg.num_classes = num_classes
+    model = instantiate(cfg)
+    if stride:
+        model.set_output_stride(int(stride))
+    return model
+
+
+def count_macs(model: nn.Module, size: int) -> int:
+    """Multiply-accumulates of conv, transposed conv and linear layers for one image."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total += output.numel() * (module.in_channels // module.groups) * k
+        elif isinstance(module, nn.ConvTranspose2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total += inputs[0].numel() * (module.out_channels // module.groups) * k
+        elif isinstance(module, nn.Linear):
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    try:
+        with torch.no_grad():
+            model.eval().to("meta")(torch.empty(1, in_channels, size, size, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def latency(model: nn.Module, size: int, repeats: int) -> float:
+    """Median seconds of one forward pass (batch 1, eval, no grad)."""
+    in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    x = torch.randn(1, in_channels, size, size)
+    times = []
+    with torch.no_grad():
+        model(x)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--num-classes", type=int, default=21)
+    parser.add_argument("--flops-size", type=int, default=512)
+    parser.add_argument("--time-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), load average "
+          f"{os.getloadavg()[0]:.2f}, {args.num_classes} classes\n")
+    print(f"| model | parameters | GFLOPs @{args.flops_size} | CPU ms @{args.time_size} |")
+    print("|---|---:|---:|---:|")
+    for name in args.models:
+        torch.manual_seed(0)
+        model = build(name, args.num_classes).eval()
+        params = sum(p.numel() for p in model.parameters())
+        seconds = latency(model, args.time_size, args.repeats)
+        gflops = 2 * count_macs(model, args.flops_size) / 1e9
+        print(f"| {name} | {params:,} | {gflops:.1f} | {seconds * 1e3:.0f} |", flush=True)
+        del model
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Evaluation entry point: score a trained run on its validation split.
+
+    python -m segtrain.evaluate run=outputs/<run>                    # whole image, best.pt
+    python -m segtrain.evaluate run=outputs/<run> eval=msc_crf       # MSC max fusion + dense CRF
+    python -m segtrain.evaluate run=outputs/<run> eval=slide checkpoint=last
+    python -m segtrain.evaluate run=outputs/<run> dataset.root=/data/VOCdevkit dataset.val.split=val
+    python -m segtrain.evaluate -m run=outputs/<run> eval=whole,msc,msc_crf   # one table each
+
+The run's config (``<run>/.hydra/config.yaml``, else the resolved copy stored in its
+checkpoint) rebuilds the validation set and the model exactly as training did; the ``eval``
+group chosen here replaces the run's, and ``dataset.*`` keys given here are merged over the
+run's (the data moved, another split). Prints the per-class table and writes
+``<run>/eval_<eval>.json`` (scores, confusion matrix, the eval config) and
+``<run>/eval_<eval>_samples.png`` (image | ground truth | prediction). Hydra's own log of
+this call goes to ``<run>/eval/<time>_<eval>/``, so evaluation leaves ``outputs/`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch import nn
+
+from segtrain.app import build_evaluator, palette_of, pick_device
+from segtrain.data.base import SegmentationDataset
+from segtrain.data.transforms import compose
+from segtrain.engine import checkpoint
+from segtrain.engine.distributed import DistInfo
+from segtrain.engine.trainer import autocast_dtype, resolve_precision
+from segtrain.eval.metrics import format_table
+from segtrain.viz import comparison_strip
+
+log = logging.getLogger("segtrain")
+
+SUMMARY_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou")
+
+
+class RunError(RuntimeError):
+    """The ``run=`` folder is missing or is not a training run (no config)."""
+
+
+# -- the run: folder, checkpoint, config ---------------------------------------------------
+def run_folder(run: str | Path) -> Path:
+    path = Path(str(run)).expanduser()
+    if not path.is_dir():
+        raise RunError(f"run folder not found: {path} (run= takes a training run folder, "
+                       f"e.g. outputs/<date>/<time>_<model>_<dataset>)")
+    return path
+
+
+def _hydra_folder_root(run: str) -> str:
+    """``${segtrain.run:${run}}``, where hydra.run.dir starts (conf/evaluate.yaml, predict.yaml).
+
+    Hydra creates its output folder before main() runs, so a mistyped ``run=`` would leave
+    an empty folder tree behind. A run that does not exist gets a scratch folder instead,
+    and main() then stops with the RunError message (raising here would bury it under a
+    traceback of Hydra's interpolation machinery).
+    """
+    if Path(str(run)).expanduser().is_dir():
+        return str(run)
+    return str(Path(tempfile.gettempdir()) / "segtrain_missing_run")
+
+
+OmegaConf.register_new_resolver("segtrain.run", _hydra_folder_root, replace=True)
+
+
+def checkpoint_path(run_dir: Path, choice: str) -> Path:
+    """``best`` (falls back to ``last`` when the run never evaluated), ``last``, or a path."""
+    ckpts = run_dir / "checkpoints"
+    if choice == "best":
+        best = ckpts / "best.pt"
+        if best.is_file():
+            return best
+        if (ckpts / "last.pt").is_file():
+            log.info("%s has no best.pt (the run never evaluated): using last.pt", ckpts)
+            return ckpts / "last.pt"
+        raise checkpoint.CheckpointError(
+            f"checkpoint not found: the run {run_dir} has neither checkpoints/best.pt nor "
+            f"checkpoints/last.pt (checkpoint=best|last|<path to a .pt>)")
+    if choice == "last":
+        return checkpoint.resolve(ckpts / "last.pt")
+    return checkpoint.resolve(choice)
+
+
+def run_config(run_dir: Path, state: dict[str, Any], source: Path) -> DictConfig:
+    """The training config: Hydra's copy in the run folder, else the checkpoint's."""
+    saved = run_dir / ".hydra" / "config.yaml"
+    if saved.is_file():
+        cfg = OmegaConf.load(saved)
+    elif state.get("config"):
+        log.info("%s not found: using the config stored in %s", saved, source)
+        cfg = OmegaConf.create(state["config"])
+    else:
+        raise RunError(f"the run {run_dir} has no config: neither .hydra/config.yaml nor a "
+                       f"'config' entry in {source}")
+    if not isinstance(cfg, DictConfig) or "model" not in cfg or "dataset" not in cfg:
+        raise RunError(f"the config of {run_dir} is not a segtrain training config "
+                       f"(no model/dataset section)")
+    return cfg
+
+
+def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        return [kv for k, v in node.items() for kv in _leaves(v, f"{prefix}.{k}")]
+    return [(prefix, node)]
+
+
+def apply_overrides(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
+    """Replace the run's ``eval`` with this command's; merge non-null ``dataset.*`` keys."""
+    # replaced, not merged: whole.yaml over slide.yaml must not keep the slide crop
+    run_cfg.eval = cfg.eval
+    if cfg.get("dataset") is None:  # segtrain.predict reads no dataset
+        return run_cfg
+    new_root = cfg.dataset.get("root")
+    if new_root is not None:
+        old_root = run_cfg.dataset.get("root")
+        # a config taken from a checkpoint is resolved: its splits hold the old root
+        # literally instead of ${dataset.root}, so they follow the new root by hand
+        for split in ("train", "val"):
+            node = run_cfg.dataset.get(split)
+            if isinstance(node, DictConfig) and "root" in node and node.root == old_root:
+                node.root = new_root
+    given = OmegaConf.to_container(cfg.dataset, resolve=True)
+    for key, value in _leaves(given, "dataset"):
+        if value is not None:
+            OmegaConf.update(run_cfg, key, value, merge=False, force_add=True)
+    return run_cfg
+
+
+def load_run(cfg: DictConfig) -> tuple[Path, DictConfig, dict[str, Any], Path]:
+    """(run folder, its config with this command's overrides, checkpoint state and path)."""
+    run_dir = run_folder(cfg.run)
+    path = checkpoint_path(run_dir, str(cfg.checkpoint))
+    state = checkpoint.load(path, map_location="cpu")
+    run_cfg = apply_overrides(run_config(run_dir, state, path), cfg)
+    log.info("checkpoint %s (iteration %s)", path, state.get("iteration", "?"))
+    return run_dir, run_cfg, state, path
+
+
+# -- building from the run config ----------------------------------------------------------
+def build_val_set(run_cfg: DictConfig) -> SegmentationDataset:
+    """The validation set with its pipeline, as ``segtrain.app.build_datasets`` builds it
+    (without the training set, which evaluation does not need and may not have on disk)."""
+    val = instantiate(run_cfg.dataset.val,
+                      transforms=compose(instantiate(run_cfg.dataset.val_transforms)))
+    if val.num_classes != run_cfg.dataset.num_classes:
+        raise ValueError(f"dataset.num_classes={run_cfg.dataset.num_classes} but the val "
+                         f"dataset {type(val).__name__} has {val.num_classes} classes")
+    return val
+
+
+def build_model(run_cfg: DictConfig, state: dict[str, Any], device: torch.device,
+                in_channels: int = 3) -> nn.Module:
+    """The run's model with the checkpoint's weights, in eval mode on ``device``."""
+    model_cfg = run_cfg.model.copy()
+    if "pretrained" in model_cfg:
+        # every weight comes from the checkpoint: fetching ImageNet weights again would be
+        # wasted time, and fails offline or when the file has moved since training
+        model_cfg.pretrained = None
+    # RGB-D runs (SUN RGB-D use_depth=true) need a 4-channel stem; RGB models keep the
+    # constructor's default so families without an in_channels argument still build
+    extra = {"in_channels": in_channels} if in_channels != 3 else {}
+    model = instantiate(model_cfg, **extra)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise checkpoint.CheckpointError(
+            f"the checkpoint's weights do not fit the run's model {run_cfg.model._target_}: "
+            f"{err}") from err
+    return model.to(device).eval()
+
+
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    return autocast_dtype(resolve_precision(precision, device))
+
+
+# -- evaluation ----------------------------------------------------------------------------
+def _json_safe(value: Any) -> Any:
+    """NaN (a class absent from prediction and ground truth) -> null: strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_json_safe(data), indent=2))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def evaluate(cfg: DictConfig, eval_name: str) -> dict[str, Any]:
+    """Score the run's checkpoint on its validation split with ``cfg.eval``.
+
+    Args:
+        cfg: the ``conf/evaluate.yaml`` config (run, checkpoint, device, eval, dataset...).
+        eval_name: the ``eval`` option's name, used in the output file names.
+    """
+    run_dir, run_cfg, state, path = load_run(cfg)
+    run_cfg.trainer.num_workers = cfg.num_workers  # build_evaluator reads it from there
+    device = pick_device(cfg.device)
+    val_set = build_val_set(run_cfg)
+    model = build_model(run_cfg, state, device, getattr(val_set, "in_channels", 3))
+    evaluator = build_evaluator(run_cfg, val_set, DistInfo(), show_progress=True)
+    log.info("evaluating %s on %s/%s (%d images), eval=%s, device %s", run_dir,
+             run_cfg.dataset.name, getattr(val_set, "split", "val"), len(val_set), eval_name,
+             device)
+    scores = evaluator.run(model, device, precision_dtype(cfg.precision, device))
+
+    table = format_table(scores, val_set.class_names)
+    print(table, flush=True)
+    result = {
+        "run": str(run_dir), "checkpoint": str(path), "iteration": state.get("iteration"),
+        "eval": eval_name, "eval_config": OmegaConf.to_container(run_cfg.eval, resolve=True),
+        "dataset": run_cfg.dataset.name, "split": getattr(val_set, "split", None),
+        "num_images": len(val_set), "class_names": list(val_set.class_names), **scores,
+    }
+    out = run_dir / f"eval_{eval_name}.json"
+    write_json(result, out)
+    if evaluator.samples:
+        palette = palette_of(val_set, run_cfg.dataset.num_classes)
+        strip = comparison_strip(evaluator.samples, palette, run_cfg.dataset.ignore_index)
+        Image.fromarray(np.ascontiguousarray(strip)).save(
+            run_dir / f"eval_{eval_name}_samples.png")
+    log.info("eval=%s: %s -> %s", eval_name,
+             "  ".join(f"{k} {scores[k]:.4f}" for k in SUMMARY_KEYS), out)
+    return result
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    result = evaluate(cfg, HydraConfig.get().runtime.choices["eval"])
+    return result["miou"]  # what a sweeper over eval options compares
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Prediction entry point: label a folder of images with a trained run.
+
+    python -m segtrain.predict run=outputs/<run> images=some/folder
+    python -m segtrain.predict run=outputs/<run> images=some/folder out=preds eval=msc
+    python -m segtrain.predict run=outputs/<run> images=some/folder eval=msc_crf checkpoint=last
+
+For each ``.jpg/.jpeg/.png/.bmp`` in ``images`` (sorted, not recursive) it writes, under
+``out`` (default ``<run>/predict/<time>/``):
+
+    labels/<name>.png    uint8 train ids (0..num_classes-1), the raw prediction
+    color/<name>.png     the prediction in the dataset's palette
+    overlay/<name>.png   the palette blended over the image (``alpha``)
+
+The image goes through the run's validation transforms (its normalisation), then the
+``eval`` predictor (whole image by default; ``eval=msc`` / ``slide`` / ``msc_crf`` work as in
+``segtrain.evaluate``) at the image's own size.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+from PIL import Image
+
+from segtrain.app import palette_of, pick_device
+from segtrain.data.base import read_image
+from segtrain.data.transforms import compose
+from segtrain.evaluate import build_model, load_run, precision_dtype
+from segtrain.viz import colorize, overlay
+
+log = logging.getLogger("segtrain")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class PredictError(RuntimeError):
+    """Nothing to predict: the image folder is missing, empty, or names collide."""
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The images directly inside ``folder``, sorted by name."""
+    path = Path(str(folder)).expanduser()
+    if not path.is_dir():
+        raise PredictError(f"image folder not found: {path}")
+    files = sorted(p for p in path.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise PredictError(f"no images in {path} (looked for {', '.join(IMAGE_SUFFIXES)} "
+                           f"files directly inside it)")
+    stems: dict[str, Path] = {}
+    for p in files:
+        # outputs are named <stem>.png: a.jpg and a.png would overwrite each other
+        if p.stem in stems:
+            raise PredictError(f"{stems[p.stem].name} and {p.name} in {path} would both be "
+                               f"written as {p.stem}.png; rename one of them")
+        stems[p.stem] = p
+    return files
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    Image.fromarray(np.ascontiguousarray(array)).save(path)
+
+
+@torch.no_grad()
+def predict(cfg: DictConfig) -> list[Path]:
+    """Write label, colour and overlay PNGs for every image; returns the label paths.
+
+    Args:
+        cfg: the ``conf/predict.yaml`` config (run, images, out, checkpoint, eval, ...).
+    """
+    files = list_images(cfg.images)  # fail on a bad folder before loading anything
+    run_dir, run_cfg, state, _ = load_run(cfg)
+    if run_cfg.dataset.get("use_depth"):
+        raise PredictError(f"the run {run_dir} was trained on RGB-D input "
+                           f"(dataset.use_depth=true); predict reads RGB images only")
+    device = pick_device(cfg.device)
+    model = build_model(run_cfg, state, device)
+    predictor = instantiate(run_cfg.eval.predictor)
+    crf = instantiate(run_cfg.eval.crf) if run_cfg.eval.get("crf") else None
+    transforms = compose(instantiate(run_cfg.dataset.val_transforms))
+    amp = precision_dtype(cfg.precision, device)
+    num_classes, ignore = int(run_cfg.dataset.num_classes), int(run_cfg.dataset.ignore_index)
+    # the palette is a class attribute of the dataset module: no need to build the dataset
+    # (whose files may not be on this machine); COCO's is per instance, and palette_of
+    # falls back to the same VOC colour map it uses
+    dataset_cls = get_class(run_cfg.dataset.val._target_)
+    palette = palette_of(dataset_cls, num_classes)
+    names = dict(enumerate(getattr(dataset_cls, "class_names", ())))
+
+    out = Path(str(cfg.out)).expanduser()
+    for sub in ("labels", "color", "overlay"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in files:
+        rgb = read_image(path)  # DatasetError naming the file when it cannot be read
+        image = torch.from_numpy(transforms(image=rgb)["image"].transpose(2, 0, 1).copy())
+        image = image[None].to(device, torch.float32)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = predictor(model, image).float()
+        if logits.shape[-2:] != rgb.shape[:2]:  # a val pipeline that resizes
+            logits = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear",
+                                   align_corners=False)
+        if crf is not None:
+            # the CRF's appearance kernel wants the image's own colours, as in Evaluator
+            probs = logits.softmax(1)[0].cpu().numpy()
+            label = crf(rgb, probs).argmax(0)
+        else:
+            label = logits.argmax(1)[0].cpu().numpy()
+        label = label.astype(np.uint8)
+        save_png(label, out / "labels" / f"{path.stem}.png")
+        save_png(colorize(label, palette, ignore), out / "color" / f"{path.stem}.png")
+        save_png(overlay(rgb, label, palette, float(cfg.alpha), ignore),
+                 out / "overlay" / f"{path.stem}.png")
+        counts = np.bincount(label.ravel(), minlength=num_classes)
+        log.info("%s %dx%d: %s", path.name, rgb.shape[1], rgb.shape[0],
+                 ", ".join(f"{names.get(c, c)} {100 * n / label.size:.0f}%"
+                           for c, n in enumerate(counts) if n))
+        written.append(out / "labels" / f"{path.stem}.png")
+    log.info("%d images -> %s (labels/, color/, overlay/)", len(written), out)
+    return written
+
+
+@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    predict(cfg)
+
+
+if __name__ == "__main__":
+    main()
