@@ -12,8 +12,8 @@ Each model is built from its ``conf/model/<name>.yaml`` (the papers' settings) w
   activations, pooling, interpolation and additions are not counted). The pass runs on
   the meta device, so it costs no compute.
 - Latency: batch 1, 3x256x256, ``model.eval()``, ``torch.no_grad()``, on the CPU; one warm-up
-  pass, then the median of ``--repeats`` timed passes. The load average is printed so that
-  a busy machine shows.
+  pass, then the median and the minimum of ``--repeats`` timed passes. The load average is
+  printed so that a busy machine shows.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def count_macs(model: nn.Module, size: int) -> int:
     return total
 
 
-def latency(model: nn.Module, size: int, repeats: int) -> float:
-    """Median seconds of one forward pass (batch 1, eval, no grad)."""
+def latency(model: nn.Module, size: int, repeats: int) -> tuple[float, float]:
+    """Median and minimum seconds of one forward pass (batch 1, eval, no grad)."""
     in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
     x = torch.randn(1, in_channels, size, size)
     times = []
@@ -83,7 +83,7 @@ def latency(model: nn.Module, size: int, repeats: int) -> float:
             start = time.perf_counter()
             model(x)
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def main() -> None:
@@ -98,15 +98,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), load average "
           f"{os.getloadavg()[0]:.2f}, {args.num_classes} classes\n")
-    print(f"| model | parameters | GFLOPs @{args.flops_size} | CPU ms @{args.time_size} |")
+    print(f"| model | parameters | GFLOPs @{args.flops_size} | CPU ms @{args.time_size} "
+          f"(median / min of {args.repeats}) |")
     print("|---|---:|---:|---:|")
     for name in args.models:
         torch.manual_seed(0)
         model = build(name, args.num_classes).eval()
         params = sum(p.numel() for p in model.parameters())
-        seconds = latency(model, args.time_size, args.repeats)
+        median, fastest = latency(model, args.time_size, args.repeats)
         gflops = 2 * count_macs(model, args.flops_size) / 1e9
-        print(f"| {name} | {params:,} | {gflops:.1f} | {seconds * 1e3:.0f} |", flush=True)
+        print(f"| {name} | {params:,} | {gflops:.1f} | {median * 1e3:.0f} / {fastest * 1e3:.0f} |",
+              flush=True)
         del model
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 

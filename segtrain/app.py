@@ -33,17 +33,29 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def build_datasets(cfg: DictConfig) -> tuple[Any, Any]:
-    """(train, val) datasets with their albumentations pipelines."""
-    train = instantiate(cfg.dataset.train,
-                        transforms=compose(instantiate(cfg.dataset.train_transforms)))
-    val = instantiate(cfg.dataset.val,
-                      transforms=compose(instantiate(cfg.dataset.val_transforms)))
-    for split, ds in (("train", train), ("val", val)):
-        if ds.num_classes != cfg.dataset.num_classes:
-            raise ValueError(f"dataset.num_classes={cfg.dataset.num_classes} but the {split} "
-                             f"dataset {type(ds).__name__} has {ds.num_classes} classes")
-    return train, val
+def _build_split(cfg: DictConfig, split: str) -> Any:
+    """``dataset.<split>`` with its pipeline ``dataset.<split>_transforms``."""
+    pipeline = compose(instantiate(cfg.dataset[f"{split}_transforms"]))
+    ds = instantiate(cfg.dataset[split], transforms=pipeline)
+    if ds.num_classes != cfg.dataset.num_classes:
+        raise ValueError(f"dataset.num_classes={cfg.dataset.num_classes} but the {split} "
+                         f"dataset {type(ds).__name__} has {ds.num_classes} classes")
+    return ds
+
+
+def build_train_set(cfg: DictConfig) -> Any:
+    return _build_split(cfg, "train")
+
+
+def build_val_set(cfg: DictConfig) -> Any:
+    return _build_split(cfg, "val")
+
+
+def build_model(cfg: DictConfig, in_channels: int = 3, **overrides: Any) -> torch.nn.Module:
+    """``cfg.model``; a dataset with extra input channels (RGB-D) widens the first layer."""
+    if in_channels != 3:
+        overrides["in_channels"] = in_channels
+    return instantiate(cfg.model, **overrides)
 
 
 def class_weights(cfg: DictConfig) -> list[float] | None:
@@ -107,12 +119,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     seed_everything(cfg.seed + dist.rank, cfg.trainer.deterministic)
     device = pick_device(cfg.trainer.device, dist.local_rank)
 
-    train_set, val_set = build_datasets(cfg)
+    train_set, val_set = build_train_set(cfg), build_val_set(cfg)
     log.info("data: %s train %d / val %d images, %d classes", cfg.dataset.name,
              len(train_set), len(val_set), cfg.dataset.num_classes)
     # the model's initial weights depend on the seed only, not on the data set-up
     torch.manual_seed(cfg.seed)
-    model = instantiate(cfg.model)
+    model = build_model(cfg, getattr(train_set, "in_channels", 3))
     groups = model.param_groups()
     model.to(device)
     if dist.enabled:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,17 +27,15 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 
+from segtrain import app
 from segtrain.app import build_evaluator, palette_of, pick_device
-from segtrain.data.base import SegmentationDataset
-from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint
 from segtrain.engine.distributed import DistInfo
-from segtrain.engine.trainer import autocast_dtype, resolve_precision
+from segtrain.engine.trainer import autocast_dtype, json_safe, resolve_precision
 from segtrain.eval.metrics import format_table
 from segtrain.viz import comparison_strip
 
@@ -150,17 +147,6 @@ def load_run(cfg: DictConfig) -> tuple[Path, DictConfig, dict[str, Any], Path]:
 
 
 # -- building from the run config ----------------------------------------------------------
-def build_val_set(run_cfg: DictConfig) -> SegmentationDataset:
-    """The validation set with its pipeline, as ``segtrain.app.build_datasets`` builds it
-    (without the training set, which evaluation does not need and may not have on disk)."""
-    val = instantiate(run_cfg.dataset.val,
-                      transforms=compose(instantiate(run_cfg.dataset.val_transforms)))
-    if val.num_classes != run_cfg.dataset.num_classes:
-        raise ValueError(f"dataset.num_classes={run_cfg.dataset.num_classes} but the val "
-                         f"dataset {type(val).__name__} has {val.num_classes} classes")
-    return val
-
-
 def build_model(run_cfg: DictConfig, state: dict[str, Any], device: torch.device,
                 in_channels: int = 3) -> nn.Module:
     """The run's model with the checkpoint's weights, in eval mode on ``device``."""
@@ -171,8 +157,7 @@ def build_model(run_cfg: DictConfig, state: dict[str, Any], device: torch.device
         model_cfg.pretrained = None
     # RGB-D runs (SUN RGB-D use_depth=true) need a 4-channel stem; RGB models keep the
     # constructor's default so families without an in_channels argument still build
-    extra = {"in_channels": in_channels} if in_channels != 3 else {}
-    model = instantiate(model_cfg, **extra)
+    model = app.build_model(OmegaConf.merge(run_cfg, {"model": model_cfg}), in_channels)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -187,20 +172,9 @@ def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 # -- evaluation ----------------------------------------------------------------------------
-def _json_safe(value: Any) -> Any:
-    """NaN (a class absent from prediction and ground truth) -> null: strict JSON."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
-
-
 def write_json(data: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2))
+    tmp.write_text(json.dumps(json_safe(data), indent=2))
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 
@@ -214,7 +188,7 @@ def evaluate(cfg: DictConfig, eval_name: str) -> dict[str, Any]:
     run_dir, run_cfg, state, path = load_run(cfg)
     run_cfg.trainer.num_workers = cfg.num_workers  # build_evaluator reads it from there
     device = pick_device(cfg.device)
-    val_set = build_val_set(run_cfg)
+    val_set = app.build_val_set(run_cfg)
     model = build_model(run_cfg, state, device, getattr(val_set, "in_channels", 3))
     evaluator = build_evaluator(run_cfg, val_set, DistInfo(), show_progress=True)
     log.info("evaluating %s on %s/%s (%d images), eval=%s, device %s", run_dir,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from segtrain.models.deeplab import DeepLabV1, DeepLabV2, _transplant_vgg_fc
 from segtrain.models.backbones.vgg import vgg16
+from segtrain.models.deeplab import DeepLabV1, DeepLabV2, _transplant_vgg_fc
 
 RATES = {"aspp_s": [2, 4, 8, 12], "aspp_l": [6, 12, 18, 24], "largefov": [12]}
 

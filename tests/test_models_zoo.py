@@ -154,6 +154,32 @@ def test_mobilenetv2_deeplab_with_aspp_is_table7_4_52m():
     assert round(n_params(model) / 1e6, 2) == 4.52
 
 
+def count_macs(model: nn.Module, size: int) -> int:
+    """Multiply-adds of the convolutions for one image, on the meta device (no compute)."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        k = module.kernel_size[0] * module.kernel_size[1]
+        total += output.numel() * module.in_channels // module.groups * k
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model.eval().to("meta")(torch.empty(1, 3, size, size, device="meta"))
+    for h in handles:
+        h.remove()
+    return total
+
+
+def test_mobilenetv2_deeplab_madds_match_table7():
+    """Sandler et al. Table 7: "MNet V2*", output stride 16, no ASPP: 2.75B MAdds on
+    513x513 inputs (ours 2.741B: 0.3% apart; the paper's counting rule is not stated)."""
+    with torch.device("meta"):
+        model = build_config("deeplabv3_mobilenetv2")
+    assert abs(count_macs(model, 513) / 2.75e9 - 1) < 0.01
+
+
 def unet_param_count(in_channels: int, num_classes: int, base: int = 64) -> int:
     """Fig. 1 layer by layer: 3x3 convs with bias, 2x2 up-convs with bias, 1x1 output."""
     def conv(cin, cout, k):
@@ -351,6 +377,35 @@ def test_fcn_upsamplers_learnable_per_paper(fcn8s):
     groups = {g["name"]: g for g in fcn8s.param_groups()}
     assert groups["biases"]["lr_mult"] == 2.0 and groups["biases"]["weight_decay_mult"] == 0.0
     assert fcn8s.score_pool3.weight.abs().sum() == 0  # zero-initialised scoring
+
+
+def test_fcn_fc6_fc7_are_the_convolutionalized_vgg_classifier(monkeypatch):
+    """Sec. 3.1: with ImageNet weights, fc6 (7x7 conv) on a 7x7 pool5 map computes VGG's
+    first Linear on the flattened map, and fc7 its second."""
+    from segtrain.models import fcn as fcn_module
+    from segtrain.models.backbones.vgg import VGG
+
+    torch.manual_seed(0)
+    vgg = VGG()
+    with torch.no_grad():
+        for i in (0, 3):
+            vgg.classifier[i].bias.normal_()
+    linear6, linear7 = vgg.classifier[0], vgg.classifier[3]
+
+    def fake_vgg16(output_stride, pretrained):  # stands in for a downloaded checkpoint
+        assert pretrained == "checkpoint.pth" and output_stride == 32
+        return vgg
+
+    monkeypatch.setattr(fcn_module, "vgg16", fake_vgg16)
+    model = FCN(K, 32, "checkpoint.pth", True, False, 0.5)
+    pool5 = torch.randn(2, 512, 7, 7)
+    with torch.no_grad():
+        conv6 = model.fc6(pool5)
+        assert conv6.shape == (2, 4096, 1, 1)
+        assert torch.allclose(conv6.flatten(1), linear6(pool5.flatten(1)), atol=1e-4)
+        h = torch.randn(2, 4096)
+        assert torch.allclose(model.fc7(h[:, :, None, None]).flatten(1), linear7(h), atol=1e-4)
+    assert isinstance(model.backbone.classifier, nn.Identity)
 
 
 def _coord_map(layers) -> tuple[float, float]:

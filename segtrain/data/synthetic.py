@@ -10,10 +10,9 @@ function of ``(seed, split, i)``, so splits are deterministic and independent of
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Callable
 from typing import Any
-
-import colorsys
 
 import numpy as np
 

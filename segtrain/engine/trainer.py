@@ -40,6 +40,26 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good state was checkpointed."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """A stop signal arrived; last.pt holds the state to resume from."""
+
+
+# SIGTERM: kill / SLURM preemption; SIGUSR1, SIGUSR2: SLURM's warning before the time limit
+# (submitit asks for USR2 and requeues the job from its own handler).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN (an undefined IoU) becomes null, so metrics files are strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 on CUDA that supports it (else fp16), fp32 on CPU."""
     if precision not in PRECISIONS:
@@ -189,14 +209,24 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train from ``self.iteration`` to ``max_iters``; returns the final metrics."""
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
-            return self._fit()
+            metrics = self._fit()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if self.writer is not None:
                 self.writer.flush()
+        if self._stop_signal is not None:
+            # hand the signal on (submitit's handler requeues the job), then make sure the
+            # run does not look finished
+            handler = previous.get(self._stop_signal)
+            if callable(handler):
+                handler(self._stop_signal, None)
+            raise TrainingInterrupted(
+                f"stopped by signal {self._stop_signal} at iteration {self.iteration}; "
+                f"resume with trainer.resume={self.run_dir}")
+        return metrics
 
     def _fit(self) -> dict[str, Any]:
         loader = train_loader(self.train_set, self.batch_size, self.num_workers, self.seed,
@@ -307,6 +337,6 @@ class Trainer:
         result = {"iteration": self.iteration, "best_miou": self.best_miou,
                   "class_names": list(self.class_names), **scores, "history": self.history}
         tmp = self.run_dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
+        tmp.write_text(json.dumps(json_safe(result), indent=2))
         tmp.replace(self.run_dir / "metrics.json")
         return scores

@@ -2,10 +2,10 @@
 
 DeepLab v3 (Chen, Papandreou, Schroff and Adam, "Rethinking Atrous Convolution for Semantic
 Image Segmentation", arXiv 1706.05587): a ResNet whose last stage is atrous with
-multi-grid unit rates (1, 2, 4) (Sec. 3.2, Table 3), ASPP with rates (6, 12, 18) at output
-stride 16 and image-level features, all with BN (Sec. 3.3, ``modules.aspp``), a 1x1
-classifier, bilinear upsampling. Trained at output stride 16 and evaluated at 8 (Sec. 4.1,
-Table 5): ``set_output_stride`` re-dilates the backbone in place and doubles the ASPP
+multi-grid unit rates (1, 2, 4) (Sec. 3.2), ASPP with rates (6, 12, 18) at output stride 16
+and image-level features, all with BN (Sec. 3.3, ``modules.aspp``), a 1x1 classifier,
+bilinear upsampling. Trained at output stride 16 and evaluated at 8 (Sec. 4.2, inference
+strategy): ``set_output_stride`` re-dilates the backbone in place and doubles the ASPP
 rates, with the same parameters.
 
 DeepLab v3+ (Chen, Zhu, Papandreou, Schroff and Adam, "Encoder-Decoder with Atrous

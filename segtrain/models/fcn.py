@@ -11,12 +11,13 @@ reference Caffe nets (shelhamer/fcn.berkeleyvision.org ``voc-fcn{32,16,8}s/net.p
 - ``fc6`` (7x7 conv, 4096) and ``fc7`` (1x1 conv, 4096), ReLU + dropout each; with
   ``pretrained`` their weights are VGG's ``classifier.0``/``classifier.3`` reshaped
   ("convolutionalization", Sec. 3.1);
-- 1x1 score layers on fc7, pool4 and pool3, zero-initialised (Sec. 4.2);
+- 1x1 score layers on fc7, pool4 and pool3, zero-initialised (Sec. 4);
 - transposed convolutions (kernel 2s, stride s, no bias) initialised to bilinear
   interpolation, one per class (the reference ``surgery.interp``). The final upsampler is
-  fixed; the 2x ones are learned when ``learnable_upsampling`` (Sec. 4.2: "The final layer
-  deconvolutional filters are fixed to bilinear interpolation, while intermediate
-  upsampling layers are initialized to bilinear upsampling, and then learned");
+  fixed; the 2x ones are learned when ``learnable_upsampling`` (Sec. 4.3, "Dense
+  Prediction": "Final layer deconvolutional filters are fixed to bilinear interpolation,
+  while intermediate upsampling layers are initialized to bilinear upsampling, and then
+  learned");
 - fusion by cropping and summation with the reference crop offsets, derived from the
   coordinate maps (input coordinate of output index y, Caffe's ``coord_map``):
   pool3 = 8y - 95.5, pool4 = 16y - 91.5, fc7 = 32y + 12.5, so score_pool4 is cropped at 5
@@ -120,7 +121,7 @@ class FCN(nn.Module):
             self.upscore_pool4 = bilinear_upsampler(num_classes, 2, learnable_upsampling)
             scores.append(self.score_pool3)
         self.upscore = bilinear_upsampler(num_classes, stride, learnable=False)
-        for score in scores:  # zero-initialised class scoring (Sec. 4.2)
+        for score in scores:  # zero-initialised class scoring (Sec. 4)
             nn.init.zeros_(score.weight)
             nn.init.zeros_(score.bias)
         if not pretrained:

@@ -1,0 +1,136 @@
+"""Every config option composes, and the pieces it names can be built; bad options and keys
+get Hydra's own clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from segtrain.app import build_optimizer
+from tests.conftest import CONF_DIR, REPO, compose_config
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_defaults_list_has_every_group():
+    cfg = compose_config()
+    for group in ("dataset", "model", "loss", "lr", "optim", "trainer", "eval"):
+        assert group in cfg, group
+    assert cfg.get("experiment") is None
+
+
+@pytest.mark.parametrize("name", options("dataset"))
+def test_dataset_options_compose_with_the_keys_the_app_reads(name, tmp_path):
+    cfg = compose_config([f"dataset={name}", f"dataset.root={tmp_path}"] if name != "synthetic"
+                         else [f"dataset={name}"])
+    d = cfg.dataset
+    for key in ("name", "num_classes", "ignore_index", "mean", "std", "train", "val",
+                "train_transforms", "val_transforms"):
+        assert key in d, f"dataset={name} lacks {key}"
+    resolved = OmegaConf.to_container(d, resolve=True)
+    assert resolved["ignore_index"] == 255
+    assert resolved["train"]["_target_"].startswith("segtrain.data.")
+    # the augmentation pipelines instantiate (albumentations objects)
+    assert len(instantiate(d.train_transforms)) >= 1
+    assert len(instantiate(d.val_transforms)) >= 1
+
+
+def test_real_dataset_without_root_is_hydras_missing_value_error():
+    cfg = compose_config(["dataset=camvid"])
+    with pytest.raises(Exception, match="Missing mandatory value: dataset.root"):
+        OmegaConf.to_container(cfg.dataset, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_options_build_and_give_param_groups(name):
+    cfg = compose_config([f"model={name}", "dataset.num_classes=3"])
+    assert cfg.model.num_classes == 3
+    model = instantiate(cfg.model)
+    groups = model.param_groups()
+    covered = sum(p.numel() for g in groups for p in g["params"])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert covered == trainable, f"model={name}: param_groups miss parameters"
+
+
+@pytest.mark.parametrize("name", options("loss"))
+def test_loss_options_build_and_return_total(name):
+    cfg = compose_config([f"loss={name}"])
+    loss = instantiate(cfg.loss)
+    out = {"out": torch.randn(2, 6, 8, 8)}
+    terms = loss(out, {"mask": torch.randint(0, 6, (2, 8, 8))})
+    assert "total" in terms and terms["total"].ndim == 0
+
+
+@pytest.mark.parametrize("name", options("lr"))
+def test_lr_options_build_a_schedule(name):
+    cfg = compose_config([f"lr={name}"])
+    factor = instantiate(cfg.lr)(max_iters=100)
+    assert factor(0) == pytest.approx(1.0) and 0.0 <= factor(99) < 1.0
+
+
+@pytest.mark.parametrize("name", options("optim"))
+def test_optim_options_build_with_group_multipliers(name):
+    cfg = compose_config([f"optim={name}"])
+    w, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = build_optimizer(cfg, [{"params": [w], "lr_mult": 1.0},
+                                {"params": [b], "lr_mult": 20.0, "weight_decay_mult": 0.0}])
+    assert opt.param_groups[1]["lr"] == pytest.approx(20 * cfg.optim.lr)
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", options("eval"))
+def test_eval_options_build_a_predictor(name):
+    cfg = compose_config([f"eval={name}"])
+    predictor = instantiate(cfg.eval.predictor)
+    assert predictor.mode in ("whole", "slide")
+    if cfg.eval.crf is not None:
+        assert instantiate(cfg.eval.crf).iterations > 0
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_options_compose(name):
+    cfg = compose_config([f"trainer={name}"])
+    assert cfg.trainer.precision in ("fp32", "bf16", "fp16", "auto")
+
+
+def test_deeplabv2_head_choice_composes():
+    for head in ("aspp_s", "aspp_l", "largefov"):
+        cfg = compose_config(["model=deeplabv2", f"model.head={head}"])
+        assert cfg.model.head == head and cfg.model.backbone == "resnet101"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_wrong_group_option_is_a_clear_hydra_error():
+    res = _cli("model=deeplab_v9")
+    assert res.returncode != 0
+    assert "Could not find 'model/deeplab_v9'" in res.stderr
+    assert "Available options" in res.stderr and "deeplabv2" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_wrong_key_is_a_clear_hydra_error():
+    res = _cli("trainer.max_iter=5")
+    assert res.returncode != 0
+    assert "max_iter" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_options_compose(name, tmp_path):
+    cfg = compose_config([f"experiment={name}", f"dataset.root={tmp_path}"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["trainer"]["max_iters"] > 0
+    assert resolved["model"]["num_classes"] == resolved["dataset"]["num_classes"]
