@@ -98,7 +98,9 @@ PAPER_MODELS = {
     "pspnet": dict(num_classes=21, total=67_949_930),
     # torchvision deeplabv3_resnet101 publishes 60,996,202 = ours + aux FCNHead(1024)
     # 2,365,205 + its extra 3x3 conv 256 + BN 590,336 (not in the paper). MobileNetV2 paper
-    # Table 7 gives 58.16M for TF's ResNet-101 "beta" (3-conv stem, +123,776): see below.
+    # Table 7 lists 58.16M for DeepLab v3 on ResNet-101; ours plus the 3-conv stem of the
+    # ResNet-101 in tensorflow/models deeplab (+123,776) rounds to it (our reading of the
+    # gap, checked in test_published_counts_relate_to_ours).
     "deeplabv3": dict(num_classes=21, total=58_040_661),
     # MobileNetV2 paper Table 7, "MNet V2*" without ASPP: 2.11M
     "deeplabv3_mobilenetv2": dict(num_classes=21, total=2_113_557),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,9 +122,14 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
 
 
 def test_non_finite_loss_stops_with_a_message_and_a_usable_checkpoint(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("optim.lr=1e12", "trainer.max_iters=50", "trainer.eval_interval=100",
-                   "trainer.checkpoint_interval=100")
-    with pytest.raises(NonFiniteLossError, match="non-finite loss at iteration"):
+    cfg = tiny_cfg("optim=sgd", "optim.lr=30", "trainer.max_iters=50",
+                   "trainer.eval_interval=100", "trainer.checkpoint_interval=1")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite (loss|weights) at iteration \d+") as err:
         train(cfg, tmp_path)
+    failed_at = int(re.search(r"iteration (\d+)", str(err.value)).group(1))
     state = checkpoint.load(tmp_path)
+    assert 0 < state["iteration"] < failed_at, str(err.value)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # the kept checkpoint is usable: a run resumes from it
+    train(tiny_cfg("optim=sgd", f"trainer.resume={tmp_path}", "trainer.max_iters=5"),
+          tmp_path / "resumed")

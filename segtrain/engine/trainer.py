@@ -254,6 +254,8 @@ class Trainer:
             if self.evaluator is not None and (self.iteration % self.eval_interval == 0 or last):
                 metrics = self.evaluate()
             if self.iteration % self.checkpoint_interval == 0 or last:
+                if not self._weights_finite():
+                    self._non_finite(terms, "weights")
                 self.save("last.pt")
             if self._stop_signal is not None:
                 self.save("last.pt")
@@ -290,13 +292,27 @@ class Trainer:
         self.scheduler.step()
         return sums
 
-    def _non_finite(self, terms: dict[str, torch.Tensor]) -> None:
-        values = {k: float(v.detach()) for k, v in terms.items()}
-        path = self.save("last.pt")  # weights are still those after the last good step
+    def _weights_finite(self) -> bool:
+        state = self._bare_model.state_dict()
+        return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+    def _non_finite(self, terms: dict, what: str = "loss") -> None:
+        values = {k: float(v) for k, v in terms.items()}
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if self._weights_finite():
+            self.save("last.pt")  # the weights after the last good step
+            kept = f"The state after iteration {self.iteration} is saved in {last}."
+        elif last.is_file():
+            # NaN/inf already reached the weights or the BatchNorm statistics: keep the last
+            # checkpoint, which was checked finite when it was written
+            kept = (f"The weights are no longer finite; {last} from iteration "
+                    f"{checkpoint.load(last)['iteration']} is kept.")
+        else:
+            kept = "The weights are no longer finite and no checkpoint was written yet."
+        at = self.iteration + (1 if what == "loss" else 0)
         raise NonFiniteLossError(
-            f"non-finite loss at iteration {self.iteration + 1}: {values}. The state after "
-            f"iteration {self.iteration} is saved in {path}. Try a lower optim.lr, "
-            f"trainer.clip_grad_norm, or trainer.precision=fp32.")
+            f"non-finite {what} at iteration {at} (loss terms {values}). {kept} Try a lower "
+            f"optim.lr, trainer.clip_grad_norm, or trainer.precision=fp32.")
 
     # -- logging and evaluation ----------------------------------------------------------
     def _log_train(self, terms: dict[str, float], rate: float) -> None:

@@ -9,8 +9,8 @@ match. state_dict keys are identical to torchvision's ``mobilenet_v2`` (``featur
 ``classifier.1``; 3,504,872 parameters), so its ImageNet checkpoint loads unchanged.
 
 Dense prediction (Sec. 6.3): once the requested output stride is reached, later strides
-become 1 and the depthwise convolutions are dilated, following tensorflow/models
-``slim/nets/mobilenet/mobilenet.py`` (the layer that would stride keeps rate r, the layers
+become 1 and the depthwise convolutions are dilated by the output-stride rule of
+tensorflow/models slim MobileNets (the layer that would stride keeps rate r, the layers
 after it use r * stride). DeepLab on MobileNetV2 uses the "second last feature map"
 (Table 7, "MNet V2*"): the 320-channel output of the last bottleneck, here ``c5``; the
 1x1 conv to 1280 (``features.18``) belongs to the ImageNet head and ``drop_classifier``
