@@ -138,3 +138,18 @@ def test_vgg16_output_stride_8_keeps_conv5_dilated():
 def test_load_pretrained_none_is_a_no_op():
     net = resnet(18)
     assert load_pretrained(net, None) is net
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_dilated_resnet_is_the_exact_dense_version_of_the_strided_one(depth):
+    # Output stride 8 with the same weights computes the stride-32 features at every
+    # 4th position (DeepLab v2 Sec. 3.1: atrous convolution = dense feature extraction).
+    torch.manual_seed(0)
+    strided = resnet(depth, output_stride=32).eval()
+    dense = resnet(depth, output_stride=8).eval()
+    dense.load_state_dict(strided.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a = strided.forward_features(x)["c5"]
+        b = dense.forward_features(x)["c5"]
+    torch.testing.assert_close(b[..., ::4, ::4], a, rtol=1e-4, atol=1e-5)

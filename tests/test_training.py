@@ -32,6 +32,8 @@ def test_short_run_loss_falls_and_leaves_a_complete_run_folder(tiny_cfg, tmp_pat
     assert saved["miou"] == pytest.approx(metrics["miou"])
     assert len(saved["iou"]) == 6 and saved["class_names"][0] == "background"
     assert [h["iteration"] for h in saved["history"]] == [15, 30]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "iter_0000015.png", "iter_0000030.png"]
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events, "TensorBoard events missing"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -124,7 +126,8 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
 def test_non_finite_loss_stops_with_a_message_and_a_usable_checkpoint(tiny_cfg, tmp_path):
     cfg = tiny_cfg("optim=sgd", "optim.lr=30", "trainer.max_iters=50",
                    "trainer.eval_interval=100", "trainer.checkpoint_interval=1")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite (loss|weights) at iteration \d+") as err:
+    pattern = r"non-finite (loss|weights) at iteration \d+"
+    with pytest.raises(NonFiniteLossError, match=pattern) as err:
         train(cfg, tmp_path)
     failed_at = int(re.search(r"iteration (\d+)", str(err.value)).group(1))
     state = checkpoint.load(tmp_path)
@@ -133,3 +136,24 @@ def test_non_finite_loss_stops_with_a_message_and_a_usable_checkpoint(tiny_cfg, 
     # the kept checkpoint is usable: a run resumes from it
     train(tiny_cfg("optim=sgd", f"trainer.resume={tmp_path}", "trainer.max_iters=5"),
           tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
+def test_mixed_precision_options_train_on_cpu(tiny_cfg, tmp_path, precision):
+    cfg = tiny_cfg(f"trainer.precision={precision}", "trainer.max_iters=2",
+                   "trainer.eval_interval=2", "trainer.clip_grad_norm=1.0")
+    metrics = train(cfg, tmp_path)
+    assert 0.0 <= metrics["miou"] <= 1.0
+    assert checkpoint.load(tmp_path)["iteration"] == 2
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_cfg, tmp_path):
+    # iter_size x batch_size images per step: 2 x 2 accumulated equals 1 x 4 when the model
+    # has no batch statistics (frozen BN) and no dropout
+    common = ["model.freeze_bn=true", "model.dropout=0.0", "trainer.max_iters=2",
+              "trainer.eval_interval=100", "optim=sgd", "optim.lr=0.01"]
+    train(tiny_cfg(*common, "trainer.batch_size=4", "trainer.iter_size=1"), tmp_path / "a")
+    train(tiny_cfg(*common, "trainer.batch_size=2", "trainer.iter_size=2"), tmp_path / "b")
+    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

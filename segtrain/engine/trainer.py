@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -345,6 +346,9 @@ class Trainer:
         if self.evaluator.samples:
             strip = comparison_strip(self.evaluator.samples, self.palette, self.ignore_index)
             self.writer.add_image("val/image_gt_pred", strip, self.iteration, dataformats="HWC")
+            samples = self.run_dir / "samples"
+            samples.mkdir(exist_ok=True)
+            Image.fromarray(strip).save(samples / f"iter_{self.iteration:07d}.png")
         if scores["miou"] > self.best_miou:
             self.best_miou = scores["miou"]
             self.save("best.pt", {"model": self._bare_model.state_dict(),

@@ -31,14 +31,17 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+                 downsample: nn.Module | None = None, stage_dilation: int | None = None) -> None:
         super().__init__()
+        # in the first block of a dilated stage conv1 takes the place of the removed stride
+        # (previous dilation) and conv2 already sees the stage's dilation, which makes the
+        # network the exact dilated equivalent of the strided one
+        d2 = stage_dilation or dilation
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=dilation,
                                dilation=dilation, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=dilation, dilation=dilation,
-                               bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=d2, dilation=d2, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
@@ -55,8 +58,9 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+                 downsample: nn.Module | None = None, stage_dilation: int | None = None) -> None:
         super().__init__()
+        del stage_dilation  # the 3x3 is the strided conv: one dilation serves the block
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation, dilation=dilation,
@@ -135,7 +139,8 @@ class ResNet(nn.Module):
         # torchvision keeps the previous dilation in the first block of a dilated stage;
         # with multi-grid every block uses (stage rate x grid[i]) as in DeepLab v3.
         first = self.dilation * grid[0] if multi_grid else previous_dilation
-        blocks_ = [block(self.inplanes, planes, stride, first, downsample)]
+        blocks_ = [block(self.inplanes, planes, stride, first, downsample,
+                         stage_dilation=self.dilation * grid[0])]
         self.inplanes = planes * block.expansion
         for i in range(1, blocks):
             blocks_.append(block(self.inplanes, planes, dilation=self.dilation * grid[i]))
