@@ -152,4 +152,4 @@ def test_dilated_resnet_is_the_exact_dense_version_of_the_strided_one(depth):
     with torch.no_grad():
         a = strided.forward_features(x)["c5"]
         b = dense.forward_features(x)["c5"]
-    torch.testing.assert_close(b[..., ::4, ::4], a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b[..., ::4, ::4], a, rtol=1e-3, atol=1e-4)
