@@ -45,7 +45,8 @@ def test_dataset_options_compose_with_the_keys_the_app_reads(name, tmp_path):
 
 def test_real_dataset_without_root_is_hydras_missing_value_error():
     cfg = compose_config(["dataset=camvid"])
-    with pytest.raises(Exception, match=r"Missing mandatory value: root\n\s+full_key: dataset.root"):
+    message = r"Missing mandatory value: root\n\s+full_key: dataset.root"
+    with pytest.raises(Exception, match=message):
         OmegaConf.to_container(cfg.dataset, resolve=True, throw_on_missing=True)
 
 
