@@ -125,13 +125,17 @@ class DeepLab(nn.Module):
         freeze_bn: keep BatchNorm statistics and affine weights fixed (v2 trains so,
             starting from ImageNet statistics).
         dropout: dropout after fc6/fc7 of the VGG form.
+        head_lr_mult, head_bias_lr_mult: learning-rate multiples of the classifier's weights
+            and biases (DeepLab: 10 and 20).
         in_channels: input channels (4 for RGB-D; ResNet backbones only).
     """
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int, head: str,
                  head_rates: Mapping[str, Sequence[int]], pretrained: str | None = None,
-                 freeze_bn: bool = False, dropout: float = 0.5, in_channels: int = 3) -> None:
+                 freeze_bn: bool = False, dropout: float = 0.5, head_lr_mult: float = 10.0,
+                 head_bias_lr_mult: float = 20.0, in_channels: int = 3) -> None:
         super().__init__()
+        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         if head not in head_rates:
             raise ValueError(f"model.head={head!r} is not one of {sorted(head_rates)}")
         self.backbone, channels, hidden = _build_backbone(backbone, output_stride, pretrained,
@@ -159,7 +163,8 @@ class DeepLab(nn.Module):
 
     def param_groups(self) -> list[dict]:
         """Backbone at 1x, classifier weights at 10x and biases at 20x (DeepLab protocol)."""
-        return backbone_head_groups(self.backbone, self.head)
+        return backbone_head_groups(self.backbone, self.head, self.head_lr_mult,
+                                    self.head_bias_lr_mult)
 
 
 class DeepLabV1(DeepLab):
