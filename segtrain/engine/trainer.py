@@ -230,6 +230,10 @@ class Trainer:
         return metrics
 
     def _fit(self) -> dict[str, Any]:
+        if self.iteration >= self.max_iters:
+            log.info("nothing to do: the run is at iteration %d of trainer.max_iters=%d "
+                     "(raise max_iters to train further)", self.iteration, self.max_iters)
+            return {}
         loader = train_loader(self.train_set, self.batch_size, self.num_workers, self.seed,
                               start_iter=self.iteration * self.iter_size,
                               rank=self.dist.rank, world_size=self.dist.world_size,
