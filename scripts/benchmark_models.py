@@ -25,21 +25,24 @@ import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
-MODELS = ["fcn32s", "fcn16s", "fcn8s", "unet", "segnet", "segnet_basic", "pspnet",
-          "deeplabv3", "deeplabv3@os8", "deeplabv3_mobilenetv2", "deeplabv3plus"]
+MODELS = ["deeplabv1", "deeplabv2", "deeplabv2_resnet18", "fcn32s", "fcn16s", "fcn8s", "unet",
+          "segnet", "segnet_basic", "pspnet", "deeplabv3", "deeplabv3@os8",
+          "deeplabv3_mobilenetv2", "deeplabv3plus"]
 
 
 def build(name: str, num_classes: int) -> nn.Module:
     """``name`` is a config in conf/model; ``<config>@os8`` re-dilates it to output stride 8."""
     config, _, stride = name.partition("@os")
-    cfg = OmegaConf.load(CONF_MODEL / f"{config}.yaml")
-    cfg.num_classes = num_classes
-    model = instantiate(cfg)
+    # compose the real config tree, so model files with a defaults list resolve too
+    with initialize_config_dir(config_dir=str(CONF_MODEL.parent), version_base="1.3"):
+        cfg = compose(config_name="config",
+                      overrides=[f"model={config}", f"dataset.num_classes={num_classes}"])
+    model = instantiate(cfg.model)
     if stride:
         model.set_output_stride(int(stride))
     return model
