@@ -240,35 +240,36 @@ class Trainer:
                               pin_memory=self.device.type == "cuda")
         batches = iter(loader)
         self.model.train()
-        bar = tqdm(total=self.max_iters, initial=self.iteration, desc="train",
-                   disable=not self.show_progress, dynamic_ncols=True, mininterval=1.0)
         tic, done_since_log = time.perf_counter(), 0
         metrics: dict[str, Any] = {}
-        while self.iteration < self.max_iters:
-            terms = self._step(batches)
-            self.iteration += 1
-            done_since_log += 1
-            lr = self.optimizer.param_groups[0]["lr"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{terms['total']:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if self.iteration % self.log_interval == 0 or self.iteration == self.max_iters:
-                rate = done_since_log / max(time.perf_counter() - tic, 1e-9)
-                self._log_train(terms, rate)
-                tic, done_since_log = time.perf_counter(), 0
-            last = self.iteration == self.max_iters
-            if self.evaluator is not None and (self.iteration % self.eval_interval == 0 or last):
-                metrics = self.evaluate()
-            if self.iteration % self.checkpoint_interval == 0 or last:
-                if not self._weights_finite():
-                    self._non_finite(terms, "weights")
-                self.save("last.pt")
-            if self._stop_signal is not None:
-                self.save("last.pt")
-                log.warning("signal %d received: saved checkpoints/last.pt at iteration %d; "
-                            "resume with trainer.resume=%s", self._stop_signal, self.iteration,
-                            self.run_dir)
-                break
-        bar.close()
+        # the context closes the bar even when a step raises (non-finite loss, Ctrl-C)
+        with tqdm(total=self.max_iters, initial=self.iteration, desc="train",
+                  disable=not self.show_progress, dynamic_ncols=True, mininterval=1.0) as bar:
+            while self.iteration < self.max_iters:
+                terms = self._step(batches)
+                self.iteration += 1
+                done_since_log += 1
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['total']:.4f}", lr=f"{lr:.2e}", refresh=False)
+                if self.iteration % self.log_interval == 0 or self.iteration == self.max_iters:
+                    rate = done_since_log / max(time.perf_counter() - tic, 1e-9)
+                    self._log_train(terms, rate)
+                    tic, done_since_log = time.perf_counter(), 0
+                last = self.iteration == self.max_iters
+                due = self.iteration % self.eval_interval == 0 or last
+                if self.evaluator is not None and due:
+                    metrics = self.evaluate()
+                if self.iteration % self.checkpoint_interval == 0 or last:
+                    if not self._weights_finite():
+                        self._non_finite(terms, "weights")
+                    self.save("last.pt")
+                if self._stop_signal is not None:
+                    self.save("last.pt")
+                    log.warning("signal %d received: saved checkpoints/last.pt at iteration %d; "
+                                "resume with trainer.resume=%s", self._stop_signal, self.iteration,
+                                self.run_dir)
+                    break
         return metrics
 
     def _step(self, batches) -> dict[str, float]:
