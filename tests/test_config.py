@@ -135,3 +135,20 @@ def test_experiment_options_compose(name, tmp_path):
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["trainer"]["max_iters"] > 0
     assert resolved["model"]["num_classes"] == resolved["dataset"]["num_classes"]
+
+
+def _fcn_slow(name: str):
+    # FCN's reference geometry pads the input by 100 pixels: ~25 s for two steps on 2 cores
+    return pytest.param(name, marks=pytest.mark.slow) if name.startswith("fcn") else name
+
+
+@pytest.mark.parametrize("name", [_fcn_slow(n) for n in options("model")])
+def test_every_model_config_trains_through_the_app(name, tiny_cfg, tmp_path):
+    # two steps of the real path (dataset -> model -> loss -> trainer -> evaluator) per model
+    from segtrain.app import train
+
+    cfg = tiny_cfg(f"model={name}", "trainer.max_iters=2", "trainer.eval_interval=2",
+                   "dataset.val.num_samples=2", "lr=step")
+    metrics = train(cfg, tmp_path)
+    assert 0.0 <= metrics["miou"] <= 1.0
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
