@@ -59,6 +59,9 @@ def test_model_options_build_and_give_param_groups(name):
     covered = sum(p.numel() for g in groups for p in g["params"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert covered == trainable, f"model={name}: param_groups miss parameters"
+    if "head_lr_mult" in cfg.model:  # the YAML's multiples reach the optimizer groups
+        mults = {g["name"]: g["lr_mult"] for g in groups}
+        assert mults["head"] == cfg.model.head_lr_mult, name
 
 
 @pytest.mark.parametrize("name", options("loss"))

@@ -327,7 +327,9 @@ def test_training_mode_outputs_and_param_groups():
         if name.startswith(("unet", "segnet_basic")):
             assert mults == {"all": 1.0}, name
         else:
-            assert mults["backbone"] == 1.0 and mults["head"] == 10.0, name
+            assert mults["backbone"] == 1.0, name
+            assert mults["head"] == model.head_lr_mult, name
+            assert mults.get("head_bias", model.head_bias_lr_mult) == model.head_bias_lr_mult
     head = {id(p) for g in psp.param_groups() if g["name"].startswith("head") for p in g["params"]}
     assert all(id(p) in head for p in psp.aux_head.parameters())
 

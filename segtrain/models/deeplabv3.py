@@ -90,12 +90,17 @@ class AtrousEncoder(nn.Module):
         self.aspp.set_rates(rates)
         self.output_stride = output_stride
 
+    head_lr_mult: float = 1.0
+    head_bias_lr_mult: float = 1.0
+
     def _new_layers(self) -> list[nn.Module]:
-        raise NotImplementedError
+        raise NotImplementedError  # each network names its new layers
 
     def param_groups(self) -> list[dict]:
-        """Backbone at 1x; ASPP, decoder and classifier at 10x (20x for biases)."""
-        return backbone_head_groups(self.backbone, self._new_layers())
+        """Backbone at 1x; ASPP, decoder and classifier at ``head_lr_mult`` (biases at
+        ``head_bias_lr_mult``); the official DeepLab code trains every layer at 1x."""
+        return backbone_head_groups(self.backbone, self._new_layers(), self.head_lr_mult,
+                                    self.head_bias_lr_mult)
 
 
 class DeepLabV3(AtrousEncoder):
@@ -115,9 +120,11 @@ class DeepLabV3(AtrousEncoder):
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  multi_grid: Sequence[int] | None, atrous_rates: Sequence[int],
-                 aspp_dropout: float, pretrained: str | None, in_channels: int = 3) -> None:
+                 aspp_dropout: float, pretrained: str | None, in_channels: int = 3,
+                 head_lr_mult: float = 1.0, head_bias_lr_mult: float = 1.0) -> None:
         super().__init__(backbone, output_stride, multi_grid, atrous_rates, aspp_dropout,
                          False, pretrained, in_channels)
+        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.classifier = nn.Conv2d(ASPP_CHANNELS, num_classes, 1)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -148,9 +155,11 @@ class DeepLabV3Plus(AtrousEncoder):
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  multi_grid: Sequence[int] | None, atrous_rates: Sequence[int],
                  aspp_dropout: float, separable: bool, low_level_channels: int,
-                 decoder_channels: int, pretrained: str | None, in_channels: int = 3) -> None:
+                 decoder_channels: int, pretrained: str | None, in_channels: int = 3,
+                 head_lr_mult: float = 1.0, head_bias_lr_mult: float = 1.0) -> None:
         super().__init__(backbone, output_stride, multi_grid, atrous_rates, aspp_dropout,
                          separable, pretrained, in_channels)
+        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.reduce = ConvBNReLU(self.backbone.feature_channels["c2"], low_level_channels, 1)
         in_ch = ASPP_CHANNELS + low_level_channels
         if separable:

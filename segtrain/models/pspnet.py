@@ -43,8 +43,10 @@ class PSPNet(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  bins: Sequence[int], head_channels: int, aux_channels: int, dropout: float,
-                 pretrained: str | None, in_channels: int = 3) -> None:
+                 pretrained: str | None, in_channels: int = 3, head_lr_mult: float = 10.0,
+                 head_bias_lr_mult: float = 10.0) -> None:
         super().__init__()
+        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.backbone = build_backbone(backbone, output_stride, pretrained,
                                        in_channels=in_channels)
         channels = self.backbone.feature_channels
@@ -65,6 +67,8 @@ class PSPNet(nn.Module):
         return outputs
 
     def param_groups(self) -> list[dict]:
-        """Backbone at 1x; pyramid pooling and both heads at 10x (20x for biases)."""
+        """Backbone at 1x; pyramid pooling and both heads at ``head_lr_mult`` (10x in the
+        authors' reference code, biases included)."""
         new = [self.ppm, self.head] + ([self.aux_head] if self.aux_head is not None else [])
-        return backbone_head_groups(self.backbone, new)
+        return backbone_head_groups(self.backbone, new, self.head_lr_mult,
+                                    self.head_bias_lr_mult)

@@ -60,8 +60,10 @@ class SegNet(nn.Module):
         pretrained: VGG-16-BN ImageNet checkpoint (path, URL, ``"imagenet"``) or ``None``.
     """
 
-    def __init__(self, num_classes: int, pretrained: str | None) -> None:
+    def __init__(self, num_classes: int, pretrained: str | None, head_lr_mult: float = 1.0,
+                 head_bias_lr_mult: float = 1.0) -> None:
         super().__init__()
+        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.encoder: VGG = vgg16_bn(output_stride=32, pretrained=pretrained).drop_classifier()
         # encoder stages: the layers between consecutive pools
         self.stages: list[list[int]] = [[]]
@@ -103,8 +105,9 @@ class SegNet(nn.Module):
         return {"out": x[:, :, :h, :w]}
 
     def param_groups(self) -> list[dict]:
-        """Encoder (ImageNet) at 1x, decoder at the new-layer multipliers."""
-        return backbone_head_groups(self.encoder, self.decoder)
+        """Encoder (ImageNet) at 1x, decoder at ``head_lr_mult`` (the SegNet solver: 1x)."""
+        return backbone_head_groups(self.encoder, self.decoder, self.head_lr_mult,
+                                    self.head_bias_lr_mult)
 
 
 class SegNetBasic(nn.Module):
