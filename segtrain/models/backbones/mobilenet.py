@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from segtrain.models.backbones.pretrained import load_pretrained
+from segtrain.models.modules.conv import ConvBNReLU
 
 TORCHVISION_URLS = {
     "mobilenet_v2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
@@ -43,18 +44,11 @@ INVERTED_RESIDUAL_SETTING = (
 FEATURE_ENDS = {"c2": 3, "c3": 6, "c4": 13, "c5": 17}
 
 
-class ConvBNReLU6(nn.Sequential):
+def ConvBNReLU6(in_channels: int, out_channels: int, kernel_size: int = 3,  # noqa: N802
+                stride: int = 1, dilation: int = 1, groups: int = 1) -> ConvBNReLU:
     """Conv (bias-free) + BN + ReLU6; the ``.0``/``.1`` key layout of torchvision."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, dilation: int = 1, groups: int = 1) -> None:
-        padding = dilation * (kernel_size - 1) // 2
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                      groups=groups, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU6(inplace=True),
-        )
+    return ConvBNReLU(in_channels, out_channels, kernel_size, stride, dilation, groups,
+                      activation=nn.ReLU6)
 
 
 class InvertedResidual(nn.Module):

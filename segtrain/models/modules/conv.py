@@ -33,16 +33,20 @@ class ConvBNReLU(nn.Sequential):
         stride: convolution stride.
         dilation: atrous rate.
         groups: convolution groups (``in_channels`` for a depthwise convolution).
+        activation: ``nn.ReLU``, or ``nn.ReLU6`` for MobileNetV2.
+
+    Keys ``0`` (conv) and ``1`` (BN) match torchvision's ``Conv2dNormActivation``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, dilation: int = 1, groups: int = 1) -> None:
+                 stride: int = 1, dilation: int = 1, groups: int = 1,
+                 activation: type[nn.Module] = nn.ReLU) -> None:
         padding = dilation * (kernel_size - 1) // 2
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
                       groups=groups, bias=False),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
+            activation(inplace=True),
         )
 
 
