@@ -1,10 +1,11 @@
-"""The embedded dataset: textured shapes on textured backgrounds, generated from a seed.
+"""The embedded dataset: shapes on textured backgrounds, generated from a seed.
 
-Nothing is read from disk or downloaded. Every image is drawn from the same family of
-textures (stripes at any angle, checkerboards, blotchy noise) in random colours, for the
-background and for each shape alike, so a pixel's texture says nothing about its class:
-the class is the *shape* the pixel belongs to (disk, square, triangle, ring, cross), which
-a network can only tell from context around the pixel. Item ``i`` of a split is a pure
+Nothing is read from disk or downloaded. Backgrounds are textures (stripes at any angle,
+checkerboards, blotchy noise) in weakly saturated colours of any hue. Each shape is filled
+with a saturated colour near its class's hue, shaded by a faint texture. Disks and rings share
+a hue, and so do squares and crosses: a pixel's colour narrows its class down to a pair, and
+only the *shape* around it (context a network must look at) decides between disk and ring or
+square and cross. Shapes overlap, later ones on top. Item ``i`` of a split is a pure
 function of ``(seed, split, i)``, so splits are deterministic and independent of workers.
 """
 
