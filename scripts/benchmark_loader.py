@@ -15,28 +15,14 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from segtrain.app import dataset_config
 from segtrain.data.loader import collate
 from segtrain.data.transforms import compose as compose_transforms
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def dataset_config(overrides: list[str]) -> DictConfig:
-    """Compose only the dataset group: ``dataset=<name>`` plus ``dataset.*`` overrides."""
-    names = [o for o in overrides if o.startswith("dataset=")]
-    if not names:
-        raise SystemExit("usage: dataset=<name> dataset.root=<path> [dataset.key=value ...]")
-    rest = [o for o in overrides if not o.startswith("dataset=")]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(overrides=["+" + names[-1]] + rest).dataset
 
 
 def measure(dataset, workers: int, batch_size: int, epochs: int) -> tuple[float, float, int]:

@@ -14,28 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 
+from segtrain.app import dataset_config
 from segtrain.data.base import DatasetError
 from segtrain.data.stats import load_or_compute_stats
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def dataset_config(overrides: list[str]) -> DictConfig:
-    """Compose only the dataset group: ``dataset=<name>`` plus ``dataset.*`` overrides."""
-    names = [o for o in overrides if o.startswith("dataset=")]
-    if not names:
-        raise SystemExit("usage: dataset=<name> dataset.root=<path> [dataset.key=value ...]")
-    rest = [o for o in overrides if not o.startswith("dataset=")]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(overrides=["+" + names[-1]] + rest).dataset
 
 
 def image_mean_std(dataset, workers: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +23,19 @@ from segtrain.eval.evaluator import Evaluator
 from segtrain.viz import default_palette
 
 log = logging.getLogger("segtrain")
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def dataset_config(overrides: list[str]) -> DictConfig:
+    """Compose only the dataset group: ``dataset=<name>`` plus ``dataset.*`` overrides."""
+    names = [o for o in overrides if o.startswith("dataset=")]
+    if not names:
+        raise SystemExit("usage: dataset=<name> dataset.root=<path> [dataset.key=value ...]")
+    rest = [o for o in overrides if not o.startswith("dataset=")]
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra.compose(overrides=["+" + names[-1]] + rest).dataset
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segtrain.models.backbones.pretrained import load_pretrained
+from segtrain.models.backbones.pretrained import load_pretrained, widen_input_conv
 from segtrain.models.modules.conv import ConvBNReLU
 
 TORCHVISION_URLS = {
@@ -149,19 +149,6 @@ class MobileNetV2(nn.Module):
         return self
 
 
-def adapt_input_channels(model: MobileNetV2, in_channels: int) -> None:
-    """Give the stem conv extra input channels (e.g. depth), initialised with the RGB mean."""
-    old = model.features[0][0]
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                    bias=False)
-    with torch.no_grad():
-        keep = min(3, in_channels)
-        new.weight[:, :keep] = old.weight[:, :keep]
-        if in_channels > 3:
-            new.weight[:, 3:] = old.weight.mean(dim=1, keepdim=True)
-    model.features[0][0] = new
-
-
 def mobilenet_v2(output_stride: int = 32, pretrained: str | None = None,
                  in_channels: int = 3) -> MobileNetV2:
     """MobileNetV2; ``pretrained`` is a path, a URL or ``"imagenet"`` (torchvision's)."""
@@ -170,5 +157,5 @@ def mobilenet_v2(output_stride: int = 32, pretrained: str | None = None,
         pretrained = TORCHVISION_URLS["mobilenet_v2"]
     load_pretrained(model, pretrained)
     if in_channels != 3:
-        adapt_input_channels(model, in_channels)
+        model.features[0][0] = widen_input_conv(model.features[0][0], in_channels)
     return model

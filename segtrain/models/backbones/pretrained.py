@@ -57,6 +57,19 @@ def load_checkpoint_state(source: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def widen_input_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """A copy of a stem ``conv`` taking ``in_channels`` (e.g. RGB-D): the RGB filters are kept
+    and every extra channel starts as their mean, so pretrained weights stay useful."""
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    bias=False)
+    with torch.no_grad():
+        keep = min(3, in_channels)
+        new.weight[:, :keep] = conv.weight[:, :keep]
+        if in_channels > 3:
+            new.weight[:, 3:] = conv.weight.mean(dim=1, keepdim=True)
+    return new
+
+
 def load_pretrained(module: nn.Module, source: str | None) -> nn.Module:
     """Load ``source`` into ``module`` with strict key matching (torchvision's format)."""
     if source:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from segtrain.models.backbones.pretrained import load_pretrained
+from segtrain.models.backbones.pretrained import load_pretrained, widen_input_conv
 
 TORCHVISION_URLS = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -186,21 +186,8 @@ def resnet(depth: int, output_stride: int = 32, multi_grid: Sequence[int] | None
         pretrained = TORCHVISION_URLS[name]
     load_pretrained(model, pretrained)
     if in_channels != 3:
-        adapt_input_channels(model, in_channels)
+        model.conv1 = widen_input_conv(model.conv1, in_channels)
     return model
-
-
-def adapt_input_channels(model: ResNet, in_channels: int) -> None:
-    """Give ``conv1`` extra input channels (e.g. depth), initialised with the RGB mean."""
-    old = model.conv1
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                    bias=False)
-    with torch.no_grad():
-        keep = min(3, in_channels)
-        new.weight[:, :keep] = old.weight[:, :keep]
-        if in_channels > 3:
-            new.weight[:, 3:] = old.weight.mean(dim=1, keepdim=True)
-    model.conv1 = new
 
 
 def resnet18(**kw) -> ResNet:
