@@ -22,10 +22,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from segtrain.errors import UserError
+
 IGNORE_INDEX = 255
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError):
     """A dataset problem the user can fix: missing files, bad labels, empty split."""
 
 

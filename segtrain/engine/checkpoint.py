@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
+from segtrain.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or not a segtrain checkpoint."""
 
 
