@@ -5,7 +5,8 @@ permutation drawn from ``seed + e``, and iteration ``i`` takes the global batch
 ``stream[i*B : (i+1)*B]``; rank ``r`` of ``W`` takes every W-th element of it. Each sample's
 augmentation is seeded from its stream position, so a run resumed at iteration ``k`` sees
 exactly the batches and augmentations the uninterrupted run saw, whatever the number of
-workers.
+workers. Each transform of a sample draws from its own stream
+(``transforms.seed_independently``), so flip, scale and crop are independent of each other.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from segtrain.data.transforms import seed_independently
 
 
 class IterationSampler(Sampler[tuple[int, int]]):
@@ -70,8 +73,8 @@ class SeededAugmentation(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, position = key
         transforms = getattr(self.dataset, "transforms", None)
-        if transforms is not None and hasattr(transforms, "set_random_seed"):
-            transforms.set_random_seed((self.seed * 7_919 + position) % 2**32)
+        if transforms is not None:
+            seed_independently(transforms, self.seed, position)
         return self.dataset[index]
 
 

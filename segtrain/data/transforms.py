@@ -13,6 +13,7 @@ as float32 on a 0..255 scale): colour jitter touches only the first three channe
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import albumentations as A
@@ -25,6 +26,25 @@ from segtrain.data.base import IGNORE_INDEX
 def compose(steps: Sequence[A.BasicTransform] | None) -> A.Compose:
     """Compose instantiated transforms into one image+mask pipeline."""
     return A.Compose(list(steps or []))
+
+
+def seed_independently(pipeline: A.BaseCompose | A.BasicTransform, seed: int, position: int,
+                        path: tuple[int, ...] = ()) -> None:
+    """Give the pipeline and every transform in it its own random stream for one sample.
+
+    albumentations' ``Compose.set_random_seed(s)`` hands the same ``s`` to every child, so all
+    children replay one sequence of draws: the flip's ``random() < p`` and the scale's
+    ``uniform(lo, hi)`` read the same first number, and flip and scale come out correlated.
+    Here the node at ``path`` (its index in each enclosing compose) of sample ``position``
+    draws from ``SeedSequence(seed, spawn_key=(position, *path))``: independent streams that
+    depend only on (seed, stream position, transform index), so a resumed run replays them.
+    """
+    state = np.random.SeedSequence(seed, spawn_key=(position, *path)).generate_state(1)[0]
+    # set_random_state of a compose also hands its generators down; the loop below then
+    # replaces each child's with its own
+    pipeline.set_random_state(np.random.default_rng(int(state)), random.Random(int(state)))
+    for index, child in enumerate(getattr(pipeline, "transforms", ())):
+        seed_independently(child, seed, position, (*path, index))
 
 
 class RandomScaleChoice(A.DualTransform):
