@@ -31,9 +31,10 @@ transform are never called, so inference costs exactly the segmentation path; th
 modules exist for training only, as the paper intends ("SISR and FA ... can be removed
 in the inference stage", Sec. 3.2).
 
-Sizes: the input ``H x W`` is downsampled bilinearly (with antialiasing) to
-``ceil(H / s) x ceil(W / s)``; SSSR and SISR outputs are resized to exactly ``H x W``
-(a no-op when ``s`` divides both).
+Sizes: the input ``H x W`` is downsampled to ``ceil(H / s) x ceil(W / s)`` by area
+interpolation (the mean of each ``s x s`` block when ``s`` divides the size, like
+OpenCV's INTER_AREA resize of the images); SSSR and SISR outputs are resized bilinearly to
+exactly ``H x W`` (a no-op when ``s`` divides both).
 """
 
 from __future__ import annotations
@@ -152,12 +153,11 @@ class DSRL(DeepLabV3Plus):
         self.output_keys = frozenset({"out", "sr", "fa_seg", "fa_sr"})
 
     def low_resolution(self, image: torch.Tensor) -> torch.Tensor:
-        """The network input: ``image`` downsampled by ``sr_factor`` (bilinear, antialiased)."""
+        """The network input: ``image`` downsampled by ``sr_factor`` (area interpolation)."""
         if self.sr_factor == 1:
             return image
         h, w = (math.ceil(n / self.sr_factor) for n in image.shape[-2:])
-        return F.interpolate(image, (h, w), mode="bilinear", align_corners=False,
-                             antialias=True)
+        return F.interpolate(image, (h, w), mode="area")
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         size = image.shape[-2:]
