@@ -9,9 +9,9 @@ CVPR 2020, Sec. 3.2-3.3:
   i.e. the mean absolute difference of the two similarity matrices. The matrices have
   ``(W'H')^2`` entries, so both feature maps are average-pooled by ``fa_pool`` first (the
   paper computes FA on subsampled maps to bound memory).
-- Eq. 3-5: ``L = L_ce + w1 * L_mse + w2 * L_fa`` with ``L_mse`` the mean squared error of
-  the SISR output against the full-resolution input image; w1 = 0.1, w2 = 1.0 in the
-  paper (``conf/loss/dsrl.yaml``).
+- Sec. 3.3, the multi-task objective: ``L = L_ce + w1 * L_mse + w2 * L_fa`` with ``L_mse``
+  the mean squared error of the SISR output against the full-resolution input image;
+  w1 = 0.1, w2 = 1.0 (``conf/loss/dsrl.yaml``).
 
 ``L_ce`` is ``losses.ce.CrossEntropyLoss`` (class weights, ignore index, auxiliary term).
 """

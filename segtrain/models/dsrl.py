@@ -7,9 +7,9 @@ the original resolution. Three parts:
 
 - SSSR (semantic segmentation super-resolution): the DeepLab v3+ segmentation path
   (``deeplabv3.DeepLabV3Plus``: backbone, ASPP, decoder, classifier, 4x upsampling to the
-  low-resolution input) followed by an extra upsampling module of deconvolutions (Sec. 3.2:
-  "a stack of deconvolutional layers"): one 2x ConvTranspose2d per factor of 2, with BN +
-  ReLU between two of them. They act on the class scores, each initialised to exact
+  low-resolution input) followed by the extra upsampling module of Sec. 3.2, made of
+  deconvolutions: one 2x ConvTranspose2d per factor of 2, with BN + ReLU between two of
+  them. They act on the class scores, each initialised to exact
   bilinear upsampling (``fcn.bilinear_kernel``), so SSSR starts as the plain network
   followed by bilinear upsampling and learns from there.
 - SISR (single image super-resolution, training only): shares the encoder (backbone and
@@ -27,9 +27,9 @@ the original resolution. Three parts:
   ``losses.dsrl``.
 
 In eval mode (``model.eval()``) only the SSSR path runs: the SISR decoder and the feature
-transform are never called, so inference costs exactly the segmentation path; the extra
-modules exist for training only, as the paper intends ("SISR and FA ... can be removed
-in the inference stage", Sec. 3.2).
+transform are never called, so inference costs exactly the segmentation path: SISR and
+FA serve training only and are dropped at inference in the paper (Sec. 3.2), which is how
+DSRL improves accuracy without extra inference cost.
 
 Sizes: the input ``H x W`` is downsampled to ``ceil(H / s) x ceil(W / s)`` by area
 interpolation (the mean of each ``s x s`` block when ``s`` divides the size, like

@@ -4,8 +4,8 @@ Choi, Kim and Choo, "Cars Can't Fly up in the Sky: Improving Urban-Scene Segment
 Height-driven Attention Networks", CVPR 2020. Sec. 3.3 and Fig. 4: HANet modules
 (``modules.height_attention``) attach to DeepLab v3+ on a ResNet-101 at output stride 8;
 each takes a lower-level feature map and re-weights the next, higher-level one. The five
-places ("layer1" .. "layer5" in the paper's Table 4 and the authors' code shachoi/HANet
-``network/deepv3.py``), as (lower -> higher):
+places ("layer1" .. "layer5" in the paper's study of where to attach HANet and in the
+authors' code shachoi/HANet ``network/deepv3.py``), as (lower -> higher):
 
 - ``layer1``: ResNet stage 4 (``c4``) -> stage 5 (``c5``);
 - ``layer2``: ``c5`` -> the concatenated ASPP branches (before the 1x1 projection);

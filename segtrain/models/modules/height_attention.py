@@ -1,17 +1,19 @@
 """The height-driven attention module of HANet.
 
 Choi, Kim and Choo, "Cars Can't Fly up in the Sky: Improving Urban-Scene Segmentation via
-Height-driven Attention Networks", CVPR 2020, Sec. 3.1-3.2 and Fig. 2. From a lower-level
+Height-driven Attention Networks", CVPR 2020, Sec. 3.1-3.2 and Fig. 2 (its notation
+X_l, Z, Z^, Q_n, A^, A, X_h, X~_h is used below). From a lower-level
 feature map X_l (C_l x H_l x W_l) it computes an attention map A (C_h x H_h) that
 multiplies a higher-level map X_h (C_h x H_h x W_h), the same value along each row:
 
-1. width-wise average pooling: Z = G_pool(X_l), C_l x H_l (average beats max, Sec. 4);
+1. width-wise average pooling: Z = G_pool(X_l), C_l x H_l (the reference code's default);
 2. down-sampling to the coarse height: Z^ = G_down(Z), C_l x H^ (area interpolation, the
    adaptive average pooling of the authors' code shachoi/HANet ``HANet_Conv.rowpool``);
-3. N = 3 1-D convolutions (Eq. 1-2): 1x1 to ceil(C_l / r) channels + BN + ReLU, 3x3 to
+3. N = 3 1-D convolutions: 1x1 to ceil(C_l / r) channels + BN + ReLU, 3x3 to
    twice that + BN + ReLU, ``kernel_size`` to C_h, then a sigmoid: A^, C_h x H^;
-4. sinusoidal positional encoding (Sec. 3.2, Eq. 3) added to the output of the first
-   convolution: ``PE(p, 2i) = sin(p / base^(2i/C))``, ``PE(p, 2i+1) = cos(p / base^(2i/C))``,
+4. sinusoidal positional encoding (Sec. 3.2) added to Q_1, the output of the first
+   convolution (the reference ``--hanet_pos 2 1``: injection point 2, sinusoidal):
+   ``PE(p, 2i) = sin(p / base^(2i/C))``, ``PE(p, 2i+1) = cos(p / base^(2i/C))``,
    p = 0..H^-1 the coarse row and C the channels there; base 100 (the reference code's
    ``get_sinusoidal_encoding_table`` for these widths, instead of the Transformer's 10000);
 5. linear up-sampling to H_h: A = G_up(A^), and X~_h = A (broadcast over the width) * X_h.
