@@ -15,10 +15,14 @@ multiplies a higher-level map X_h (C_h x H_h x W_h), the same value along each r
    convolution (the reference ``--hanet_pos 2 1``: injection point 2, sinusoidal):
    ``PE(p, 2i) = sin(p / base^(2i/C))``, ``PE(p, 2i+1) = cos(p / base^(2i/C))``,
    p = 0..H^-1 the coarse row and C the channels there; base 100 (the reference code's
-   ``get_sinusoidal_encoding_table`` for these widths, instead of the Transformer's 10000);
+   ``get_sinusoid_encoding_table`` for these widths, instead of the Transformer's 10000);
 5. linear up-sampling to H_h: A = G_up(A^), and X~_h = A (broadcast over the width) * X_h.
 
-Dropout on Z^ (the reference code's ``--dropout``) is an option.
+Dropout on Z^ (the reference code's ``--dropout``) is an option. Differences from the
+reference code: its encoding table is offset by +1 and indexed by the crop's row in the
+full image (with random jitter, ``--pos_noise``); here p is the coarse row of the input the
+network sees, without offset or jitter. Its second conv also has a bias before BN (32
+parameters more per module at r = 64 on 1024 channels).
 """
 
 from __future__ import annotations
