@@ -208,6 +208,18 @@ def test_fa_loss_zero_for_identical_features_and_positive_otherwise():
     assert feature_affinity_loss(f, torch.randn(2, 5, 12, 10, generator=g), 2) > 0.05
 
 
+def test_fa_loss_is_float32_under_mixed_precision():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 8, 16, 16, generator=g), torch.randn(2, 8, 16, 16, generator=g)
+    exact = feature_affinity_loss(a, b, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = feature_affinity_loss(a, b, 2)
+        half = feature_affinity_loss(a.bfloat16(), b.bfloat16(), 2)
+    # autocast would run the similarity matmuls in bf16 (an error near 1e-3 here)
+    assert mixed.dtype == half.dtype == torch.float32
+    assert abs(mixed.item() - exact.item()) < 1e-6
+
+
 def test_fa_loss_by_hand():
     """Two pixels, pool 1. seg: orthogonal unit vectors, S = I; sr: parallel, S = ones:
     |S_seg - S_sr| = [[0, 1], [1, 0]], mean 0.5 (Eq. 2 with q = 1)."""

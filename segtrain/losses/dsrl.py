@@ -42,7 +42,9 @@ def feature_affinity_loss(seg: torch.Tensor, sr: torch.Tensor, pool: int) -> tor
     if seg.shape[0] != sr.shape[0] or seg.shape[-2:] != sr.shape[-2:]:
         raise ValueError(f"FA features differ in batch or size: {tuple(seg.shape)} vs "
                          f"{tuple(sr.shape)}")
-    return (similarity_matrix(seg, pool) - similarity_matrix(sr, pool)).abs().mean()
+    # float32 even under mixed precision: the loss is a small difference of cosines
+    with torch.autocast(seg.device.type, enabled=False):
+        return (similarity_matrix(seg, pool) - similarity_matrix(sr, pool)).abs().mean()
 
 
 class DSRLLoss(nn.Module):
