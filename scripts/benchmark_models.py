@@ -3,6 +3,7 @@
     python scripts/benchmark_models.py                       # every model below
     python scripts/benchmark_models.py --models fcn8s unet   # a subset
     python scripts/benchmark_models.py --threads 1 --repeats 3
+    python scripts/benchmark_models.py --models dsrl dsrl@train hanet
 
 Each model is built from its ``conf/model/<name>.yaml`` (the papers' settings) with
 ``num_classes`` (21 by default) and ``pretrained: null``.
@@ -11,6 +12,11 @@ Each model is built from its ``conf/model/<name>.yaml`` (the papers' settings) w
   forward hooks on one 3x512x512 image, reported as GFLOPs = 2 x MACs / 1e9 (BatchNorm,
   activations, pooling, interpolation and additions are not counted). The pass runs on
   the meta device, so it costs no compute.
+- ``<config>@train`` measures the training-mode forward (``model.train()``), e.g. DSRL's
+  SISR decoder and feature transform beside the segmentation path, plus, for DSRL, the
+  two similarity matrices of the FA loss (Eq. 1: N^2 x C multiply-adds each, N pooled
+  pixels, pooling from ``conf/loss/dsrl.yaml``). The forward runs on a batch of 2
+  (BatchNorm needs two values per channel in training mode) and is divided by 2.
 - Latency: batch 1, 3x256x256, ``model.eval()``, ``torch.no_grad()``, on the CPU; one warm-up
   pass, then the median and the minimum of ``--repeats`` timed passes. The load average is
   printed so that a busy machine shows.
@@ -27,17 +33,25 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 MODELS = ["deeplabv1", "deeplabv2", "deeplabv2_resnet18", "fcn32s", "fcn16s", "fcn8s", "unet",
           "segnet", "segnet_basic", "pspnet", "deeplabv3", "deeplabv3@os8",
-          "deeplabv3_mobilenetv2", "deeplabv3plus"]
+          "deeplabv3_mobilenetv2", "deeplabv3plus", "dsrl", "dsrl@train", "hanet"]
+
+
+def fa_pool() -> int:
+    """Pooling of the DSRL feature-affinity maps, as the loss config sets it."""
+    return int(OmegaConf.load(CONF_MODEL.parent / "loss" / "dsrl.yaml").fa_pool)
 
 
 def build(name: str, num_classes: int) -> nn.Module:
-    """``name`` is a config in conf/model; ``<config>@os8`` re-dilates it to output stride 8."""
-    config, _, stride = name.partition("@os")
+    """``name`` is a config in conf/model; ``<config>@os8`` re-dilates it to output stride 8,
+    ``<config>@train`` keeps it in training mode (see the module docstring)."""
+    config, _, variant = name.partition("@")
+    stride = variant[2:] if variant.startswith("os") else ""
     # compose the real config tree, so model files with a defaults list resolve too
     with initialize_config_dir(config_dir=str(CONF_MODEL.parent), version_base="1.3"):
         cfg = compose(config_name="config",
@@ -48,7 +62,24 @@ def build(name: str, num_classes: int) -> nn.Module:
     return model
 
 
-def count_macs(model: nn.Module, size: int) -> int:
+def _forward(model: nn.Module, x: torch.Tensor, train: bool) -> int:
+    """Run the eval or training forward; return the FA loss's similarity-matrix MACs."""
+    if not train:
+        model.eval()(x)
+        return 0
+    outputs = model.train()(x)
+    if "fa_seg" not in outputs:
+        return 0
+    from segtrain.losses.dsrl import similarity_matrix
+
+    macs = 0
+    for key in ("fa_seg", "fa_sr"):
+        s = similarity_matrix(outputs[key], fa_pool())
+        macs += s.numel() * outputs[key].shape[1]
+    return macs
+
+
+def count_macs(model: nn.Module, size: int, train: bool = False) -> int:
     """Multiply-accumulates of conv, transposed conv and linear layers for one image."""
     total = 0
 
@@ -66,26 +97,32 @@ def count_macs(model: nn.Module, size: int) -> int:
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
     in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    batch = 2 if train else 1
     try:
         with torch.no_grad():
-            model.eval().to("meta")(torch.empty(1, in_channels, size, size, device="meta"))
+            model.to("meta")
+            extra = _forward(model, torch.empty(batch, in_channels, size, size, device="meta"),
+                             train)
     finally:
         for h in handles:
             h.remove()
-    return total
+    return (total + extra) // batch
 
 
-def latency(model: nn.Module, size: int, repeats: int) -> tuple[float, float]:
-    """Median and minimum seconds of one forward pass (batch 1, eval, no grad)."""
+def latency(model: nn.Module, size: int, repeats: int,
+            train: bool = False) -> tuple[float, float]:
+    """Median and minimum seconds of one forward pass (batch 1, eval, no grad; in training
+    mode batch 2, halved, the FA similarity matrices included)."""
     in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
-    x = torch.randn(1, in_channels, size, size)
+    batch = 2 if train else 1
+    x = torch.randn(batch, in_channels, size, size)
     times = []
     with torch.no_grad():
-        model(x)  # warm-up
+        _forward(model, x, train)  # warm-up
         for _ in range(repeats):
             start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
+            _forward(model, x, train)
+            times.append((time.perf_counter() - start) / batch)
     return statistics.median(times), min(times)
 
 
@@ -106,10 +143,11 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name in args.models:
         torch.manual_seed(0)
-        model = build(name, args.num_classes).eval()
+        model = build(name, args.num_classes)
         params = sum(p.numel() for p in model.parameters())
-        median, fastest = latency(model, args.time_size, args.repeats)
-        gflops = 2 * count_macs(model, args.flops_size) / 1e9
+        train = name.partition("@")[2] == "train"
+        median, fastest = latency(model, args.time_size, args.repeats, train)
+        gflops = 2 * count_macs(model, args.flops_size, train) / 1e9
         print(f"| {name} | {params:,} | {gflops:.1f} | {median * 1e3:.0f} / {fastest * 1e3:.0f} |",
               flush=True)
         del model

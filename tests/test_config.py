@@ -68,8 +68,11 @@ def test_model_options_build_and_give_param_groups(name):
 def test_loss_options_build_and_return_total(name):
     cfg = compose_config([f"loss={name}"])
     loss = instantiate(cfg.loss)
-    out = {"out": torch.randn(2, 6, 8, 8)}
-    terms = loss(out, {"mask": torch.randint(0, 6, (2, 8, 8))})
+    # every output the loss declares it needs: logits-shaped, the SISR image 3-channel
+    needs = getattr(loss, "required_keys", {"out"})
+    out = {k: torch.randn(2, 3 if k == "sr" else 6, 8, 8) for k in needs}
+    batch = {"mask": torch.randint(0, 6, (2, 8, 8)), "image": torch.randn(2, 3, 8, 8)}
+    terms = loss(out, batch)
     assert "total" in terms and terms["total"].ndim == 0
 
 

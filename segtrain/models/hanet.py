@@ -1,0 +1,128 @@
+"""HANet: DeepLab v3+ with height-driven attention.
+
+Choi, Kim and Choo, "Cars Can't Fly up in the Sky: Improving Urban-Scene Segmentation via
+Height-driven Attention Networks", CVPR 2020. Sec. 3.3 and Fig. 4: HANet modules
+(``modules.height_attention``) attach to DeepLab v3+ on a ResNet-101 at output stride 8;
+each takes a lower-level feature map and re-weights the next, higher-level one. The five
+places ("layer1" .. "layer5" in the paper's study of where to attach HANet and in the
+authors' code shachoi/HANet ``network/deepv3.py``), as (lower -> higher):
+
+- ``layer1``: ResNet stage 4 (``c4``) -> stage 5 (``c5``);
+- ``layer2``: ``c5`` -> the concatenated ASPP branches (before the 1x1 projection);
+- ``layer3``: the concatenated ASPP branches -> the ASPP projection (256);
+- ``layer4``: the decoder input (upsampled ASPP + 48 low-level channels) -> decoder output;
+- ``layer5``: the decoder output -> the class scores (max pooling, as the reference code).
+
+The best Cityscapes model attaches at layer1-4 (the authors' best script
+``scripts/train_r101_os8_hanet_best.sh``: ``--hanet 1 1 1 1 0``, r = 64, H^ = 128 / 8 =
+16, 3 conv layers with kernel 3, positional encoding after the first conv, dropout 0.1),
+``conf/model/hanet.yaml``. The auxiliary head on ``c4`` (3x3 conv 512 + BN + ReLU +
+dropout 0.1 + 1x1, the reference ``dsn``) is returned as ``"aux"`` in training mode; its
+0.4 weight belongs to the loss config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segtrain.errors import ConfigError
+from segtrain.models.deeplabv3 import ASPP_CHANNELS, DeepLabV3Plus
+from segtrain.models.modules.heads import FCNHead
+from segtrain.models.modules.height_attention import HeightAttention
+
+STAGES = ("layer1", "layer2", "layer3", "layer4", "layer5")
+
+
+def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    return F.interpolate(x, size, mode="bilinear", align_corners=True)
+
+
+class HANet(DeepLabV3Plus):
+    """DeepLab v3+ with HANet at the ``attach`` stages and an optional auxiliary head.
+
+    Args:
+        num_classes: number of classes.
+        backbone: ``resnet101`` in the paper (any ``build_backbone`` name works).
+        output_stride: 8 in the paper's best model.
+        multi_grid: unit rates of the last stage or ``None``.
+        atrous_rates: ASPP rates at output stride 16 (``(6, 12, 18)``, doubled at 8).
+        aspp_dropout: dropout after the ASPP projection (none in the reference code).
+        separable: depthwise separable ASPP and decoder.
+        low_level_channels: reduced low-level channels (48).
+        decoder_channels: channels of the decoder's 3x3 convs (256).
+        attach: stages among ``STAGES`` that get a HANet module.
+        coarse_height: H^, rows of the coarse attention map.
+        reduction: channel reduction ratio r of HANet's first convolution.
+        kernel_size: kernel of HANet's last 1-D convolution.
+        hanet_dropout: dropout on HANet's pooled input.
+        pe_base: base of the positional encoding's wavelengths.
+        aux_channels: channels of the auxiliary head on ``c4``; 0 or ``None`` removes it.
+        aux_dropout: dropout of the auxiliary head.
+        pretrained: ImageNet checkpoint of the backbone or ``None``.
+        in_channels: input channels.
+        head_lr_mult, head_bias_lr_mult: learning-rate multiples of the new layers.
+    """
+
+    def __init__(self, num_classes: int, backbone: str, output_stride: int,
+                 multi_grid: Sequence[int] | None, atrous_rates: Sequence[int],
+                 aspp_dropout: float, separable: bool, low_level_channels: int,
+                 decoder_channels: int, attach: Sequence[str], coarse_height: int,
+                 reduction: int, kernel_size: int, hanet_dropout: float, pe_base: float,
+                 aux_channels: int | None, aux_dropout: float, pretrained: str | None,
+                 in_channels: int = 3, head_lr_mult: float = 1.0,
+                 head_bias_lr_mult: float = 1.0) -> None:
+        unknown = [s for s in attach if s not in STAGES]
+        if unknown or len(set(attach)) != len(attach):
+            raise ConfigError(f"model.attach must list distinct stages among "
+                              f"{', '.join(STAGES)}; got {list(attach)}")
+        if coarse_height < 1 or reduction < 1 or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ConfigError(f"model.coarse_height and model.reduction must be positive and "
+                              f"model.kernel_size odd; got {coarse_height}, {reduction}, "
+                              f"{kernel_size}")
+        super().__init__(num_classes, backbone, output_stride, multi_grid, atrous_rates,
+                         aspp_dropout, separable, low_level_channels, decoder_channels,
+                         pretrained, in_channels, head_lr_mult, head_bias_lr_mult)
+        ch = self.backbone.feature_channels
+        concat = (len(self.aspp.branches) + 1) * ASPP_CHANNELS
+        lower_higher = {
+            "layer1": (ch["c4"], ch["c5"]),
+            "layer2": (ch["c5"], concat),
+            "layer3": (concat, ASPP_CHANNELS),
+            "layer4": (ASPP_CHANNELS + low_level_channels, decoder_channels),
+            "layer5": (decoder_channels, num_classes),
+        }
+        self.attention = nn.ModuleDict({
+            stage: HeightAttention(*lower_higher[stage], coarse_height, reduction, kernel_size,
+                                   hanet_dropout, "max" if stage == "layer5" else "mean",
+                                   pe_base)
+            for stage in STAGES if stage in attach})
+        self.aux_head = FCNHead(ch["c4"], aux_channels, num_classes, aux_dropout) \
+            if aux_channels else None
+        self.output_keys = frozenset({"out", "aux"} if self.aux_head is not None else {"out"})
+
+    def _attend(self, stage: str, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        return self.attention[stage](low, high) if stage in self.attention else high
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = image.shape[-2:]
+        feats = self.backbone.forward_features(image)
+        c5 = self._attend("layer1", feats["c4"], feats["c5"])
+        branches = [branch(c5) for branch in self.aspp.branches] + [self.aspp.pooling(c5)]
+        concat = self._attend("layer2", c5, torch.cat(branches, dim=1))
+        aspp = self._attend("layer3", concat, self.aspp.project(concat))
+        low = self.reduce(feats["c2"])
+        decoder_in = torch.cat([_upsample(aspp, low.shape[-2:]), low], dim=1)
+        x = self._attend("layer4", decoder_in, self.decoder(decoder_in))
+        logits = self._attend("layer5", x, self.classifier(x))
+        outputs = {"out": _upsample(logits, size)}
+        if self.training and self.aux_head is not None:
+            outputs["aux"] = _upsample(self.aux_head(feats["c4"]), size)
+        return outputs
+
+    def _new_layers(self) -> list[nn.Module]:
+        extra = [self.aux_head] if self.aux_head is not None else []
+        return [self.aspp, self.reduce, self.decoder, self.classifier, self.attention, *extra]
