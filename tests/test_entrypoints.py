@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+from segtrain.app import build_model
 from segtrain.data.base import DatasetError
 from segtrain.data.synthetic import PALETTE, render
 from segtrain.engine.checkpoint import CheckpointError
@@ -163,7 +164,7 @@ def _check_predictions(out: Path, image_dir: Path) -> dict[str, np.ndarray]:
 def _reference_labels(run_dir: Path, image_dir: Path) -> dict[str, np.ndarray]:
     """argmax of the model on the image normalised by hand (synthetic: mean .5, std .25)."""
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    model = instantiate(cfg.model)
+    model = build_model(cfg)
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt",
                                      weights_only=False)["model"])
     model.eval()
