@@ -35,6 +35,19 @@ def _bare(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DistributedDataParallel
 
 
+def check_output_stride(model: nn.Module, output_stride: int | None) -> None:
+    """``eval.output_stride`` needs a model with ``output_stride`` and ``set_output_stride``."""
+    if output_stride is None:
+        return
+    bare = _bare(model)
+    if getattr(bare, "output_stride", None) is None or \
+            not callable(getattr(bare, "set_output_stride", None)):
+        raise ConfigError(
+            f"eval.output_stride={output_stride}: {type(bare).__name__} cannot change its "
+            f"output stride (only models with set_output_stride, DeepLab v3/v3+, can); use "
+            f"eval.output_stride=null")
+
+
 def crf_pool(workers: int) -> ProcessPoolExecutor:
     """Processes for the CRF; forked where possible (no re-import of torch per worker)."""
     methods = multiprocessing.get_all_start_methods()
@@ -75,15 +88,7 @@ class Evaluator:
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse ``eval.output_stride`` for a model that cannot change its stride."""
-        if self.output_stride is None:
-            return
-        bare = _bare(model)
-        if getattr(bare, "output_stride", None) is None or \
-                not callable(getattr(bare, "set_output_stride", None)):
-            raise ConfigError(
-                f"eval.output_stride={self.output_stride}: {type(bare).__name__} cannot change "
-                f"its output stride (only models with set_output_stride, DeepLab v3/v3+, "
-                f"can); use eval.output_stride=null")
+        check_output_stride(model, self.output_stride)
 
     @torch.no_grad()
     def run(self, model: nn.Module, device: torch.device,
