@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import Image
 from torch import nn
 
 from segtrain import app
@@ -31,6 +32,7 @@ from segtrain.losses.ce import CrossEntropyLoss
 from segtrain.models.deeplab import DeepLabV2
 from segtrain.models.deeplabv3 import DeepLabV3
 from segtrain.models.msc import MultiScaleInputs
+from segtrain.predict import predict
 from tests.conftest import CONF_DIR, REPO, TINY, compose_config
 
 RATES = {"aspp_s": [2, 4, 8, 12], "aspp_l": [6, 12, 18, 24], "largefov": [12]}
@@ -383,11 +385,17 @@ def run_dir(tmp_path_factory) -> Path:
     return run
 
 
-def test_evaluate_refuses_output_stride_for_deeplabv2(run_dir):
+def test_evaluate_and_predict_refuse_output_stride_for_deeplabv2(run_dir, tmp_path):
     cfg = _compose("evaluate", f"run={run_dir}", "eval=msc", "eval.output_stride=8",
                    "num_workers=0", "device=cpu")
     with pytest.raises(ConfigError, match="eval.output_stride=8"):
         evaluate(cfg, "msc")
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    cfg = _compose("predict", f"run={run_dir}", f"images={tmp_path / 'images'}",
+                   f"out={tmp_path / 'out'}", "eval.output_stride=8", "device=cpu")
+    with pytest.raises(ConfigError, match="eval.output_stride=8"):
+        predict(cfg)
 
 
 def test_crf_search_matches_evaluate_at_each_grid_point(run_dir, capsys):
