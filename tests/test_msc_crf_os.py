@@ -112,6 +112,11 @@ def test_msc_and_label_stride_train_through_the_app(tmp_path):
     assert 0.0 <= metrics["miou"] <= 1.0
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
     assert any(k.startswith("model.backbone.") for k in state["model"])
+    # segtrain.evaluate rebuilds the wrapper from the run's config and scores the same fusion
+    result = evaluate(_compose("evaluate", f"run={tmp_path}", "num_workers=0", "device=cpu"),
+                      "whole")
+    assert result["iteration"] == 2
+    assert result["miou"] == pytest.approx(metrics["miou"], abs=1e-12)
 
 
 # -- label_stride ----------------------------------------------------------------------------
