@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
+
+from segtrain.app import build_model
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 MODELS = ["deeplabv1", "deeplabv2", "deeplabv2_resnet18", "fcn32s", "fcn16s", "fcn8s", "unet",
@@ -56,7 +57,7 @@ def build(name: str, num_classes: int) -> nn.Module:
     with initialize_config_dir(config_dir=str(CONF_MODEL.parent), version_base="1.3"):
         cfg = compose(config_name="config",
                       overrides=[f"model={config}", f"dataset.num_classes={num_classes}"])
-    model = instantiate(cfg.model)
+    model = build_model(cfg)
     if stride:
         model.set_output_stride(int(stride))
     return model

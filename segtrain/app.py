@@ -66,10 +66,22 @@ def build_val_set(cfg: DictConfig) -> Any:
 
 
 def build_model(cfg: DictConfig, in_channels: int = 3, **overrides: Any) -> torch.nn.Module:
-    """``cfg.model``; a dataset with extra input channels (RGB-D) widens the first layer."""
+    """``cfg.model``; a dataset with extra input channels (RGB-D) widens the first layer.
+
+    ``model.msc.train_scales`` (set for every model in conf/config.yaml, null = off) wraps
+    the network in ``MultiScaleInputs`` (DeepLab v2's multi-scale inputs, max fusion).
+    """
     if in_channels != 3:
         overrides["in_channels"] = in_channels
-    return instantiate(cfg.model, **overrides)
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    msc = node.pop("msc", None) or {}
+    model = instantiate(node, **overrides)
+    scales = msc.get("train_scales")
+    if scales is not None:
+        from segtrain.models.msc import MultiScaleInputs
+
+        model = MultiScaleInputs(model, list(scales))
+    return model
 
 
 def class_weights(cfg: DictConfig) -> list[float] | None:
@@ -103,11 +115,15 @@ def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimize
 
 def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
                     show_progress: bool = False) -> Evaluator:
+    """``cfg.eval``: predictor, optional dense CRF (in ``eval.crf_workers`` processes) and
+    ``eval.output_stride`` (null: as trained)."""
     crf = instantiate(cfg.eval.crf) if cfg.eval.get("crf") else None
     return Evaluator(eval_loader(val_set, cfg.trainer.num_workers, dist.rank, dist.world_size),
                      cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
                      instantiate(cfg.eval.predictor), crf, val_set.mean, val_set.std,
-                     num_samples=cfg.eval.num_samples, show_progress=show_progress)
+                     num_samples=cfg.eval.num_samples, show_progress=show_progress,
+                     crf_workers=cfg.eval.get("crf_workers"),
+                     output_stride=cfg.eval.get("output_stride"))
 
 
 def palette_of(dataset, num_classes: int):
@@ -154,6 +170,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     optimizer = build_optimizer(cfg, groups)
     lr_factor = instantiate(cfg.lr)(max_iters=cfg.trainer.max_iters)
     evaluator = build_evaluator(cfg, val_set, dist)
+    evaluator.check_model(model)  # eval.output_stride: refused now, not at the first eval
 
     t = cfg.trainer
     trainer = Trainer(

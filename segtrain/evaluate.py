@@ -3,6 +3,7 @@
     python -m segtrain.evaluate run=outputs/<run>                    # whole image, best.pt
     python -m segtrain.evaluate run=outputs/<run> eval=msc_crf       # MSC max fusion + dense CRF
     python -m segtrain.evaluate run=outputs/<run> eval=slide checkpoint=last
+    python -m segtrain.evaluate run=outputs/<run> eval=msc eval.output_stride=8  # DeepLab v3
     python -m segtrain.evaluate run=outputs/<run> dataset.root=/data/VOCdevkit dataset.val.split=val
     python -m segtrain.evaluate -m run=outputs/<run> eval=whole,msc,msc_crf   # one table each
 

@@ -32,6 +32,7 @@ from PIL import Image
 from segtrain.app import palette_of, pick_device
 from segtrain.data.base import read_image
 from segtrain.data.transforms import compose
+from segtrain.eval.evaluator import check_output_stride
 from segtrain.evaluate import build_model, load_run, precision_dtype
 from segtrain.viz import colorize, overlay
 
@@ -82,6 +83,10 @@ def predict(cfg: DictConfig) -> list[Path]:
                            f"(dataset.use_depth=true); predict reads RGB images only")
     device = pick_device(cfg.device)
     model = build_model(run_cfg, state, device)
+    output_stride = run_cfg.eval.get("output_stride")  # eval.output_stride, as evaluate does
+    check_output_stride(model, output_stride)
+    if output_stride is not None:
+        model.set_output_stride(int(output_stride))
     predictor = instantiate(run_cfg.eval.predictor)
     crf = instantiate(run_cfg.eval.crf) if run_cfg.eval.get("crf") else None
     transforms = compose(instantiate(run_cfg.dataset.val_transforms))

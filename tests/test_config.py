@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from segtrain.app import build_optimizer
+from segtrain.app import build_model, build_optimizer
 from tests.conftest import CONF_DIR, REPO, compose_config
 
 
@@ -54,7 +54,7 @@ def test_real_dataset_without_root_is_hydras_missing_value_error():
 def test_model_options_build_and_give_param_groups(name):
     cfg = compose_config([f"model={name}", "dataset.num_classes=3"])
     assert cfg.model.num_classes == 3
-    model = instantiate(cfg.model)
+    model = build_model(cfg)
     groups = model.param_groups()
     covered = sum(p.numel() for g in groups for p in g["params"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+from segtrain.app import build_model
 from segtrain.data.base import DatasetError
 from segtrain.data.synthetic import PALETTE, render
 from segtrain.engine.checkpoint import CheckpointError
@@ -84,7 +85,7 @@ def test_evaluate_msc_prints_the_table_and_writes_json(run_dir):
     assert 0.0 <= result["miou"] <= 1.0
     assert result["eval"] == "msc" and result["checkpoint"].endswith("best.pt")
     assert result["eval_config"]["predictor"]["scales"] == [0.5, 0.75, 1.0]
-    assert result["eval_config"]["predictor"]["flip"] is True
+    assert result["eval_config"]["predictor"]["flip"] is False  # DeepLab v2: no flipping
     assert result["eval_config"]["crf"] is None
     # synthetic masks have no ignore pixels: the matrix counts every val pixel
     assert np.array(result["confusion_matrix"]).sum() == 4 * 32 * 32
@@ -103,7 +104,7 @@ def test_evaluate_multirun_whole_reproduces_training_and_msc_crf_runs(run_dir):
     assert whole["iteration"] == best["iteration"]
     assert whole["miou"] == pytest.approx(best["metrics"]["miou"], abs=1e-9)
     assert crf["eval_config"]["crf"]["_target_"] == "segtrain.eval.crf.DenseCRF"
-    assert crf["eval_config"]["crf"]["bi_xy_std"] == 121
+    assert crf["eval_config"]["crf"]["bi_xy_std"] == 67  # the released DeepLab v2 value
     assert 0.0 <= crf["miou"] <= 1.0
     assert np.array(crf["confusion_matrix"]).sum() == 4 * 32 * 32
     assert len(list((run_dir / "eval").glob("multirun_*/*_msc_crf"))) == 1
@@ -163,7 +164,7 @@ def _check_predictions(out: Path, image_dir: Path) -> dict[str, np.ndarray]:
 def _reference_labels(run_dir: Path, image_dir: Path) -> dict[str, np.ndarray]:
     """argmax of the model on the image normalised by hand (synthetic: mean .5, std .25)."""
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    model = instantiate(cfg.model)
+    model = build_model(cfg)
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt",
                                      weights_only=False)["model"])
     model.eval()

@@ -14,7 +14,7 @@ from segtrain.eval.crf import DenseCRF
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.inference import Predictor
 
-# DeepLab v2's VOC CRF values, as conf/eval/msc_crf.yaml sets them
+# DeepLab v1 LargeFOV's CRF values, as conf/eval/crf_v1.yaml sets them
 CRF_ARGS = dict(iterations=10, pos_w=3, pos_xy_std=3, bi_w=4, bi_xy_std=121, bi_rgb_std=5)
 
 

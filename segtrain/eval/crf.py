@@ -2,12 +2,29 @@
 apply it (v2 Sec. 3.3, Eq. 2-3): unary = -log softmax, a Gaussian smoothness kernel
 (theta_gamma) and an appearance kernel over position and RGB (theta_alpha, theta_beta),
 mean-field inference for a fixed number of iterations. Uses pydensecrf2.
+
+pydensecrf2's API, read from its source (``densecrf.pyx``): ``addPairwiseGaussian(sxy,
+compat)`` and ``addPairwiseBilateral(sxy, srgb, rgbim, compat)`` divide the pixel
+coordinates by ``sxy`` and the colour values by ``srgb`` (so both are standard deviations,
+theta_gamma / theta_alpha in pixels and theta_beta in 0..255 colour units), and a number as
+``compat`` is a Potts compatibility of that weight (w2 / w1). The image must be an HxWx3
+uint8, C-contiguous and writable buffer (a non-const memoryview) in the original colour scale,
+which ``denormalise`` recovers from the dataset's normalisation; the unary must be a
+C-contiguous float32 (K, H*W) array.
+
+The parameter values live in the eval configs (conf/eval/msc_crf.yaml: the released DeepLab
+v2 ResNet-101 values; conf/eval/crf_v1.yaml: DeepLab v1 LargeFOV). ``crf_labels`` is the
+per-image job that ``Evaluator`` hands to ``eval.crf_workers`` processes.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
+
+from segtrain.errors import ConfigError
 
 
 class DenseCRF:
@@ -17,7 +34,7 @@ class DenseCRF:
         iterations: mean-field iterations (DeepLab: 10).
         pos_w, pos_xy_std: weight and spatial std (w2, theta_gamma) of the smoothness kernel.
         bi_w, bi_xy_std, bi_rgb_std: weight and stds (w1, theta_alpha, theta_beta) of the
-            appearance kernel. DeepLab v2's VOC values: w1=4, alpha=121, beta=5, w2=3, gamma=3.
+            appearance kernel.
     """
 
     def __init__(self, iterations: int, pos_w: float, pos_xy_std: float, bi_w: float,
@@ -26,7 +43,12 @@ class DenseCRF:
             import pydensecrf.densecrf  # noqa: F401
         except ImportError as err:  # pragma: no cover - it is a declared dependency
             raise ImportError("dense CRF needs pydensecrf2: pip install pydensecrf2") from err
-        self.iterations = iterations
+        values = dict(iterations=iterations, pos_w=pos_w, pos_xy_std=pos_xy_std, bi_w=bi_w,
+                      bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std)
+        for key, value in values.items():
+            if not value > 0:
+                raise ConfigError(f"eval.crf.{key} must be positive, got {value!r}")
+        self.iterations = int(iterations)
         self.pos_w, self.pos_xy_std = pos_w, pos_xy_std
         self.bi_w, self.bi_xy_std, self.bi_rgb_std = bi_w, bi_xy_std, bi_rgb_std
 
@@ -52,3 +74,15 @@ def denormalise(image: torch.Tensor, mean, std) -> np.ndarray:
     x = image[:3].detach().cpu().float()
     x = x * torch.as_tensor(std[:3]).view(3, 1, 1) + torch.as_tensor(mean[:3]).view(3, 1, 1)
     return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def crf_labels(crf: DenseCRF, rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """The CRF's label map (H x W int64) of one image: the unit of work of a CRF process."""
+    return crf(rgb, probs).argmax(0)
+
+
+def default_workers() -> int:
+    """Every core this process may run on (the affinity mask where there is one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

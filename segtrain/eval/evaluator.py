@@ -1,11 +1,22 @@
 """Evaluation loop: predictor -> optional dense CRF -> confusion matrix -> scores.
 
 Follows detectron2's reset/process/evaluate protocol in one plain function-like class.
+
+The dense CRF runs on the CPU, one image per task, in ``crf_workers`` processes while the
+model computes the next images; results are collected in the loader's order, so scores and
+sample figures are identical to the serial path (``crf_workers=0``).
+
+``output_stride`` re-dilates a network that supports it (DeepLab v3/v3+:
+``set_output_stride``) for the evaluation and restores the training stride afterwards
+(DeepLab v3 Sec. 4.2: train at output stride 16, evaluate at 8).
 """
 
 from __future__ import annotations
 
+import collections
+import multiprocessing
 from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -14,9 +25,34 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from segtrain.eval.crf import DenseCRF, denormalise
+from segtrain.errors import ConfigError
+from segtrain.eval.crf import DenseCRF, crf_labels, default_workers, denormalise
 from segtrain.eval.inference import Predictor
 from segtrain.eval.metrics import ConfusionMatrix
+
+
+def _bare(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel
+
+
+def check_output_stride(model: nn.Module, output_stride: int | None) -> None:
+    """``eval.output_stride`` needs a model with ``output_stride`` and ``set_output_stride``."""
+    if output_stride is None:
+        return
+    bare = _bare(model)
+    if getattr(bare, "output_stride", None) is None or \
+            not callable(getattr(bare, "set_output_stride", None)):
+        raise ConfigError(
+            f"eval.output_stride={output_stride}: {type(bare).__name__} cannot change its "
+            f"output stride (only models with set_output_stride, DeepLab v3/v3+, can); use "
+            f"eval.output_stride=null")
+
+
+def crf_pool(workers: int) -> ProcessPoolExecutor:
+    """Processes for the CRF; forked where possible (no re-import of torch per worker)."""
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
 
 
 class Evaluator:
@@ -29,26 +65,60 @@ class Evaluator:
         crf: optional ``DenseCRF`` applied to the softmax before the argmax.
         mean, std: the dataset normalisation (to recover RGB for the CRF).
         num_samples: how many (image, gt, prediction) triples to keep for figures.
+        crf_workers: processes for the CRF; None: every core; 0: in this process.
+        output_stride: evaluate at this output stride (None: as trained).
     """
 
     def __init__(self, loader: DataLoader, num_classes: int, ignore_index: int,
                  class_names: Sequence[str], predictor: Predictor,
                  crf: DenseCRF | None = None, mean: Sequence[float] = (0.0, 0.0, 0.0),
                  std: Sequence[float] = (1.0, 1.0, 1.0), num_samples: int = 4,
-                 show_progress: bool = False) -> None:
+                 show_progress: bool = False, crf_workers: int | None = None,
+                 output_stride: int | None = None) -> None:
+        if crf_workers is not None and (int(crf_workers) != crf_workers or crf_workers < 0):
+            raise ConfigError(f"eval.crf_workers must be null (every core), 0 (no extra "
+                              f"process) or a positive integer, got {crf_workers!r}")
         self.loader, self.num_classes, self.ignore_index = loader, num_classes, ignore_index
         self.class_names, self.predictor, self.crf = list(class_names), predictor, crf
         self.mean, self.std, self.num_samples = list(mean), list(std), num_samples
         self.show_progress = show_progress
+        self.crf_workers = default_workers() if crf_workers is None else int(crf_workers)
+        self.output_stride = output_stride
         self.samples: list[dict[str, Any]] = []
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse ``eval.output_stride`` for a model that cannot change its stride."""
+        check_output_stride(model, self.output_stride)
 
     @torch.no_grad()
     def run(self, model: nn.Module, device: torch.device,
             autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
+        self.check_model(model)
         was_training = model.training
+        trained_stride = getattr(_bare(model), "output_stride", None)
+        pool = None
         model.eval()
+        try:
+            if self.output_stride is not None:
+                _bare(model).set_output_stride(int(self.output_stride))
+            if self.crf is not None and self.crf_workers > 0:
+                pool = crf_pool(self.crf_workers)
+            scores = self._run(model, device, autocast_dtype, pool)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+            if self.output_stride is not None:
+                _bare(model).set_output_stride(trained_stride)
+            model.train(was_training)
+        return scores
+
+    def _run(self, model: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None,
+             pool: ProcessPoolExecutor | None) -> dict[str, Any]:
         cm = ConfusionMatrix(self.num_classes, self.ignore_index, device)
         self.samples = []
+        # (image, target, prediction or CRF futures) in loader order, waiting to be counted
+        pending: collections.deque = collections.deque()
+        max_pending = 2 * self.crf_workers  # bounds the probabilities held in memory
         batches = tqdm(self.loader, desc="eval", leave=False, disable=not self.show_progress)
         for batch in batches:
             image = batch["image"].to(device, non_blocking=True)
@@ -56,25 +126,42 @@ class Evaluator:
             with torch.autocast(device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
                 logits = self.predictor(model, image)
-            if self.crf is not None:
-                pred = self._crf_predict(image, logits)
+            if self.crf is None:
+                pending.append((image, target, logits.argmax(1)))
             else:
-                pred = logits.argmax(1)
-            cm.update(pred, target)
-            if len(self.samples) < self.num_samples:
-                self.samples.append({"image": denormalise(image[0], self.mean, self.std),
-                                     "mask": target[0].cpu().numpy(),
-                                     "pred": pred[0].cpu().numpy()})
+                pending.append((image, target, self._crf_submit(image, logits, pool)))
+            # count what is done; with a pool, wait only when too much is queued
+            while pending and (pool is None or len(pending) > max_pending
+                               or all(f.done() for f in pending[0][2])):
+                self._count(cm, *pending.popleft())
+        while pending:
+            self._count(cm, *pending.popleft())
         cm.all_reduce()
-        model.train(was_training)
         scores = cm.compute()
         scores["confusion_matrix"] = cm.matrix.cpu().tolist()
         return scores
 
-    def _crf_predict(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def _crf_submit(self, image: torch.Tensor, logits: torch.Tensor,
+                    pool: ProcessPoolExecutor | None) -> list[Future]:
+        """One CRF job per image: float32 probabilities and the uint8 RGB image."""
         probs = logits.float().softmax(1).cpu().numpy()
-        preds = []
+        jobs = []
         for i in range(image.shape[0]):
             rgb = denormalise(image[i], self.mean, self.std)
-            preds.append(self.crf(rgb, probs[i]).argmax(0))
-        return torch.from_numpy(np.stack(preds)).to(image.device)
+            if pool is None:
+                done: Future = Future()
+                done.set_result(crf_labels(self.crf, rgb, probs[i]))
+                jobs.append(done)
+            else:
+                jobs.append(pool.submit(crf_labels, self.crf, rgb, probs[i]))
+        return jobs
+
+    def _count(self, cm: ConfusionMatrix, image: torch.Tensor, target: torch.Tensor,
+               pred: torch.Tensor | list[Future]) -> None:
+        if isinstance(pred, list):
+            pred = torch.from_numpy(np.stack([f.result() for f in pred])).to(target.device)
+        cm.update(pred, target)
+        if len(self.samples) < self.num_samples:
+            self.samples.append({"image": denormalise(image[0], self.mean, self.std),
+                                 "mask": target[0].cpu().numpy(),
+                                 "pred": pred[0].cpu().numpy()})

@@ -1,33 +1,77 @@
 """Pixel-wise cross-entropy (DeepLab v2 Sec. 4: "the sum of cross-entropy terms for each
 spatial position"), with ignore index, optional class weights (SegNet Sec. 4.1, median
 frequency balancing, Eigen & Fergus 2015) and an auxiliary term (PSPNet Sec. 3.3: weight 0.4).
+
+Two DeepLab v2 training details (Sec. 4.1 and the released train prototxts):
+
+- ``label_stride``: the loss compares the logits *before* the final upsampling
+  (``"out_lowres"``) with the label subsampled to their size, as the Caffe models do (an
+  ``Interp`` layer shrinks the label by 8, the logits are not upsampled), instead of the
+  upsampled logits with the full label.
+- multi-scale inputs (``segtrain.models.msc``): each scale's output ``"out_s<scale>"`` adds
+  its own cross-entropy against the label resized to that output's size (terms
+  ``ce_s1``, ``ce_s0.75``, ...); ``ce`` is then the term of the max-fused output.
+
+Labels are resized by nearest neighbour on the aligned-corners grid (output position i reads
+input position round(i * (H - 1) / (h - 1))): for H = 8k + 1 (321 -> 41) that is every 8th
+label, exactly what Caffe's ``Interp`` with ``shrink_factor: 8`` samples.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segtrain.errors import ConfigError
+
+
+def resize_labels(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour resize of an (N, H, W) label map on the aligned-corners grid."""
+    h, w = int(size[0]), int(size[1])
+    H, W = mask.shape[-2:]
+    if (h, w) == (H, W):
+        return mask
+
+    def index(n_out: int, n_in: int) -> torch.Tensor:
+        if n_out == 1:
+            return torch.zeros(1, dtype=torch.long, device=mask.device)
+        pos = torch.arange(n_out, dtype=torch.float64, device=mask.device)
+        return torch.round(pos * (n_in - 1) / (n_out - 1)).long()
+
+    return mask[..., index(h, H), :][..., index(w, W)]
+
 
 class CrossEntropyLoss(nn.Module):
-    """``(outputs, batch) -> {"ce", ["aux",] "total"}``.
+    """``(outputs, batch) -> {"ce", ["ce_s<scale>", ...] ["aux",] "total"}``.
 
     Args:
         ignore_index: label excluded from the loss (255).
         class_weights: one weight per class, or None. (``median_freq`` is resolved to a
             list by the app from the dataset's statistics before this is built.)
         aux_weight: weight of the ``"aux"`` output's cross-entropy when the model returns one.
-        reduction: ``mean`` over non-ignored pixels (weighted mean with class weights).
+        label_stride: None: the upsampled ``"out"`` against the full label. An integer
+            (DeepLab's Caffe models: 8): ``"out_lowres"``, which must be ceil(H / stride) x
+            ceil(W / stride), against the label subsampled to that size.
+
+    The reduction is the mean over non-ignored pixels (weighted mean with class weights).
     """
 
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
-                 aux_weight: float = 0.4) -> None:
+                 aux_weight: float = 0.4, label_stride: int | None = None) -> None:
         super().__init__()
+        if label_stride is not None and (int(label_stride) != label_stride or label_stride < 1):
+            raise ConfigError(f"loss.label_stride must be null or a positive integer, got "
+                              f"{label_stride!r}")
         self.ignore_index = ignore_index
         self.aux_weight = aux_weight
+        self.label_stride = None if label_stride is None else int(label_stride)
+        self.key = "out" if label_stride is None else "out_lowres"
+        self._scale_key = re.compile(rf"^{self.key}_s([0-9.]+)$")
         weight = None if class_weights is None else torch.as_tensor(
             list(class_weights), dtype=torch.float32)
         self.register_buffer("weight", weight, persistent=False)
@@ -40,12 +84,39 @@ class CrossEntropyLoss(nn.Module):
         return F.cross_entropy(logits.float(), target, weight=self.weight,
                                ignore_index=self.ignore_index)
 
+    def _main_logits(self, outputs: dict[str, torch.Tensor],
+                     mask: torch.Tensor) -> torch.Tensor:
+        if self.key not in outputs:
+            raise ConfigError(
+                f"loss.label_stride={self.label_stride} needs the logits before the final "
+                f"upsampling, but the model returns only {sorted(outputs)} (no "
+                f"'out_lowres'); use loss.label_stride=null with this model")
+        logits = outputs[self.key]
+        if self.label_stride is not None:
+            expected = tuple(math.ceil(n / self.label_stride) for n in mask.shape[-2:])
+            if tuple(logits.shape[-2:]) != expected:
+                raise ConfigError(
+                    f"loss.label_stride={self.label_stride}: labels of size "
+                    f"{tuple(mask.shape[-2:])} shrink to {expected}, but the model's "
+                    f"'out_lowres' is {tuple(logits.shape[-2:])}; set loss.label_stride to "
+                    f"the model's output stride")
+        return logits
+
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-        target = batch["mask"]
-        terms = {"ce": self._ce(outputs["out"], target)}
+        mask = batch["mask"]
+        logits = self._main_logits(outputs, mask)
+        terms = {"ce": self._ce(logits, resize_labels(mask, logits.shape[-2:]))}
         total = terms["ce"]
+        for key, scale_logits in outputs.items():
+            match = self._scale_key.match(key)
+            if match:
+                name = f"ce_s{match.group(1)}"
+                terms[name] = self._ce(scale_logits,
+                                       resize_labels(mask, scale_logits.shape[-2:]))
+                total = total + terms[name]
         if "aux" in outputs and self.aux_weight > 0:
-            terms["aux"] = self._ce(outputs["aux"], target)
+            terms["aux"] = self._ce(outputs["aux"],
+                                   resize_labels(mask, outputs["aux"].shape[-2:]))
             total = total + self.aux_weight * terms["aux"]
         terms["total"] = total
         return terms

@@ -11,7 +11,9 @@ Convolution, and Fully Connected CRFs").
   is the paper's baseline. With ResNet each branch is one 3x3 atrous convolution to the
   classes (the released ResNet-101 prototxt); with VGG-16 each branch is fc6-fc7-fc8.
 
-Logits at stride 8 are bilinearly upsampled to the input size (v2 Sec. 3.1).
+Logits at stride 8 are bilinearly upsampled to the input size (v2 Sec. 3.1); the stride-8
+logits are also returned as ``"out_lowres"`` for a loss against shrunk labels, as the
+released Caffe models train (``loss.label_stride``).
 """
 
 from __future__ import annotations
@@ -159,7 +161,8 @@ class DeepLab(nn.Module):
         feats = self.backbone.forward_features(image)["c5"]
         logits = self.head(feats)
         out = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        return {"out": out}
+        # out_lowres: the stride-8 logits the Caffe models train on (loss.label_stride)
+        return {"out": out, "out_lowres": logits}
 
     def param_groups(self) -> list[dict]:
         """Backbone at 1x, classifier weights at 10x and biases at 20x (DeepLab protocol)."""

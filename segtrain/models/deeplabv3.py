@@ -129,7 +129,8 @@ class DeepLabV3(AtrousEncoder):
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         c5 = self.backbone.forward_features(image)["c5"]
-        return {"out": _upsample(self.classifier(self.aspp(c5)), image.shape[-2:])}
+        logits = self.classifier(self.aspp(c5))  # at the output stride (loss.label_stride)
+        return {"out": _upsample(logits, image.shape[-2:]), "out_lowres": logits}
 
     def _new_layers(self) -> list[nn.Module]:
         return [self.aspp, self.classifier]
@@ -175,7 +176,8 @@ class DeepLabV3Plus(AtrousEncoder):
         low = self.reduce(feats["c2"])
         x = _upsample(self.aspp(feats["c5"]), low.shape[-2:])
         x = self.decoder(torch.cat([x, low], dim=1))
-        return {"out": _upsample(self.classifier(x), image.shape[-2:])}
+        logits = self.classifier(x)  # at stride 4, the decoder's (loss.label_stride=4)
+        return {"out": _upsample(logits, image.shape[-2:]), "out_lowres": logits}
 
     def _new_layers(self) -> list[nn.Module]:
         return [self.aspp, self.reduce, self.decoder, self.classifier]

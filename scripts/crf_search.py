@@ -1,0 +1,185 @@
+"""Grid search of the dense CRF's appearance (bilateral) kernel on a subset of val, as the
+DeepLab papers tune it (v1 Sec. 4.1 and v2 Sec. 4.1: the smoothness kernel fixed at w2 = 3,
+theta_gamma = 3, w1, theta_alpha and theta_beta cross-validated on 100 val images; v2's
+search range w1 in [3:6], theta_alpha in [30:10:100], theta_beta in [3:6], the defaults here).
+
+    python scripts/crf_search.py run=outputs/<run>                        # eval=msc_crf, 100 images
+    python scripts/crf_search.py run=outputs/<run> --num-images 50 --bi-w 3 4 5 \\
+        --bi-xy-std 50 67 80 --bi-rgb-std 3 4 5 --eval crf_v1 --workers 2
+
+The run's model predicts the first ``--num-images`` val images once with the eval config's
+predictor (``--eval``, default ``msc_crf``, honouring its ``output_stride``); the softmax
+probabilities and RGB images are kept in memory, and each grid point only re-runs the CRF,
+in ``--workers`` processes (default: every core). The iterations and the smoothness kernel
+come from the eval config. Prints mIoU per grid point (and without CRF), then the best
+values as YAML to paste into an eval config (conf/eval/<name>.yaml). A grid point's mIoU is
+exactly what ``python -m segtrain.evaluate run=<run> eval=<eval> eval.crf.bi_w=...`` gives
+on the same images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from segtrain import app
+from segtrain.data.loader import eval_loader
+from segtrain.errors import ConfigError, UserError
+from segtrain.eval.crf import DenseCRF, crf_labels, default_workers, denormalise
+from segtrain.eval.evaluator import check_output_stride, crf_pool
+from segtrain.eval.metrics import scores_from_matrix
+from segtrain.evaluate import RunError, build_model, load_run
+
+# DeepLab v2 Sec. 4.1's search range (coarse grid)
+BI_W = [3.0, 4.0, 5.0, 6.0]
+BI_XY_STD = [30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0]
+BI_RGB_STD = [3.0, 4.0, 5.0, 6.0]
+
+# the cached predictions, set before the worker processes fork (they inherit it)
+_CACHE: dict[str, Any] = {}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="run=<training run folder>")
+    parser.add_argument("--eval", default="msc_crf",
+                        help="eval config with a crf (conf/eval/): predictor and fixed values")
+    parser.add_argument("--num-images", type=int, default=100,
+                        help="first N val images (the papers: 100)")
+    parser.add_argument("--bi-w", type=float, nargs="+", default=BI_W)
+    parser.add_argument("--bi-xy-std", type=float, nargs="+", default=BI_XY_STD)
+    parser.add_argument("--bi-rgb-std", type=float, nargs="+", default=BI_RGB_STD)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="CRF processes (default: every core)")
+    parser.add_argument("--checkpoint", default="best", help="best | last | <path to a .pt>")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    args.run = args.run.removeprefix("run=")
+    if args.num_images < 1:
+        parser.error("--num-images must be >= 1")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be >= 1")
+    return args
+
+
+def predict_subset(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """(cache of probabilities, RGB images and masks of the first N val images, run config)."""
+    with initialize_config_dir(config_dir=str(app.CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="evaluate",
+                      overrides=[f"run={args.run}", f"eval={args.eval}",
+                                 f"checkpoint={args.checkpoint}", f"device={args.device}",
+                                 "num_workers=0"])
+    _, run_cfg, state, _ = load_run(cfg)
+    if not run_cfg.eval.get("crf"):
+        raise ConfigError(f"--eval {args.eval}: conf/eval/{args.eval}.yaml has no crf; use an "
+                          f"eval config with one (msc_crf, crf_v1)")
+    device = app.pick_device(args.device)
+    val_set = app.build_val_set(run_cfg)
+    model = build_model(run_cfg, state, device, getattr(val_set, "in_channels", 3))
+    output_stride = run_cfg.eval.get("output_stride")
+    check_output_stride(model, output_stride)
+    if output_stride is not None:
+        model.set_output_stride(int(output_stride))
+    predictor = instantiate(run_cfg.eval.predictor)
+    cache: dict[str, Any] = {"probs": [], "rgb": [], "mask": []}
+    with torch.no_grad():
+        for i, batch in enumerate(eval_loader(val_set, num_workers=0)):
+            if i == args.num_images:
+                break
+            image = batch["image"].to(device)
+            logits = predictor(model, image)
+            cache["probs"].append(logits.float().softmax(1).cpu().numpy()[0])
+            cache["rgb"].append(denormalise(image[0], val_set.mean, val_set.std))
+            cache["mask"].append(batch["mask"][0].numpy())
+    cache["num_classes"] = run_cfg.dataset.num_classes
+    cache["ignore_index"] = run_cfg.dataset.ignore_index
+    return cache, run_cfg
+
+
+def _matrix(labels: np.ndarray, mask: np.ndarray, n: int, ignore_index: int) -> np.ndarray:
+    keep = mask != ignore_index
+    return np.bincount(n * mask[keep].astype(np.int64) + labels[keep].astype(np.int64),
+                       minlength=n * n).reshape(n, n)
+
+
+def _crf_matrix(job: tuple[int, DenseCRF, int]) -> tuple[int, np.ndarray]:
+    """One grid point on one cached image -> (point, its confusion matrix)."""
+    point, crf, i = job
+    labels = crf_labels(crf, _CACHE["rgb"][i], _CACHE["probs"][i])
+    return point, _matrix(labels, _CACHE["mask"][i], _CACHE["num_classes"],
+                          _CACHE["ignore_index"])
+
+
+def search(cache: dict[str, Any], base: dict[str, Any], grid: list[dict[str, float]],
+           workers: int) -> tuple[float, list[float]]:
+    """mIoU without CRF and at every grid point (``base`` holds the fixed CRF values)."""
+    n, ignore = cache["num_classes"], cache["ignore_index"]
+    plain = sum(_matrix(p.argmax(0), m, n, ignore) for p, m in zip(cache["probs"], cache["mask"]))
+    crfs = [DenseCRF(**{**base, **point}) for point in grid]
+    jobs = [(k, crf, i) for k, crf in enumerate(crfs) for i in range(len(cache["probs"]))]
+    matrices = [np.zeros((n, n), np.int64) for _ in grid]
+    _CACHE.clear()
+    _CACHE.update(cache)
+    try:
+        with crf_pool(workers) as pool:
+            chunk = max(1, len(jobs) // (8 * workers))
+            for k, matrix in pool.map(_crf_matrix, jobs, chunksize=chunk):
+                matrices[k] += matrix
+    finally:
+        _CACHE.clear()
+    miou = lambda m: scores_from_matrix(torch.from_numpy(m))["miou"]  # noqa: E731
+    return miou(plain), [miou(m) for m in matrices]
+
+
+def best_yaml(base: dict[str, Any], best: dict[str, float]) -> str:
+    crf = {"_target_": "segtrain.eval.crf.DenseCRF", **base, **best}
+    crf = {k: (int(v) if isinstance(v, float) and v.is_integer() else v) for k, v in crf.items()}
+    return OmegaConf.to_yaml({"crf": crf})
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the search; returns the table rows, the best point and its YAML."""
+    args = parse_args(argv)
+    workers = args.workers or default_workers()
+    tic = time.perf_counter()
+    cache, run_cfg = predict_subset(args)
+    num = len(cache["probs"])
+    print(f"predicted {num} val images with eval={args.eval} in "
+          f"{time.perf_counter() - tic:.1f} s", flush=True)
+    base = {k: v for k, v in OmegaConf.to_container(run_cfg.eval.crf, resolve=True).items()
+            if k not in ("_target_", "bi_w", "bi_xy_std", "bi_rgb_std")}
+    grid = [{"bi_w": w, "bi_xy_std": xy, "bi_rgb_std": rgb} for w, xy, rgb in
+            itertools.product(args.bi_w, args.bi_xy_std, args.bi_rgb_std)]
+    tic = time.perf_counter()
+    plain, mious = search(cache, base, grid, workers)
+    print(f"{len(grid)} grid points x {num} images in {time.perf_counter() - tic:.1f} s, "
+          f"{workers} CRF processes", flush=True)
+    print(f"{'bi_w':>6} {'bi_xy_std':>10} {'bi_rgb_std':>11} {'mIoU':>8}")
+    print(f"{'(no CRF)':>29} {100 * plain:8.2f}")
+    for point, miou in zip(grid, mious):
+        print(f"{point['bi_w']:6g} {point['bi_xy_std']:10g} {point['bi_rgb_std']:11g} "
+              f"{100 * miou:8.2f}")
+    k = int(np.nanargmax(mious))
+    text = best_yaml(base, grid[k])
+    print(f"\n# best of {len(grid)} points on {num} val images of {args.run}: mIoU "
+          f"{100 * mious[k]:.2f} (without CRF {100 * plain:.2f}); paste into an eval config")
+    print(text, end="", flush=True)
+    return {"plain": plain, "grid": grid, "miou": mious, "best": grid[k], "yaml": text}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UserError, RunError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,89 @@
+"""Multi-scale inputs with max fusion, as DeepLab v2 trains and tests (Chen et al., TPAMI
+2017, Sec. 4.1 "Multi-scale inputs", and the released ResNet-101 MSC prototxts): one network
+with shared weights runs on the input resized by each scale (1, 0.75, 0.5 in the paper);
+the outputs are bilinearly resized to the 1.0 scale's resolution and fused by taking the
+maximum per position and class. The training loss is the sum of the cross-entropy of each
+scale's output and of the fused output (``segtrain.losses.ce``).
+
+Outputs of ``MultiScaleInputs(model, scales)``, in training and in evaluation alike:
+
+- ``"out"``: the max fusion at the input resolution (what the 1.0 scale gives);
+- ``"out_s<scale>"`` (``out_s1``, ``out_s0.75``, ``out_s0.5``): each scale's ``"out"`` at
+  its own resolution, which the loss compares with the label resized to that size;
+- when the model returns logits before the final upsampling (``"out_lowres"``, for
+  ``loss.label_stride``): ``"out_lowres"`` fused at the 1.0 scale's low resolution (the
+  released prototxt fuses there) and ``"out_lowres_s<scale>"`` per scale;
+- the model's other outputs (``"aux"``, ...) from the 1.0 scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segtrain.errors import ConfigError
+
+FUSED_KEYS = ("out", "out_lowres")
+
+
+def scale_key(key: str, scale: float) -> str:
+    """``out`` at scale 0.75 -> ``out_s0.75``."""
+    return f"{key}_s{scale:g}"
+
+
+class MultiScaleInputs(nn.Module):
+    """Wraps ``model`` to run it at several input scales and max-fuse the logits.
+
+    Args:
+        model: returns a dict with ``"out"`` (and optionally ``"out_lowres"``).
+        scales: input scales; must contain 1.0 (the fused outputs are at its resolution).
+    """
+
+    def __init__(self, model: nn.Module, scales: Sequence[float]) -> None:
+        super().__init__()
+        scales = [float(s) for s in scales]
+        if not scales or any(s <= 0 for s in scales) or len(set(scales)) != len(scales):
+            raise ConfigError(f"model.msc.train_scales must be distinct positive scales, "
+                              f"got {scales}")
+        if 1.0 not in scales:
+            raise ConfigError(f"model.msc.train_scales must include 1.0 (the fused output is "
+                              f"at the 1.0 scale's resolution), got {scales}")
+        self.model, self.scales = model, scales
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = {}
+        for s in self.scales:
+            x = image if s == 1.0 else F.interpolate(image, scale_factor=s, mode="bilinear",
+                                                     align_corners=False)
+            outputs[s] = self.model(x)
+        result = {k: v for k, v in outputs[1.0].items() if k not in FUSED_KEYS}
+        for key in FUSED_KEYS:
+            if key not in outputs[1.0]:
+                continue
+            size = outputs[1.0][key].shape[-2:]
+            fused = None
+            for s in self.scales:
+                logits = outputs[s][key]
+                result[scale_key(key, s)] = logits
+                if logits.shape[-2:] != size:
+                    logits = F.interpolate(logits, size=size, mode="bilinear",
+                                           align_corners=False)
+                fused = logits if fused is None else torch.maximum(fused, logits)
+            result[key] = fused
+        return result
+
+    def param_groups(self) -> list[dict]:
+        return self.model.param_groups()
+
+    @property
+    def output_stride(self) -> int | None:
+        return getattr(self.model, "output_stride", None)
+
+    def set_output_stride(self, output_stride: int) -> None:
+        """Re-dilate the wrapped model (``eval.output_stride``); only models that can."""
+        if not hasattr(self.model, "set_output_stride"):
+            raise AttributeError(f"{type(self.model).__name__} has no set_output_stride")
+        self.model.set_output_stride(output_stride)
