@@ -1,15 +1,16 @@
 """The loss of CPNet (Yu, Wang, Gao, Yu, Shen and Sang, "Context Prior for Scene
 Segmentation", CVPR 2020, sections "Affinity Loss" and "Network Architecture").
 
-Total ("Network Architecture"): ``L = lambda_s L_s + lambda_a L_a + lambda_p L_p`` with the segmentation
-cross-entropy L_s (lambda_s = 1), the auxiliary cross-entropy L_a (lambda_a = 0.4) and the
-affinity loss ``L_p = lambda_u L_u + lambda_g L_g`` (lambda_p = lambda_u = lambda_g = 1, the
-paper's values and the official code's ``loss_weight=1.0`` on ``unary + global``).
+Total ("Network Architecture"): ``L = lambda_s L_s + lambda_a L_a + lambda_p L_p`` with the
+segmentation cross-entropy L_s (lambda_s = 1), the auxiliary cross-entropy L_a (lambda_a =
+0.4) and the affinity loss ``L_p = lambda_u L_u + lambda_g L_g`` (lambda_p = lambda_u =
+lambda_g = 1, the paper's values and the official code's ``loss_weight=1.0`` on ``unary +
+global``).
 
-- Ideal affinity map ("Affinity Loss"): the label is downsampled (nearest) to the prior's h x w
-  grid, one-hot encoded to L (N x C) and ``A = L L^T`` (N x N): A_ij = 1 iff pixels i and j
-  have the same class. Here a pixel whose label is ``ignore_index`` has no class: its row
-  and column of A and P are left out of every term (the official code instead treats
+- Ideal affinity map ("Affinity Loss"): the label is downsampled (nearest) to the prior's h
+  x w grid, one-hot encoded to L (N x C) and ``A = L L^T`` (N x N): A_ij = 1 iff pixels i
+  and j have the same class. Here a pixel whose label is ``ignore_index`` has no class: its
+  row and column of A and P are left out of every term (the official code instead treats
   ignore as one more class).
 - Unary term: binary cross-entropy of P against A, averaged over the valid (i, j) pairs.
 - Global term: for every valid row i, intra-class precision ``sum_j a_ij p_ij / sum_j p_ij``,
@@ -52,7 +53,8 @@ def ideal_affinity(mask: torch.Tensor, size: Sequence[int],
 
 def affinity_terms(prior: torch.Tensor, affinity: torch.Tensor,
                    valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(unary, global)`` of the "Affinity Loss" section for a prior P and an ideal map A, valid pixels only."""
+    """``(unary, global)`` ("Affinity Loss") of a prior P against an ideal map A, over the
+    valid positions only."""
     p = prior.float().clamp(EPS, 1.0 - EPS)
     a = affinity
     pairs = (valid[:, :, None] & valid[:, None, :]).float()

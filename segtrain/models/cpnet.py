@@ -1,18 +1,18 @@
 """CPNet (Yu, Wang, Gao, Yu, Shen and Sang, "Context Prior for Scene Segmentation",
 CVPR 2020).
 
-Section "Network Architecture" and the overview figure: a dilated ResNet at output stride 8 gives the
-feature map X (``layer4``); the Context Prior Layer (``modules.context_prior``: aggregation
-module, prior map P, intra- and inter-class contexts, concatenated with X) follows; a 3x3
-ConvBNReLU to 512 (official ``bottleneck``), dropout 0.1 and a 1x1 classifier give the
-scores, upsampled bilinearly to the input (implementation details: the prediction is
-upsampled eight times by bilinear interpolation). An auxiliary FCN head on stage 4 of the
+Section "Network Architecture" and the overview figure: a dilated ResNet at output stride 8
+gives the feature map X (``layer4``); the Context Prior Layer (``modules.context_prior``:
+aggregation module, prior map P, intra- and inter-class contexts, concatenated with X)
+follows; a 3x3 ConvBNReLU to 512 (official ``bottleneck``), dropout 0.1 and a 1x1 classifier
+give the scores, upsampled bilinearly to the input (implementation details: the prediction
+is upsampled eight times by bilinear interpolation). An auxiliary FCN head on stage 4 of the
 ResNet (``layer3``, 3x3 conv to 256) adds the auxiliary loss, weight 0.4 as in PSPNet (the
-paper's lambda_a; the weight lives in the loss config). In training mode the model returns ``out``, ``aux`` and ``prior``
-(B x N x N), the map the affinity loss (``losses/affinity.py``) supervises; in eval mode
-only ``out``. Head widths from the official config (yu-changqian/ContextPrior
-``config/cpnet_r50-d8.py``: prior_channels 512, channels 512, am_kernel_size 11,
-prior_size 64 at 512x512 crops).
+paper's lambda_a; the weight lives in the loss config). In training mode the model returns
+``out``, ``aux`` and ``prior`` (B x N x N), the map the affinity loss
+(``losses/affinity.py``) supervises; in eval mode only ``out``. Head widths from the
+official config (yu-changqian/ContextPrior ``config/cpnet_r50-d8.py``: prior_channels 512,
+channels 512, am_kernel_size 11, prior_size 64 at 512x512 crops).
 """
 
 from __future__ import annotations

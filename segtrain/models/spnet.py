@@ -68,10 +68,10 @@ class SPNet(nn.Module):
     OUTPUT_KEYS = frozenset({"out", "aux"})
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
-                 multi_grid: Sequence[int] | None, backbone_spm: bool, reduce_channels: int, pool_sizes: Sequence[int], head_channels: int,
-                 aux_channels: int, dropout: float, pretrained: str | None,
-                 in_channels: int = 3, head_lr_mult: float = 10.0,
-                 head_bias_lr_mult: float = 10.0) -> None:
+                 multi_grid: Sequence[int] | None, backbone_spm: bool, reduce_channels: int,
+                 pool_sizes: Sequence[int], head_channels: int, aux_channels: int,
+                 dropout: float, pretrained: str | None, in_channels: int = 3,
+                 head_lr_mult: float = 10.0, head_bias_lr_mult: float = 10.0) -> None:
         super().__init__()
         self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.backbone = build_backbone(backbone, output_stride, pretrained,

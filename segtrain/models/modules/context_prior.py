@@ -1,18 +1,18 @@
 """Context Prior Layer of CPNet (Yu, Wang, Gao, Yu, Shen and Sang, "Context Prior for Scene
 Segmentation", CVPR 2020, sections "Context Prior Layer" and "Aggregation Module").
 
-- ``AggregationModule`` ("Aggregation Module" and its figure): a 3x3 ConvBNReLU reduces the backbone features
-  to ``prior_channels``; two branches of fully separable (depthwise, spatially factorised)
-  convolutions, k x 1 then 1 x k, and 1 x k then k x 1, are summed, then BN and ReLU
-  (k = 11, the official config's ``am_kernel_size``). As in the official code
-  (yu-changqian/ContextPrior ``decode_head/cp_head.py``) the four depthwise convolutions
-  have biases and no normalisation of their own.
-- ``ContextPriorLayer`` ("Context Prior Layer" and its figure): a 1x1 convolution (+ BN) to N = h x w channels
-  and a sigmoid give, at every one of the N positions, its prior towards all N positions:
-  the prior map P (B x N x N). Intra-class context ``Y = P X~`` and inter-class context
-  ``Y- = (1 - P) X~`` (X~ the aggregated features reshaped to N x C); both are divided by
-  N as the official code does (the paper leaves the scale unstated) and pass a 1x1
-  ConvBNReLU (official ``intra_conv`` / ``inter_conv``). The output is the concatenation
+- ``AggregationModule`` ("Aggregation Module" and its figure): a 3x3 ConvBNReLU reduces the
+  backbone features to ``prior_channels``; two branches of fully separable (depthwise,
+  spatially factorised) convolutions, k x 1 then 1 x k, and 1 x k then k x 1, are summed,
+  then BN and ReLU (k = 11, the official config's ``am_kernel_size``). As in the official
+  code (yu-changqian/ContextPrior ``decode_head/cp_head.py``) the four depthwise
+  convolutions have biases and no normalisation of their own.
+- ``ContextPriorLayer`` ("Context Prior Layer" and its figure): a 1x1 convolution (+ BN) to
+  N = h x w channels and a sigmoid give, at every one of the N positions, its prior towards
+  all N positions: the prior map P (B x N x N). Intra-class context ``Y = P X~`` and inter-
+  class context ``Y- = (1 - P) X~`` (X~ the aggregated features reshaped to N x C); both are
+  divided by N as the official code does (the paper leaves the scale unstated) and pass a
+  1x1 ConvBNReLU (official ``intra_conv`` / ``inter_conv``). The output is the concatenation
   ``[X, Y, Y-]`` ("F = Concat(X, Y, Y-)").
 
 N is fixed by ``prior_size`` (h, w): the 1x1 convolution has N output channels. The paper
