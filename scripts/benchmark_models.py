@@ -5,7 +5,10 @@
     python scripts/benchmark_models.py --threads 1 --repeats 3
 
 Each model is built from its ``conf/model/<name>.yaml`` (the papers' settings) with
-``num_classes`` (21 by default) and ``pretrained: null``.
+``num_classes`` (21 by default) and ``pretrained: null``. A model with a ``prior_size``
+(CPNet: its prior map is N x N over the feature grid) gets the grid of the measured input,
+input / output stride, as the paper sizes it to the crop; its parameters are those of the
+512x512 build (N = 64 x 64, the official config).
 
 - GFLOPs: multiply-accumulates of every Conv2d, ConvTranspose2d and Linear counted with
   forward hooks on one 3x512x512 image, reported as GFLOPs = 2 x MACs / 1e9 (BatchNorm,
@@ -32,16 +35,20 @@ from torch import nn
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 MODELS = ["deeplabv1", "deeplabv2", "deeplabv2_resnet18", "fcn32s", "fcn16s", "fcn8s", "unet",
           "segnet", "segnet_basic", "pspnet", "deeplabv3", "deeplabv3@os8",
-          "deeplabv3_mobilenetv2", "deeplabv3plus"]
+          "deeplabv3_mobilenetv2", "deeplabv3plus", "spnet", "cpnet"]
 
 
-def build(name: str, num_classes: int) -> nn.Module:
-    """``name`` is a config in conf/model; ``<config>@os8`` re-dilates it to output stride 8."""
+def build(name: str, num_classes: int, size: int) -> nn.Module:
+    """``name`` is a config in conf/model; ``<config>@os8`` re-dilates it to output stride 8.
+    ``size``: the input side the model is built for (sets a ``prior_size`` grid)."""
     config, _, stride = name.partition("@os")
     # compose the real config tree, so model files with a defaults list resolve too
     with initialize_config_dir(config_dir=str(CONF_MODEL.parent), version_base="1.3"):
         cfg = compose(config_name="config",
                       overrides=[f"model={config}", f"dataset.num_classes={num_classes}"])
+    if "prior_size" in cfg.model:
+        grid = -(-size // cfg.model.output_stride)
+        cfg.model.prior_size = [grid, grid]
     model = instantiate(cfg.model)
     if stride:
         model.set_output_stride(int(stride))
@@ -106,9 +113,10 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name in args.models:
         torch.manual_seed(0)
-        model = build(name, args.num_classes).eval()
-        params = sum(p.numel() for p in model.parameters())
+        model = build(name, args.num_classes, args.time_size).eval()
         median, fastest = latency(model, args.time_size, args.repeats)
+        model = build(name, args.num_classes, args.flops_size).eval()
+        params = sum(p.numel() for p in model.parameters())
         gflops = 2 * count_macs(model, args.flops_size) / 1e9
         print(f"| {name} | {params:,} | {gflops:.1f} | {median * 1e3:.0f} / {fastest * 1e3:.0f} |",
               flush=True)
