@@ -11,8 +11,10 @@ input / output stride, as the paper sizes it to the crop; its parameters are tho
 512x512 build (N = 64 x 64, the official config).
 
 - GFLOPs: multiply-accumulates of every Conv2d, ConvTranspose2d and Linear counted with
-  forward hooks on one 3x512x512 image, reported as GFLOPs = 2 x MACs / 1e9 (BatchNorm,
-  activations, pooling, interpolation and additions are not counted). The pass runs on
+  forward hooks on one 3x512x512 image, plus the batched matrix products (``torch.bmm``,
+  CPNet's prior map times the features, counted with ``torch.utils.flop_counter``),
+  reported as GFLOPs = 2 x MACs / 1e9 (BatchNorm, activations, pooling, interpolation and
+  additions are not counted). The pass runs on
   the meta device, so it costs no compute.
 - Latency: batch 1, 3x256x256, ``model.eval()``, ``torch.no_grad()``, on the CPU; one warm-up
   pass, then the median and the minimum of ``--repeats`` timed passes. The load average is
@@ -31,6 +33,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 MODELS = ["deeplabv1", "deeplabv2", "deeplabv2_resnet18", "fcn32s", "fcn16s", "fcn8s", "unet",
@@ -56,7 +59,8 @@ def build(name: str, num_classes: int, size: int) -> nn.Module:
 
 
 def count_macs(model: nn.Module, size: int) -> int:
-    """Multiply-accumulates of conv, transposed conv and linear layers for one image."""
+    """Multiply-accumulates of conv, transposed conv and linear layers and of batched
+    matrix products for one image."""
     total = 0
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -73,13 +77,15 @@ def count_macs(model: nn.Module, size: int) -> int:
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
     in_channels = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             model.eval().to("meta")(torch.empty(1, in_channels, size, size, device="meta"))
     finally:
         for h in handles:
             h.remove()
-    return total
+    bmm = sum(v for k, v in counter.get_flop_counts()["Global"].items() if str(k) == "aten.bmm")
+    return total + bmm // 2
 
 
 def latency(model: nn.Module, size: int, repeats: int) -> tuple[float, float]:
