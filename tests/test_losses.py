@@ -17,8 +17,7 @@ from hydra.utils import instantiate
 from segtrain.app import class_weights
 from segtrain.errors import ConfigError
 from segtrain.losses.affinity import AffinityLoss, affinity_terms, ideal_affinity
-from segtrain.losses.ce import CrossEntropyLoss
-from segtrain.losses.ohem import OhemCrossEntropyLoss
+from segtrain.losses.ce import CrossEntropyLoss, OhemCrossEntropyLoss
 from tests.conftest import CONF_DIR, compose_config
 
 IGNORE = 255
