@@ -19,6 +19,7 @@ from segtrain.data.loader import eval_loader
 from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint, distributed
 from segtrain.engine.trainer import Trainer, resolve_precision, seed_everything
+from segtrain.errors import ConfigError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.viz import default_palette
 
@@ -82,6 +83,44 @@ def build_model(cfg: DictConfig, in_channels: int = 3, **overrides: Any) -> torc
 
         model = MultiScaleInputs(model, list(scales))
     return model
+
+
+def _model_class(path: Path) -> type:
+    """The ``_target_`` class of a conf/model file, following a defaults list to its base."""
+    node = OmegaConf.load(path)
+    if "_target_" in node:
+        return hydra.utils.get_class(node._target_)
+    for entry in node.get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":
+            return _model_class(path.parent / f"{entry}.yaml")
+    raise ConfigError(f"{path} names no _target_")
+
+
+def models_that_fit(required: frozenset[str]) -> list[str]:
+    """conf/model options whose class declares (``OUTPUT_KEYS``) every key in ``required``."""
+    return [path.stem for path in sorted((CONF_DIR / "model").glob("*.yaml"))
+            if required <= getattr(_model_class(path), "OUTPUT_KEYS", frozenset())]
+
+
+def _choice(cfg: DictConfig, group: str) -> str:
+    """``group=<option>`` as the user chose it, else ``group=<_target_>``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        option = HydraConfig.get().runtime.choices.get(group)
+        if option:
+            return f"{group}={option}"
+    return f"{group}={cfg[group]._target_}"
+
+
+def check_outputs(cfg: DictConfig, model: torch.nn.Module, loss_fn: Any) -> None:
+    """Refuse at start-up a loss that needs outputs the model does not declare."""
+    missing = loss_fn.required_keys - model.output_keys
+    if missing:
+        fit = models_that_fit(loss_fn.required_keys)
+        raise ConfigError(
+            f"{_choice(cfg, 'model')} does not return {', '.join(sorted(missing))}, which "
+            f"{_choice(cfg, 'loss')} needs; models that fit: {', '.join(fit) or 'none'}")
 
 
 def class_weights(cfg: DictConfig) -> list[float] | None:
@@ -155,8 +194,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # the model's initial weights depend on the seed only, not on the data set-up
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, getattr(train_set, "in_channels", 3))
+    loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg))
+    check_outputs(cfg, model, loss_fn)
     groups = model.param_groups()
     model.to(device)
+    loss_fn.to(device)
     if dist.enabled:
         if cfg.trainer.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -166,7 +208,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("model: %s, %.2fM parameters, device %s, precision %s", cfg.model._target_,
              n_params / 1e6, device, resolve_precision(cfg.trainer.precision, device))
 
-    loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg)).to(device)
     optimizer = build_optimizer(cfg, groups)
     lr_factor = instantiate(cfg.lr)(max_iters=cfg.trainer.max_iters)
     evaluator = build_evaluator(cfg, val_set, dist)

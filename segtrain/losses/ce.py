@@ -15,6 +15,27 @@ Two DeepLab v2 training details (Sec. 4.1 and the released train prototxts):
 Labels are resized by nearest neighbour on the aligned-corners grid (output position i reads
 input position round(i * (H - 1) / (h - 1))): for H = 8k + 1 (321 -> 41) that is every 8th
 label, exactly what Caffe's ``Interp`` with ``shrink_factor: 8`` samples.
+
+``OhemCrossEntropyLoss``: online hard example mining (OHEM; Wu, Shen and van den Hengel,
+"High-performance Semantic Segmentation Using Very Deep Fully Convolutional Networks", arXiv
+1604.04339, 2016: "online bootstrapping" of the hard pixels) with the rule of the
+PSPNet / OCNet / HRNet-OCR codebases (OCNet ``utils/loss.py`` ``OhemCrossEntropy2d``, reused
+by the SPNet authors' ``util/loss.py``; HRNet-OCR ``OhemCrossEntropy``: thresh 0.7,
+min_kept 100000):
+
+- p_i = softmax probability of the true class at every non-ignored pixel of the batch;
+- if there are at most ``min_kept`` such pixels, all are kept;
+- otherwise the threshold is ``thresh``, raised to the ``min_kept``-th smallest p_i when
+  fewer than ``min_kept`` pixels lie at or below ``thresh``; the pixels with p_i at or below
+  the threshold are kept (ties with the ``min_kept``-th value are kept too);
+- the loss is the (class-weighted) mean cross-entropy of the kept pixels; ignored pixels
+  never count. The auxiliary output is mined the same way (HRNet-OCR applies its OHEM
+  criterion to both outputs).
+
+The other losses (``OhemCrossEntropyLoss``, ``affinity.AffinityLoss``) derive from
+``CrossEntropyLoss``: they share its class weights, ignore index and auxiliary term. Every
+loss declares ``required_keys``, the model outputs it needs; ``app.py`` refuses a model
+that does not declare them all.
 """
 
 from __future__ import annotations
@@ -59,7 +80,11 @@ class CrossEntropyLoss(nn.Module):
             ceil(W / stride), against the label subsampled to that size.
 
     The reduction is the mean over non-ignored pixels (weighted mean with class weights).
+    ``required_keys``: ``{"out"}``, or ``{"out_lowres"}`` with ``label_stride``; ``"aux"`` and
+    the multi-scale outputs are used when present.
     """
+
+    required_keys = frozenset({"out"})
 
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
                  aux_weight: float = 0.4, label_stride: int | None = None) -> None:
@@ -71,15 +96,20 @@ class CrossEntropyLoss(nn.Module):
         self.aux_weight = aux_weight
         self.label_stride = None if label_stride is None else int(label_stride)
         self.key = "out" if label_stride is None else "out_lowres"
+        if label_stride is not None:
+            self.required_keys = frozenset({self.key})
         self._scale_key = re.compile(rf"^{self.key}_s([0-9.]+)$")
         weight = None if class_weights is None else torch.as_tensor(
             list(class_weights), dtype=torch.float32)
         self.register_buffer("weight", weight, persistent=False)
 
-    def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _check_classes(self, logits: torch.Tensor) -> None:
         if self.weight is not None and self.weight.numel() != logits.shape[1]:
             raise ValueError(f"loss.class_weights has {self.weight.numel()} entries but the "
                              f"model predicts {logits.shape[1]} classes")
+
+    def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self._check_classes(logits)
         # float32 for the softmax even under autocast
         return F.cross_entropy(logits.float(), target, weight=self.weight,
                                ignore_index=self.ignore_index)
@@ -102,8 +132,10 @@ class CrossEntropyLoss(nn.Module):
                     f"the model's output stride")
         return logits
 
-    def forward(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-        mask = batch["mask"]
+    def segmentation_terms(self, outputs: dict[str, torch.Tensor],
+                           mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``({"ce", ["ce_s<scale>", ...] ["aux"]}, their weighted sum)``: the part every loss
+        shares."""
         logits = self._main_logits(outputs, mask)
         terms = {"ce": self._ce(logits, resize_labels(mask, logits.shape[-2:]))}
         total = terms["ce"]
@@ -118,5 +150,58 @@ class CrossEntropyLoss(nn.Module):
             terms["aux"] = self._ce(outputs["aux"],
                                    resize_labels(mask, outputs["aux"].shape[-2:]))
             total = total + self.aux_weight * terms["aux"]
+        return terms, total
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        terms, total = self.segmentation_terms(outputs, batch["mask"])
         terms["total"] = total
         return terms
+
+
+def ohem_keep(prob: torch.Tensor, thresh: float, min_kept: int) -> torch.Tensor:
+    """Boolean mask over the true-class probabilities ``prob`` (valid pixels only)."""
+    n = prob.numel()
+    if n <= min_kept:
+        return torch.ones_like(prob, dtype=torch.bool)
+    threshold = torch.as_tensor(thresh, dtype=prob.dtype, device=prob.device)
+    if min_kept > 0:
+        kth = torch.kthvalue(prob, min_kept).values
+        threshold = torch.maximum(threshold, kth)
+    return prob <= threshold
+
+
+class OhemCrossEntropyLoss(CrossEntropyLoss):
+    """Cross-entropy over the hard pixels only; ``{"ce", ["aux",] "total"}``.
+
+    Args:
+        ignore_index: label excluded from the loss (255).
+        class_weights: one weight per class, or None.
+        aux_weight: weight of the ``"aux"`` output's term (0.4).
+        thresh: keep pixels whose true-class probability is at most this (0.7).
+        min_kept: keep at least this many pixels per batch (100000).
+    """
+
+    def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
+                 aux_weight: float = 0.4, thresh: float = 0.7, min_kept: int = 100000) -> None:
+        super().__init__(ignore_index, class_weights, aux_weight)
+        if not 0.0 < thresh <= 1.0 or min_kept < 0:
+            raise ValueError(f"loss.thresh must be in (0, 1] and loss.min_kept >= 0, got "
+                             f"{thresh} and {min_kept}")
+        self.thresh, self.min_kept = float(thresh), int(min_kept)
+
+    def kept_mask(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Pixels (N x H x W, bool) that enter the loss."""
+        valid = target != self.ignore_index
+        with torch.no_grad():
+            prob = F.softmax(logits.float(), dim=1)
+            true = prob.gather(1, target.where(valid, 0).unsqueeze(1)).squeeze(1)
+            keep = torch.zeros_like(valid)
+            keep[valid] = ohem_keep(true[valid], self.thresh, self.min_kept)
+        return keep
+
+    def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self._check_classes(logits)
+        keep = self.kept_mask(logits, target)
+        mined = target.where(keep, torch.full_like(target, self.ignore_index))
+        return F.cross_entropy(logits.float(), mined, weight=self.weight,
+                               ignore_index=self.ignore_index)

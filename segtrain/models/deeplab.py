@@ -132,11 +132,14 @@ class DeepLab(nn.Module):
         in_channels: input channels (4 for RGB-D; ResNet backbones only).
     """
 
+    OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
+
     def __init__(self, num_classes: int, backbone: str, output_stride: int, head: str,
                  head_rates: Mapping[str, Sequence[int]], pretrained: str | None = None,
                  freeze_bn: bool = False, dropout: float = 0.5, head_lr_mult: float = 10.0,
                  head_bias_lr_mult: float = 20.0, in_channels: int = 3) -> None:
         super().__init__()
+        self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
         self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         if head not in head_rates:
             raise ValueError(f"model.head={head!r} is not one of {sorted(head_rates)}")

@@ -68,10 +68,13 @@ class AtrousEncoder(nn.Module):
         in_channels: input channels.
     """
 
+    OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
+
     def __init__(self, backbone: str, output_stride: int, multi_grid: Sequence[int] | None,
                  atrous_rates: Sequence[int], aspp_dropout: float, separable: bool,
                  pretrained: str | None, in_channels: int) -> None:
         super().__init__()
+        self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
         self.backbone_name = backbone
         self.multi_grid = tuple(multi_grid) if multi_grid else None
         self.in_channels = in_channels

@@ -84,9 +84,12 @@ class FCN(nn.Module):
         dropout: dropout probability after fc6 and fc7 (0.5 in VGG and the paper).
     """
 
+    OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
+
     def __init__(self, num_classes: int, stride: int, pretrained: str | None,
                  learnable_upsampling: bool, skip_scaling: bool, dropout: float) -> None:
         super().__init__()
+        self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
         if stride not in CROP_FINAL:
             raise ValueError(f"stride must be 32, 16 or 8, got {stride}")
         self.stride = stride

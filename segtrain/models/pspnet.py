@@ -41,6 +41,8 @@ class PSPNet(nn.Module):
         in_channels: input channels (e.g. 4 for RGB-D).
     """
 
+    OUTPUT_KEYS = frozenset({"out", "aux"})  # the keys forward can return (app.check_outputs)
+
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  bins: Sequence[int], head_channels: int, aux_channels: int, dropout: float,
                  pretrained: str | None, in_channels: int = 3, head_lr_mult: float = 10.0,
@@ -55,6 +57,8 @@ class PSPNet(nn.Module):
         self.aux_head = None
         if aux_channels:
             self.aux_head = FCNHead(channels["c4"], aux_channels, num_classes, dropout)
+        # what forward returns in training mode
+        self.output_keys = frozenset({"out", "aux"} if aux_channels else {"out"})
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         size = image.shape[-2:]

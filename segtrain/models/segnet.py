@@ -60,9 +60,12 @@ class SegNet(nn.Module):
         pretrained: VGG-16-BN ImageNet checkpoint (path, URL, ``"imagenet"``) or ``None``.
     """
 
+    OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
+
     def __init__(self, num_classes: int, pretrained: str | None, head_lr_mult: float = 1.0,
                  head_bias_lr_mult: float = 1.0) -> None:
         super().__init__()
+        self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
         self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.encoder: VGG = vgg16_bn(output_stride=32, pretrained=pretrained).drop_classifier()
         # encoder stages: the layers between consecutive pools
@@ -121,9 +124,12 @@ class SegNetBasic(nn.Module):
         in_channels: input channels.
     """
 
+    OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
+
     def __init__(self, num_classes: int, depth: int, channels: int, kernel_size: int,
                  in_channels: int = 3) -> None:
         super().__init__()
+        self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
         self.encoders = nn.ModuleList(
             _conv_bn(in_channels if i == 0 else channels, channels, kernel_size, relu=True,
                      bias=False)

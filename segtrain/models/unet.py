@@ -99,9 +99,12 @@ class UNet(nn.Module):
         in_channels: input channels (1 for the paper's grey-scale microscopy).
     """
 
+    OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
+
     def __init__(self, num_classes: int, padding: str, base_channels: int, batch_norm: bool,
                  dropout: float, in_channels: int = 3) -> None:
         super().__init__()
+        self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
         if padding not in ("valid", "same"):
             raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
         self.padding = padding

@@ -5,6 +5,11 @@ of the last stages are replaced by dilation to reach output stride 8 or 16, with
 multi-grid rates in the last stage (DeepLab v3, Sec. 3.2). state_dict keys are identical to
 torchvision's ``resnet*`` checkpoints (``conv1``, ``bn1``, ``layer1.0.conv1``, ...,
 ``fc``), so ImageNet weights load with ``strict=True``.
+
+A block may carry a ``gate``: a module mapping the output of its last 3x3 convolution to
+multiplicative weights, applied before the 1x1 expansion (Bottleneck) or the residual sum
+(BasicBlock). SPNet puts its strip pooling module there (Hou et al., CVPR 2020, Sec. 3.4);
+the gate's parameters sit under ``<block>.gate.*``, so torchvision keys are unchanged.
 """
 
 from __future__ import annotations
@@ -44,11 +49,14 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=d2, dilation=d2, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.gate: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        if self.gate is not None:
+            out = out * self.gate(out)
         return self.relu(out + identity)
 
 
@@ -70,11 +78,14 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.gate: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
+        if self.gate is not None:
+            out = out * self.gate(out)
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 

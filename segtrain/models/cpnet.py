@@ -1,0 +1,93 @@
+"""CPNet (Yu, Wang, Gao, Yu, Shen and Sang, "Context Prior for Scene Segmentation",
+CVPR 2020).
+
+Section "Network Architecture" and the overview figure: a dilated ResNet at output stride 8
+gives the feature map X (``layer4``); the Context Prior Layer (``modules.context_prior``:
+aggregation module, prior map P, intra- and inter-class contexts, concatenated with X)
+follows; a 3x3 ConvBNReLU to 512 (official ``bottleneck``), dropout 0.1 and a 1x1 classifier
+give the scores, upsampled bilinearly to the input (implementation details: the prediction
+is upsampled eight times by bilinear interpolation). An auxiliary FCN head on stage 4 of the
+ResNet (``layer3``, 3x3 conv to 256) adds the auxiliary loss, weight 0.4 as in PSPNet (the
+paper's lambda_a; the weight lives in the loss config). In training mode the model returns
+``out``, ``aux`` and ``prior`` (B x N x N), the map the affinity loss
+(``losses/affinity.py``) supervises; in eval mode only ``out``. Head widths from the
+official config (yu-changqian/ContextPrior ``config/cpnet_r50-d8.py``: prior_channels 512,
+channels 512, am_kernel_size 11, prior_size 64 at 512x512 crops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segtrain.models.backbones.build import build_backbone
+from segtrain.models.modules.context_prior import ContextPriorLayer
+from segtrain.models.modules.conv import ConvBNReLU
+from segtrain.models.modules.heads import FCNHead
+from segtrain.models.param_groups import backbone_head_groups
+
+
+class CPNet(nn.Module):
+    """Dilated backbone -> Context Prior Layer -> 3x3 conv -> classifier; aux head on ``c4``.
+
+    Args:
+        num_classes: number of classes.
+        backbone: ``resnet50`` / ``resnet101`` (the paper) or another ``build_backbone`` name.
+        output_stride: 8 in the paper.
+        prior_channels: channels of the aggregated features and of each context (512).
+        prior_size: (h, w) of the prior grid, N = h * w; crop / output stride in the paper.
+        kernel_size: k of the aggregation module's separable convolutions (11).
+        head_channels: channels of the 3x3 conv after the concatenation (512).
+        aux_channels: channels of the auxiliary head's 3x3 conv (256); 0 removes it.
+        dropout: dropout before both classifiers (0.1).
+        pretrained: ImageNet checkpoint of the backbone or ``None``.
+        in_channels: input channels.
+        head_lr_mult, head_bias_lr_mult: learning-rate multiples of the new layers.
+    """
+
+    OUTPUT_KEYS = frozenset({"out", "prior", "aux"})
+
+    def __init__(self, num_classes: int, backbone: str, output_stride: int,
+                 prior_channels: int, prior_size: Sequence[int], kernel_size: int,
+                 head_channels: int, aux_channels: int, dropout: float,
+                 pretrained: str | None, in_channels: int = 3, head_lr_mult: float = 1.0,
+                 head_bias_lr_mult: float = 1.0) -> None:
+        super().__init__()
+        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
+        self.backbone = build_backbone(backbone, output_stride, pretrained,
+                                       in_channels=in_channels)
+        channels = self.backbone.feature_channels
+        self.context_prior = ContextPriorLayer(channels["c5"], prior_channels, prior_size,
+                                               kernel_size)
+        self.head = nn.Sequential(
+            ConvBNReLU(self.context_prior.out_channels, head_channels, 3),
+            nn.Dropout2d(dropout),
+            nn.Conv2d(head_channels, num_classes, 1))
+        self.aux_head = None
+        if aux_channels:
+            self.aux_head = FCNHead(channels["c4"], aux_channels, num_classes, dropout)
+        self.output_keys = frozenset({"out", "prior", "aux"} if aux_channels
+                                     else {"out", "prior"})
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = image.shape[-2:]
+        feats = self.backbone.forward_features(image)
+        x, prior = self.context_prior(feats["c5"])
+        outputs = {"out": F.interpolate(self.head(x), size, mode="bilinear",
+                                        align_corners=False)}
+        if self.training:
+            outputs["prior"] = prior
+            if self.aux_head is not None:
+                aux = self.aux_head(feats["c4"])
+                outputs["aux"] = F.interpolate(aux, size, mode="bilinear", align_corners=False)
+        return outputs
+
+    def param_groups(self) -> list[dict]:
+        """Backbone at 1x; context prior layer and heads at ``head_lr_mult``."""
+        new = [self.context_prior, self.head]
+        new += [self.aux_head] if self.aux_head is not None else []
+        return backbone_head_groups(self.backbone, new, self.head_lr_mult,
+                                    self.head_bias_lr_mult)

@@ -1,0 +1,106 @@
+"""SPNet (Hou, Zhang, Cheng and Feng, "Strip Pooling: Rethinking Spatial Pooling for Scene
+Parsing", CVPR 2020).
+
+Sec. 3.4 ("Strip pooling networks"): a dilated ResNet at output stride 8 whose strip pooling
+modules (``modules.strip_pooling.StripPoolingModule``, Fig. 2) gate the output of the 3x3
+convolution of the last building block of every stage and of all building blocks of the
+last stage, as the authors' code selects them (Andrew-Qibin/SPNet ``models/resnet.py``,
+``spm_on``). The head (authors' ``SPHead``): a 1x1 convolution reducing the 2048 channels
+of ``layer4`` to 1024, two mixed pooling modules (Fig. 3, Sec. 3.3), a 3x3 convolution to
+512 + BN + ReLU + dropout 0.1 and the 1x1 classifier; logits upsampled bilinearly with
+aligned corners. An auxiliary FCN head on ``layer3`` (256 channels) is trained with weight
+0.4, as in PSPNet (the authors' config: ``aux_weight: 0.4``; the weight lives in the loss
+config). Learning rates as the authors' ``tool/train.py``: backbone (its SPMs included) at
+the base rate, head and auxiliary head at 10x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segtrain.models.backbones.build import build_backbone
+from segtrain.models.modules.conv import ConvBNReLU
+from segtrain.models.modules.heads import FCNHead
+from segtrain.models.modules.strip_pooling import MixedPoolingModule, StripPoolingModule
+from segtrain.models.param_groups import backbone_head_groups
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def insert_strip_pooling(backbone: nn.Module) -> list[nn.Module]:
+    """Give the last block of ``layer1..3`` and every block of ``layer4`` an SPM gate.
+
+    Returns the blocks that received one. The backbone must be a ResNet of
+    ``backbones/resnet.py`` (its blocks apply ``gate`` after their last 3x3 conv).
+    """
+    if not all(hasattr(backbone, s) for s in STAGES):
+        raise ValueError("strip pooling in the backbone needs a ResNet backbone")
+    chosen = [getattr(backbone, s)[-1] for s in STAGES[:-1]] + list(backbone.layer4)
+    for block in chosen:
+        block.gate = StripPoolingModule(block.conv2.out_channels)
+    return chosen
+
+
+class SPNet(nn.Module):
+    """Dilated ResNet with SPMs -> 1x1 reduction -> two MPMs -> FCN classifier.
+
+    Args:
+        num_classes: number of classes.
+        backbone: ``resnet50`` / ``resnet101`` (the paper) or any ResNet of ``build_backbone``.
+        output_stride: 8 in the paper.
+        multi_grid: unit rates of ``layer4`` or ``None``; the authors' ResNet-101 uses
+            (1, 2, 4), i.e. dilations 4, 8, 16 (``models/base.py``, ``multi_grid=True``).
+        backbone_spm: insert SPMs into the backbone (Sec. 3.4; ``spm_on`` of the authors).
+        reduce_channels: channels after the head's 1x1 reduction, i.e. of the MPMs (1024).
+        pool_sizes: the two pyramid bins of each MPM's short-range half (20, 12).
+        head_channels: channels of the 3x3 conv before the classifier (512).
+        aux_channels: channels of the auxiliary head's 3x3 conv (256); 0 removes it.
+        dropout: dropout before both classifiers (0.1).
+        pretrained: ImageNet checkpoint of the backbone or ``None``.
+        in_channels: input channels.
+        head_lr_mult, head_bias_lr_mult: learning-rate multiples of the head (10 and 10).
+    """
+
+    OUTPUT_KEYS = frozenset({"out", "aux"})
+
+    def __init__(self, num_classes: int, backbone: str, output_stride: int,
+                 multi_grid: Sequence[int] | None, backbone_spm: bool, reduce_channels: int,
+                 pool_sizes: Sequence[int], head_channels: int, aux_channels: int,
+                 dropout: float, pretrained: str | None, in_channels: int = 3,
+                 head_lr_mult: float = 10.0, head_bias_lr_mult: float = 10.0) -> None:
+        super().__init__()
+        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
+        self.backbone = build_backbone(backbone, output_stride, pretrained,
+                                       tuple(multi_grid) if multi_grid else None, in_channels)
+        if backbone_spm:
+            insert_strip_pooling(self.backbone)
+        channels = self.backbone.feature_channels
+        self.reduce = ConvBNReLU(channels["c5"], reduce_channels, 1)
+        self.mpm = nn.Sequential(MixedPoolingModule(reduce_channels, pool_sizes),
+                                 MixedPoolingModule(reduce_channels, pool_sizes))
+        self.head = FCNHead(reduce_channels, head_channels, num_classes, dropout)
+        self.aux_head = None
+        if aux_channels:
+            self.aux_head = FCNHead(channels["c4"], aux_channels, num_classes, dropout)
+        self.output_keys = frozenset({"out", "aux"} if aux_channels else {"out"})
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = image.shape[-2:]
+        feats = self.backbone.forward_features(image)
+        out = self.head(self.mpm(self.reduce(feats["c5"])))
+        outputs = {"out": F.interpolate(out, size, mode="bilinear", align_corners=True)}
+        if self.training and self.aux_head is not None:
+            aux = self.aux_head(feats["c4"])
+            outputs["aux"] = F.interpolate(aux, size, mode="bilinear", align_corners=True)
+        return outputs
+
+    def param_groups(self) -> list[dict]:
+        """Backbone with its SPMs at 1x; reduction, MPMs and both heads at ``head_lr_mult``."""
+        new = [self.reduce, self.mpm, self.head]
+        new += [self.aux_head] if self.aux_head is not None else []
+        return backbone_head_groups(self.backbone, new, self.head_lr_mult,
+                                    self.head_bias_lr_mult)

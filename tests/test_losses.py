@@ -1,0 +1,181 @@
+"""Losses: cross-entropy, OHEM and CPNet's affinity loss.
+
+Hand-made examples with values computed independently (a literal ideal affinity map, the
+closed form of the affinity terms at a uniform prior, OHEM's kept pixels by hand), class
+weights and the auxiliary weight for every loss config, and the keys each loss requires.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from segtrain.app import class_weights
+from segtrain.errors import ConfigError
+from segtrain.losses.affinity import AffinityLoss, affinity_terms, ideal_affinity
+from segtrain.losses.ce import CrossEntropyLoss, OhemCrossEntropyLoss
+from tests.conftest import CONF_DIR, compose_config
+
+IGNORE = 255
+# A 4x4 label: class 0 top-left, class 1 top-right, class 2 below, two ignored pixels.
+LABEL = torch.tensor([[0, 0, 1, 1],
+                      [0, 0, 1, 1],
+                      [2, 2, 2, IGNORE],
+                      [2, 2, 2, IGNORE]])
+# Its ideal affinity map, written out row by row (position = 4 * row + column): a row is
+# 1 at the positions of the same class; the rows and columns of positions 11 and 15
+# (ignored) are zero.
+C0, C1, C2, IG = ("1100110000000000", "0011001100000000", "0000000011101110",
+                  "0000000000000000")
+EXPECTED_A = torch.tensor([[float(c) for c in row] for row in (
+    C0, C0, C1, C1, C0, C0, C1, C1, C2, C2, C2, IG, C2, C2, C2, IG)])
+
+
+def test_ideal_affinity_map_of_a_hand_made_label():
+    a, valid = ideal_affinity(LABEL[None], (4, 4), IGNORE)
+    assert a.shape == (1, 16, 16)
+    assert torch.equal(a[0], EXPECTED_A)
+    assert valid[0].tolist() == [i not in (11, 15) for i in range(16)]
+    # the label downsampled (nearest) from 8x8: each label pixel is a 2x2 block
+    big = LABEL.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.equal(ideal_affinity(big[None], (4, 4), IGNORE)[0][0], EXPECTED_A)
+
+
+def test_ignored_pixels_do_not_enter_the_affinity_loss():
+    a, valid = ideal_affinity(LABEL[None], (4, 4), IGNORE)
+    torch.manual_seed(0)
+    prior = torch.rand(1, 16, 16)
+    before = affinity_terms(prior, a, valid)
+    changed = prior.clone()
+    changed[:, [11, 15], :] = torch.rand(2, 16)
+    changed[:, :, [11, 15]] = torch.rand(16, 2)
+    after = affinity_terms(changed, a, valid)
+    assert torch.allclose(before[0], after[0]) and torch.allclose(before[1], after[1])
+    # the same two pixels labelled (class 1) do enter it
+    labelled = LABEL.clone()
+    labelled[2:, 3] = 1
+    a2, valid2 = ideal_affinity(labelled[None], (4, 4), IGNORE)
+    assert not torch.allclose(affinity_terms(changed, a2, valid2)[0],
+                              affinity_terms(prior, a2, valid2)[0])
+
+
+def test_affinity_terms_at_a_uniform_prior_closed_form():
+    """P = 1/2: BCE = log 2 everywhere; per row, precision = n_same / n_valid, recall = 1/2,
+    specificity = 1/2, so the global term is mean_i -log(n_same_i / 14) + 2 log 2."""
+    a, valid = ideal_affinity(LABEL[None], (4, 4), IGNORE)
+    unary, global_ = affinity_terms(torch.full((1, 16, 16), 0.5), a, valid)
+    assert unary.item() == pytest.approx(math.log(2), rel=1e-6)
+    sizes = [4] * 4 + [4] * 4 + [6] * 6  # rows of class 0, class 1, class 2
+    expected = sum(-math.log(n / 14) for n in sizes) / 14 + 2 * math.log(2)
+    assert global_.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_affinity_loss_is_lower_at_the_ideal_prior_than_at_a_uniform_one():
+    loss = AffinityLoss(IGNORE, None, 0.4, (4, 4))
+    mask = LABEL.repeat_interleave(2, 0).repeat_interleave(2, 1)[None]  # 8x8
+    logits = torch.zeros(1, 3, 8, 8)
+    a, _ = ideal_affinity(mask, (4, 4), IGNORE)
+    ideal = loss({"out": logits, "prior": a}, {"mask": mask})
+    uniform = loss({"out": logits, "prior": torch.full_like(a, 0.5)}, {"mask": mask})
+    assert ideal["unary"] < 1e-5 and ideal["global"] < 1e-4  # -log(1 - eps) terms only
+    assert uniform["unary"] > 0.6 and uniform["global"] > 1.0
+    assert ideal["total"] < uniform["total"]
+    assert set(ideal) == {"ce", "unary", "global", "total"}
+    assert ideal["total"] == pytest.approx(
+        (ideal["ce"] + ideal["unary"] + ideal["global"]).item(), rel=1e-6)
+
+
+def test_affinity_loss_needs_the_models_prior_grid():
+    loss = AffinityLoss(IGNORE, None, 0.4, (3, 3))
+    out = {"out": torch.zeros(1, 3, 8, 8), "prior": torch.full((1, 16, 16), 0.5)}
+    with pytest.raises(ConfigError, match="prior_size"):
+        loss(out, {"mask": torch.zeros(1, 8, 8, dtype=torch.long)})
+
+
+# ---- OHEM -------------------------------------------------------------------------------
+
+# true-class probabilities of six labelled pixels (class 0 of two), and an ignored one
+PROBS = [0.1, 0.5, 0.69, 0.71, 0.9, 0.95, 0.05]
+
+
+def ohem_example() -> tuple[torch.Tensor, torch.Tensor]:
+    """1 x 2 x 1 x 7 logits whose class-0 softmax is PROBS; the last pixel is ignored."""
+    p = torch.tensor(PROBS, dtype=torch.float64)
+    logits = torch.stack([torch.log(p / (1 - p)), torch.zeros_like(p)])  # sigmoid(z) = p
+    target = torch.zeros(1, 1, 7, dtype=torch.long)
+    target[0, 0, 6] = IGNORE
+    return logits[None, :, None, :].float(), target
+
+
+@pytest.mark.parametrize("min_kept, kept", [
+    (2, [0, 1, 2]),              # three pixels below 0.7 >= 2: the threshold stays 0.7
+    (5, [0, 1, 2, 3, 4]),        # only three below 0.7: raised to the 5th smallest, 0.9
+    (6, [0, 1, 2, 3, 4, 5]),     # min_kept >= the labelled pixels: all of them
+    (0, [0, 1, 2]),
+])
+def test_ohem_keeps_exactly_the_hard_pixels(min_kept, kept):
+    logits, target = ohem_example()
+    loss = OhemCrossEntropyLoss(IGNORE, None, 0.4, thresh=0.7, min_kept=min_kept)
+    mask = loss.kept_mask(logits, target)[0, 0]
+    assert torch.nonzero(mask).flatten().tolist() == kept  # the ignored pixel never
+    expected = sum(-math.log(PROBS[i]) for i in kept) / len(kept)
+    assert loss({"out": logits}, {"mask": target})["ce"].item() == pytest.approx(
+        expected, rel=1e-5)
+
+
+# ---- class weights and the auxiliary weight, for every loss -----------------------------
+
+def make_losses(weights):
+    return {
+        "ce": CrossEntropyLoss(IGNORE, weights, 0.4),
+        "ohem": OhemCrossEntropyLoss(IGNORE, weights, 0.4, thresh=0.7, min_kept=10**9),
+        "affinity": AffinityLoss(IGNORE, weights, 0.4, (2, 2)),
+    }
+
+
+def test_class_weights_and_aux_weight_act_in_every_loss():
+    torch.manual_seed(0)
+    logits, aux = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    mask = torch.randint(0, 3, (2, 6, 6))
+    mask[0, 0] = IGNORE
+    outputs = {"out": logits, "aux": aux, "prior": torch.rand(2, 4, 4)}
+    weights = [0.2, 1.0, 5.0]
+    w = torch.tensor(weights)
+    ref = F.cross_entropy(logits, mask, weight=w, ignore_index=IGNORE)
+    ref_aux = F.cross_entropy(aux, mask, weight=w, ignore_index=IGNORE)
+    plain = F.cross_entropy(logits, mask, ignore_index=IGNORE)
+    weighted, unweighted = make_losses(weights), make_losses(None)
+    for name, loss in weighted.items():
+        terms = loss(outputs, {"mask": mask})
+        assert terms["ce"].item() == pytest.approx(ref.item(), rel=1e-5), name
+        assert terms["aux"].item() == pytest.approx(ref_aux.item(), rel=1e-5), name
+        extra = sum(terms[k] for k in ("unary", "global") if k in terms)
+        assert terms["total"].item() == pytest.approx(
+            (ref + 0.4 * ref_aux + extra).item(), rel=1e-5), name
+        base = unweighted[name](outputs, {"mask": mask})
+        assert base["ce"].item() == pytest.approx(plain.item(), rel=1e-5), name
+        assert abs(base["ce"].item() - terms["ce"].item()) > 1e-3, name
+
+
+def test_every_loss_config_takes_class_weights_from_the_app():
+    """``loss=<any> loss.class_weights=[...]``: the app resolves them and every loss uses
+    them (``median_freq`` goes through the same argument)."""
+    names = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
+    assert {"ce", "ohem", "affinity"} <= set(names)
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # the embedded dataset's 6 classes
+    for name in names:
+        cfg = compose_config([f"loss={name}", "model=cpnet",
+                              f"loss.class_weights=[{','.join(map(str, weights))}]"])
+        loss = instantiate(cfg.loss, class_weights=class_weights(cfg))
+        assert loss.weight.tolist() == weights, name
+        assert loss.aux_weight == 0.4, name
+
+
+def test_required_keys():
+    assert CrossEntropyLoss.required_keys == frozenset({"out"})
+    assert OhemCrossEntropyLoss.required_keys == frozenset({"out"})
+    assert AffinityLoss.required_keys == frozenset({"out", "prior"})
