@@ -132,7 +132,9 @@ class DeepLab(nn.Module):
         in_channels: input channels (4 for RGB-D; ResNet backbones only).
     """
 
-    OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
+    # the keys forward can return (see app.check_outputs); "out_lowres": logits before the
+    # final upsampling, for loss.label_stride
+    OUTPUT_KEYS = frozenset({"out", "out_lowres"})
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int, head: str,
                  head_rates: Mapping[str, Sequence[int]], pretrained: str | None = None,

@@ -68,7 +68,9 @@ class AtrousEncoder(nn.Module):
         in_channels: input channels.
     """
 
-    OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
+    # the keys forward can return (see app.check_outputs); "out_lowres": logits before the
+    # final upsampling, for loss.label_stride
+    OUTPUT_KEYS = frozenset({"out", "out_lowres"})
 
     def __init__(self, backbone: str, output_stride: int, multi_grid: Sequence[int] | None,
                  atrous_rates: Sequence[int], aspp_dropout: float, separable: bool,

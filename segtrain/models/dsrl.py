@@ -130,6 +130,8 @@ class DSRL(DeepLabV3Plus):
     returns ``{"out"}``.
     """
 
+    OUTPUT_KEYS = frozenset({"out", "sr", "fa_seg", "fa_sr"})  # see app.check_outputs
+
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  multi_grid: Sequence[int] | None, atrous_rates: Sequence[int],
                  aspp_dropout: float, separable: bool, low_level_channels: int,
@@ -150,7 +152,7 @@ class DSRL(DeepLabV3Plus):
                                 low_level_channels, sr_channels, in_channels, 4 * sr_factor)
         # feature transform: SISR output -> SSSR channels for the affinity (FA) loss
         self.feature_transform = nn.Conv2d(in_channels, num_classes, 1)
-        self.output_keys = frozenset({"out", "sr", "fa_seg", "fa_sr"})
+        self.output_keys = self.OUTPUT_KEYS
 
     def low_resolution(self, image: torch.Tensor) -> torch.Tensor:
         """The network input: ``image`` downsampled by ``sr_factor`` (area interpolation)."""

@@ -67,6 +67,8 @@ class HANet(DeepLabV3Plus):
         head_lr_mult, head_bias_lr_mult: learning-rate multiples of the new layers.
     """
 
+    OUTPUT_KEYS = frozenset({"out", "aux"})  # the keys forward can return (app.check_outputs)
+
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  multi_grid: Sequence[int] | None, atrous_rates: Sequence[int],
                  aspp_dropout: float, separable: bool, low_level_channels: int,

@@ -52,6 +52,8 @@ class MultiScaleInputs(nn.Module):
             raise ConfigError(f"model.msc.train_scales must include 1.0 (the fused output is "
                               f"at the 1.0 scale's resolution), got {scales}")
         self.model, self.scales = model, scales
+        # the wrapped model's keys; the per-scale outputs ("out_s0.5", ...) come on top
+        self.output_keys = model.output_keys
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = {}
