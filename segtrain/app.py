@@ -20,6 +20,7 @@ from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint, distributed
 from segtrain.engine.trainer import Trainer, resolve_precision, seed_everything
 from segtrain.eval.evaluator import Evaluator
+from segtrain.models.init_from import init_from
 from segtrain.viz import default_palette
 
 log = logging.getLogger("segtrain")
@@ -66,10 +67,28 @@ def build_val_set(cfg: DictConfig) -> Any:
 
 
 def build_model(cfg: DictConfig, in_channels: int = 3, **overrides: Any) -> torch.nn.Module:
-    """``cfg.model``; a dataset with extra input channels (RGB-D) widens the first layer."""
+    """``cfg.model``; a dataset with extra input channels (RGB-D) widens the first layer.
+
+    ``model.init_from`` is not a constructor argument: ``train`` applies it to the built
+    model (evaluation and prediction load the run's own checkpoint instead).
+    """
     if in_channels != 3:
         overrides["in_channels"] = in_channels
-    return instantiate(cfg.model, **overrides)
+    if "init_from" not in cfg.model:
+        return instantiate(cfg.model, **overrides)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("init_from")
+    return instantiate(model_cfg, **overrides)
+
+
+def build_initialised_model(cfg: DictConfig, in_channels: int = 3) -> torch.nn.Module:
+    """``build_model``, then ``model.init_from`` (a run folder or .pt; null = off): copy the
+    matching weights of that checkpoint (FCN's staged training, 32s -> 16s -> 8s)."""
+    model = build_model(cfg, in_channels)
+    source = cfg.model.get("init_from")
+    if source not in (None, ""):
+        init_from(model, source)
+    return model
 
 
 def class_weights(cfg: DictConfig) -> list[float] | None:
@@ -138,7 +157,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
              len(train_set), len(val_set), cfg.dataset.num_classes)
     # the model's initial weights depend on the seed only, not on the data set-up
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, getattr(train_set, "in_channels", 3))
+    model = build_initialised_model(cfg, getattr(train_set, "in_channels", 3))
     groups = model.param_groups()
     model.to(device)
     if dist.enabled:
