@@ -56,10 +56,9 @@ class VGG(nn.Module):
                     # keep resolution; later convolutions see a doubled dilation
                     layers.append(nn.MaxPool2d(3, 1, 1))
                     dilation *= 2
-                elif pool_kernel == 3:
-                    layers.append(nn.MaxPool2d(3, 2, 1, ceil_mode=True))
                 else:
-                    layers.append(nn.MaxPool2d(2, 2, ceil_mode=False))
+                    layers.append(nn.MaxPool2d(3, 2, 1, ceil_mode=True) if pool_kernel == 3
+                                  else nn.MaxPool2d(2, 2, ceil_mode=False))
                     stride *= 2
                 if pool_index >= 2:
                     self.stage_ends[f"c{pool_index}"] = len(layers)
