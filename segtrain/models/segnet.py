@@ -31,10 +31,10 @@ so every level recovers its exact size; inputs smaller than 2^depth are zero-pad
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from collections.abc import Mapping
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segtrain.models.backbones.vgg import VGG, vgg16_bn
