@@ -371,3 +371,16 @@ def test_new_configs_train_two_steps_through_the_app(overrides, tiny_cfg, tmp_pa
     metrics = train(cfg, tmp_path)
     assert 0.0 <= metrics["miou"] <= 1.0
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
+
+
+def test_new_options_refuse_bad_values_with_the_key():
+    from segtrain.data.transforms import GridElastic
+    from segtrain.models.deeplab import DeepLabV2
+
+    rates = {"largefov": [12]}
+    with pytest.raises(ConfigError, match="model.pool_kernel=3.*vgg16 backbone only"):
+        DeepLabV2(3, "resnet18", 8, "largefov", rates, pool_kernel=3)
+    with pytest.raises(ConfigError, match="model.input_lrn must be null or have keys"):
+        SegNetBasic(3, 2, 8, 3, input_lrn={"size": 5, "alpha": 1e-4})
+    with pytest.raises(ConfigError, match="GridElastic.*grid must be at least 2"):
+        GridElastic(grid=1)

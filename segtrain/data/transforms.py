@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from segtrain.data.base import IGNORE_INDEX
+from segtrain.errors import ConfigError
 
 
 def compose(steps: Sequence[A.BasicTransform] | None) -> A.Compose:
@@ -185,9 +186,11 @@ class GridElastic(A.DualTransform):
     def __init__(self, grid: int = 3, std: float = 10.0, p: float = 1.0) -> None:
         super().__init__(p=p)
         if grid < 2:
-            raise ValueError(f"GridElastic: grid must be at least 2, got {grid}")
+            raise ConfigError(f"GridElastic (dataset.train_transforms): grid must be at least "
+                              f"2 control points per side, got {grid}")
         if std < 0:
-            raise ValueError(f"GridElastic: std must be >= 0 pixels, got {std}")
+            raise ConfigError(f"GridElastic (dataset.train_transforms): std must be >= 0 "
+                              f"pixels, got {std}")
         self.grid = int(grid)
         self.std = float(std)
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segtrain.errors import ConfigError
 from segtrain.models.backbones.resnet import ResNet, resnet
 from segtrain.models.backbones.vgg import VGG, vgg16
 from segtrain.models.param_groups import backbone_head_groups, freeze_batchnorm
@@ -98,8 +99,8 @@ def _build_backbone(name: str, output_stride: int, pretrained: str | None,
     if name.startswith("resnet"):
         depth = int(name.removeprefix("resnet"))
         if pool_kernel != 2:
-            raise ValueError("model.pool_kernel=3 (DeepLab's 3x3 pools) applies to the vgg16 "
-                             "backbone only; use 2 with ResNet")
+            raise ConfigError(f"model.pool_kernel={pool_kernel}: DeepLab's 3x3 pools apply to "
+                              f"the vgg16 backbone only; expected 2 with {name}")
         net = resnet(depth, output_stride=output_stride, pretrained=pretrained,
                      in_channels=in_channels)
         return net.drop_classifier(), net.feature_channels["c5"], None

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segtrain.errors import ConfigError
 from segtrain.models.backbones.vgg import VGG, vgg16_bn
 from segtrain.models.param_groups import backbone_head_groups, single_group
 
@@ -138,6 +139,9 @@ class SegNetBasic(nn.Module):
         self.output_keys = frozenset({"out"})
         self.input_norm: nn.Module = nn.Identity()
         if input_lrn is not None:
+            if not {"size", "alpha", "beta"} <= set(input_lrn) <= {"size", "alpha", "beta", "k"}:
+                raise ConfigError(f"model.input_lrn must be null or have keys size, alpha, "
+                                  f"beta (and optionally k), got {dict(input_lrn)}")
             self.input_norm = nn.LocalResponseNorm(
                 int(input_lrn["size"]), float(input_lrn["alpha"]), float(input_lrn["beta"]),
                 float(input_lrn.get("k", 1.0)))
