@@ -21,6 +21,7 @@ from segtrain.engine import checkpoint, distributed
 from segtrain.engine.trainer import Trainer, resolve_precision, seed_everything
 from segtrain.errors import ConfigError
 from segtrain.eval.evaluator import Evaluator
+from segtrain.models.init_from import init_from
 from segtrain.viz import default_palette
 
 log = logging.getLogger("segtrain")
@@ -66,17 +67,24 @@ def build_val_set(cfg: DictConfig) -> Any:
     return _build_split(cfg, "val")
 
 
-def build_model(cfg: DictConfig, in_channels: int = 3, **overrides: Any) -> torch.nn.Module:
+def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
+                **overrides: Any) -> torch.nn.Module:
     """``cfg.model``; a dataset with extra input channels (RGB-D) widens the first layer.
 
     ``model.msc.train_scales`` (set for every model in conf/config.yaml, null = off) wraps
     the network in ``MultiScaleInputs`` (DeepLab v2's multi-scale inputs, max fusion).
+    ``initialise``: apply ``model.init_from`` (a run folder or .pt; null = off), copying the
+    matching weights of that checkpoint into the network (FCN's staged training, 32s -> 16s
+    -> 8s); training does, evaluation and prediction load the run's own checkpoint instead.
     """
     if in_channels != 3:
         overrides["in_channels"] = in_channels
     node = OmegaConf.to_container(cfg.model, resolve=True)
     msc = node.pop("msc", None) or {}
+    source = node.pop("init_from", None)
     model = instantiate(node, **overrides)
+    if initialise and source not in (None, ""):
+        init_from(model, source)
     scales = msc.get("train_scales")
     if scales is not None:
         from segtrain.models.msc import MultiScaleInputs
@@ -193,7 +201,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
              len(train_set), len(val_set), cfg.dataset.num_classes)
     # the model's initial weights depend on the seed only, not on the data set-up
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, getattr(train_set, "in_channels", 3))
+    model = build_model(cfg, getattr(train_set, "in_channels", 3), initialise=True)
     loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg))
     check_outputs(cfg, model, loss_fn)
     groups = model.param_groups()

@@ -488,7 +488,7 @@ def test_sunrgbd_errors(tmp_path):
 def test_coco_voc_classes(tmp_path):
     info = make_coco(tmp_path)
     ds = COCOSegmentation(tmp_path, "val", classes="voc")
-    assert ds.num_classes == 21 and len(ds) == 2  # image 3 holds only an elephant
+    assert ds.num_classes == 21 and len(ds) == 3  # val is never filtered (image 3: no VOC object)
     image, mask, meta = ds.load(0)
     assert image.shape == (40, 60, 3) and mask.shape == (40, 60) and meta["image_id"] == 1
     names = ds.class_names
@@ -530,7 +530,7 @@ def test_coco_mask_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = COCOSegmentation(tmp_path / "coco", "val", cache=True, cache_dir=cache)
     mask = first.load_mask(0)[0]
-    assert (cache / "000000000001.png").is_file()
+    assert (cache / "val2017_voc" / "000000000001.png").is_file()
     second = COCOSegmentation(tmp_path / "coco", "val", cache=True, cache_dir=cache)
 
     def no_rasterising(image_id):
@@ -539,9 +539,48 @@ def test_coco_mask_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(second, "make_mask", no_rasterising)
     cached, meta = second.load_mask(0)
     np.testing.assert_array_equal(cached, mask)
-    assert meta["label_path"] == str(cache / "000000000001.png")
+    assert meta["label_path"] == str(cache / "val2017_voc" / "000000000001.png")
     default = COCOSegmentation(tmp_path / "coco", "val", cache=False)
     assert default.cache_dir is None
+
+
+def test_coco_train_filter_is_the_torchvision_reference_rule(tmp_path):
+    """torchvision references/segmentation/coco_utils.py: after keeping the chosen
+    categories, a train image stays when the annotations' summed "area" (crowds included)
+    is above 1000. The miniature's image 1: dog 48 + couch 425 + crowd 200 + person 270 =
+    943 (VOC), + elephant 100 = 1043 (all); image 2: a car of 1260; image 3: an elephant
+    of 100."""
+    make_coco(tmp_path, "train")
+    make_coco(tmp_path, "val")
+    voc = COCOSegmentation(tmp_path, "train", classes="voc", min_area=1000)
+    assert voc.ids == [2]
+    coco_all = COCOSegmentation(tmp_path, "train", classes="all", min_area=1000)
+    assert coco_all.ids == [1, 2]  # 1043 > 1000 only with the crowd's 200 counted
+    assert coco_all.kept_area(1) == 1043 and voc.kept_area(1) == 943
+    assert COCOSegmentation(tmp_path, "train", classes="voc", min_area=None).ids == [1, 2, 3]
+    # val is never filtered, whatever min_area says
+    assert COCOSegmentation(tmp_path, "val", classes="voc", min_area=1000).ids == [1, 2, 3]
+    # the config: train filtered at 1000, val without a min_area
+    cfg = dataset_cfg("coco", f"dataset.root={tmp_path}")
+    assert cfg.train.min_area == 1000 and "min_area" not in cfg.val
+
+
+def test_coco_mask_caches_of_voc_and_all_are_apart(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    make_coco(tmp_path / "coco")
+    cache = tmp_path / "cache"
+    voc = COCOSegmentation(tmp_path / "coco", "val", classes="voc", cache=True, cache_dir=cache)
+    everything = COCOSegmentation(tmp_path / "coco", "val", classes="all", cache=True,
+                                  cache_dir=cache)
+    assert voc.load_mask(0)[0][35, 5] == 0       # the elephant is not a VOC class
+    mask, meta = everything.load_mask(0)          # the voc mask is cached: must not be read
+    assert mask[35, 5] == category_map("all")[0][22] == 21
+    assert meta["label_path"] is not None and voc.cache_dir != everything.cache_dir
+    assert everything.load_mask(0)[0][35, 5] == 21  # read back from its own cache
+    assert (cache / "val2017_all" / "000000000001.png").is_file()
+    default = COCOSegmentation(tmp_path / "coco", "val", classes="all", cache=True)
+    assert default.cache_dir.name == "val2017_all"
+    assert default.cache_dir.is_relative_to(tmp_path / "xdg" / "segtrain" / "coco")
 
 
 def test_coco_errors(tmp_path):
@@ -563,8 +602,11 @@ def test_coco_errors(tmp_path):
     data["categories"][0]["name"] = "person"
     data["annotations"] = [a for a in data["annotations"] if a["category_id"] == 22]
     info["ann_file"].write_text(json.dumps(data))
-    with pytest.raises(DatasetError, match="split 'val' is empty"):
-        COCOSegmentation(tmp_path, "val", classes="voc")
+    assert len(COCOSegmentation(tmp_path, "val", classes="voc", min_area=1000)) == 3
+    train = make_coco(tmp_path, "train")["ann_file"]
+    train.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match="split 'train' is empty.*min_area=1000"):
+        COCOSegmentation(tmp_path, "train", classes="voc", min_area=1000)
     info["ann_file"].write_text("{not json")
     with pytest.raises(DatasetError, match=f"{info['ann_file']} is not valid JSON"):
         COCOSegmentation(tmp_path, "val")

@@ -17,8 +17,14 @@ Masks are rasterised on the fly with pycocotools (polygons and RLE). Rules:
   a larger one (a person in front of a sofa keeps its pixels).
 With ``cache=true`` each mask is written once as a PNG (atomically, so DataLoader workers
 can share the folder) and read back afterwards; no separate conversion pass is needed.
-With ``skip_empty`` images without any annotation of a kept category are left out, as
-DeepLab does for COCO-to-VOC pretraining.
+The cache lives in ``<cache_dir>/<split>2017_<classes>/``, so the masks of ``classes=voc``
+and ``classes=all`` (and of the two splits) never overwrite one another.
+
+Training images are filtered as torchvision's reference pipeline does
+(``references/segmentation/coco_utils.py``, ``_coco_remove_images_without_annotations``
+after ``FilterAndRemapCocoCategories``): an image is kept when the annotations of the kept
+categories (crowd ones included) have a summed ``area`` field above ``min_area`` (1000
+pixels there). The val split is never filtered: every image is evaluated.
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ class COCOSegmentation(SegmentationDataset):
 
     def __init__(self, root: str | Path, split: str = "train", classes: str = "voc",
                  cache: bool = False, cache_dir: str | Path | None = None,
-                 skip_empty: bool = True, transforms=None) -> None:
+                 min_area: float | None = None, transforms=None) -> None:
         super().__init__(transforms)
         if split not in SPLITS:
             raise DatasetError(f"coco: unknown split '{split}', expected one of {SPLITS}")
@@ -116,19 +122,23 @@ class COCOSegmentation(SegmentationDataset):
         self.coco = _load_coco(self.ann_file)
         self._check_categories()
         ids = sorted(self.coco.getImgIds())
-        if skip_empty:
-            ids = [i for i in ids if any(
-                a["category_id"] in self.cat_to_train and not a.get("iscrowd", 0)
-                for a in self.coco.imgToAnns.get(i, ()))]
+        filtered = split == "train" and min_area is not None
+        if filtered:
+            ids = [i for i in ids if self.kept_area(i) > float(min_area)]
         require_nonempty(ids, "coco", split,
-                         f"{self.ann_file} (images with a '{classes}' category)"
-                         if skip_empty else str(self.ann_file))
+                         f"{self.ann_file} (images whose '{classes}' objects cover more than "
+                         f"dataset.min_area={min_area} pixels)" if filtered else str(self.ann_file))
         self.ids = ids
         self.cache_dir = None
         if cache:
-            self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(
-                self.root, split, classes)
+            base = Path(cache_dir) if cache_dir else default_cache_dir(self.root)
+            self.cache_dir = base / f"{split}2017_{classes}"
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def kept_area(self, image_id: int) -> float:
+        """Summed ``area`` of the image's annotations of kept categories, crowds included."""
+        return sum(float(a.get("area", 0.0)) for a in self.coco.imgToAnns.get(image_id, ())
+                   if a["category_id"] in self.cat_to_train)
 
     def _check_categories(self) -> None:
         """The json's categories must be COCO's (ids and names), so the mapping is right."""
@@ -194,11 +204,12 @@ class COCOSegmentation(SegmentationDataset):
         return read_image(meta["image_path"]), mask, meta
 
 
-def default_cache_dir(root: Path, split: str, classes: str) -> Path:
-    """~/.cache/segtrain/coco/<hash of root>/<split>2017_<classes>/ (the data may be read-only)."""
+def default_cache_dir(root: Path) -> Path:
+    """~/.cache/segtrain/coco/<hash of root>/ (the data may be read-only); the dataset adds
+    ``<split>2017_<classes>/``."""
     digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "segtrain"
-    return base / "coco" / digest / f"{split}2017_{classes}"
+    return base / "coco" / digest
 
 
 def _load_coco(ann_file: Path):

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from segtrain.data.base import IGNORE_INDEX
+from segtrain.errors import ConfigError
 
 
 def compose(steps: Sequence[A.BasicTransform] | None) -> A.Compose:
@@ -182,3 +183,87 @@ class Normalize(A.ImageOnlyTransform):
 
     def get_transform_init_args_names(self):
         return ("mean", "std")
+
+
+class GridElastic(A.DualTransform):
+    """U-Net's elastic deformation (Ronneberger et al., MICCAI 2015, Sec. 3.1): "random
+    displacement vectors on a coarse 3 by 3 grid. The displacements are sampled from a
+    Gaussian distribution with 10 pixels standard deviation. Per-pixel displacements are
+    then computed using bicubic interpolation."
+
+    albumentations' ``ElasticTransform`` is a different model: per-pixel noise divided by its
+    maximum, smoothed by a Gaussian of std ``sigma`` and scaled by ``alpha``, so its
+    displacement in pixels depends on the image size and on both parameters together; hence
+    this transform, whose ``std`` is the paper's displacement in pixels. The image is
+    resampled bilinearly, the mask by nearest neighbour, both mirrored at the border (the
+    paper's overlap-tile mirroring), so no ignore or fill value enters the mask.
+
+    Args:
+        grid: control points per side (3 in the paper).
+        std: standard deviation of the control-point displacements, in pixels (10).
+    """
+
+    def __init__(self, grid: int = 3, std: float = 10.0, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        if grid < 2:
+            raise ConfigError(f"GridElastic (dataset.train_transforms): grid must be at least "
+                              f"2 control points per side, got {grid}")
+        if std < 0:
+            raise ConfigError(f"GridElastic (dataset.train_transforms): std must be >= 0 "
+                              f"pixels, got {std}")
+        self.grid = int(grid)
+        self.std = float(std)
+
+    def get_params_dependent_on_data(self, params, data):  # noqa: D401 - albumentations API
+        height, width = params["shape"][:2]
+        coarse = self.random_generator.normal(0.0, self.std, (2, self.grid, self.grid))
+        # bicubic interpolation of the coarse displacements, control points at the corners
+        ys = np.linspace(0, self.grid - 1, height)
+        xs = np.linspace(0, self.grid - 1, width)
+        dx = _bicubic_grid(coarse[0], ys, xs)
+        dy = _bicubic_grid(coarse[1], ys, xs)
+        gx, gy = np.meshgrid(np.arange(width, dtype=np.float32),
+                             np.arange(height, dtype=np.float32))
+        return {"map_x": (gx + dx).astype(np.float32), "map_y": (gy + dy).astype(np.float32)}
+
+    def apply(self, img: np.ndarray, map_x=None, map_y=None, **params) -> np.ndarray:
+        return _remap(img, map_x, map_y, cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, map_x=None, map_y=None, **params) -> np.ndarray:
+        return _remap(mask, map_x, map_y, cv2.INTER_NEAREST)
+
+    def get_transform_init_args_names(self):
+        return ("grid", "std")
+
+
+def _remap(img: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, interpolation: int):
+    if img.ndim == 3 and img.shape[-1] > 4:  # cv2.remap takes at most 4 channels at once
+        return np.stack([_remap(img[..., c], map_x, map_y, interpolation)
+                         for c in range(img.shape[-1])], axis=-1)
+    out = cv2.remap(img, map_x, map_y, interpolation, borderMode=cv2.BORDER_REFLECT_101)
+    return out.reshape(img.shape)
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """Catmull-Rom (Keys, a = -0.5) weights of the 4 neighbours for fractional offsets t."""
+    a = -0.5
+    d = np.stack([1 + t, t, 1 - t, 2 - t], axis=-1)
+    w = np.where(d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1,
+                 a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a)
+    return w
+
+
+def _bicubic_grid(values: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Bicubic interpolation of a small grid at fractional grid coordinates (edge-clamped)."""
+    n = values.shape[0]
+
+    def taps(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        base = np.floor(coords).astype(int)
+        base = np.minimum(base, n - 2)
+        idx = np.clip(base[:, None] + np.arange(-1, 3)[None, :], 0, n - 1)
+        return idx, _cubic_weights(coords - base)
+
+    iy, wy = taps(ys)
+    ix, wx = taps(xs)
+    rows = np.einsum("hk,hkw->hw", wy, values[iy])          # (H, n)
+    return np.einsum("wk,hwk->hw", wx, rows[:, ix])           # (H, W)

@@ -1,6 +1,12 @@
 """Pixel-wise cross-entropy (DeepLab v2 Sec. 4: "the sum of cross-entropy terms for each
 spatial position"), with ignore index, optional class weights (SegNet Sec. 4.1, median
-frequency balancing, Eigen & Fergus 2015) and an auxiliary term (PSPNet Sec. 3.3: weight 0.4).
+frequency balancing, Eigen & Fergus 2015), an auxiliary term (PSPNet Sec. 3.3: weight 0.4),
+and optionally U-Net's weight map (Ronneberger et al. 2015, Eq. 2; losses/unet_weights.py).
+
+The U-Net map is computed here, from the batch's final masks on the CPU: it depends on the
+geometry after every augmentation (elastic deformation, crops), needs no change to the
+dataset items or to collate, and works for every dataset. Its cost (one distance transform
+per connected object) suits U-Net's data; it is off by default.
 
 Two DeepLab v2 training details (Sec. 4.1 and the released train prototxts):
 
@@ -42,13 +48,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from segtrain.errors import ConfigError
+from segtrain.losses.unet_weights import unet_weight_map
 
 
 def resize_labels(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -78,6 +86,8 @@ class CrossEntropyLoss(nn.Module):
         label_stride: None: the upsampled ``"out"`` against the full label. An integer
             (DeepLab's Caffe models: 8): ``"out_lowres"``, which must be ceil(H / stride) x
             ceil(W / stride), against the label subsampled to that size.
+        unet_weight_map: ``{w0, sigma, background}`` for U-Net's Eq. 2 weight map, or None.
+            The main term is then sum(w(x) * CE(x)) / (number of labelled pixels).
 
     The reduction is the mean over non-ignored pixels (weighted mean with class weights).
     ``required_keys``: ``{"out"}``, or ``{"out_lowres"}`` with ``label_stride``; ``"aux"`` and
@@ -87,7 +97,8 @@ class CrossEntropyLoss(nn.Module):
     required_keys = frozenset({"out"})
 
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
-                 aux_weight: float = 0.4, label_stride: int | None = None) -> None:
+                 aux_weight: float = 0.4, label_stride: int | None = None,
+                 unet_weight_map: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if label_stride is not None and (int(label_stride) != label_stride or label_stride < 1):
             raise ConfigError(f"loss.label_stride must be null or a positive integer, got "
@@ -99,6 +110,18 @@ class CrossEntropyLoss(nn.Module):
         if label_stride is not None:
             self.required_keys = frozenset({self.key})
         self._scale_key = re.compile(rf"^{self.key}_s([0-9.]+)$")
+        self.unet_map = None
+        if unet_weight_map is not None:
+            unknown = set(unet_weight_map) - {"w0", "sigma", "background"}
+            if unknown or not {"w0", "sigma"} <= set(unet_weight_map):
+                raise ConfigError(f"loss.unet_weight_map must be null or have keys w0, sigma "
+                                  f"(and optionally background), got {dict(unet_weight_map)}")
+            if class_weights is not None:
+                raise ConfigError("loss.unet_weight_map has its own class balancing (w_c); "
+                                  "set loss.class_weights=null with it")
+            self.unet_map = {"w0": float(unet_weight_map["w0"]),
+                             "sigma": float(unet_weight_map["sigma"]),
+                             "background": int(unet_weight_map.get("background", 0))}
         weight = None if class_weights is None else torch.as_tensor(
             list(class_weights), dtype=torch.float32)
         self.register_buffer("weight", weight, persistent=False)
@@ -113,6 +136,16 @@ class CrossEntropyLoss(nn.Module):
         # float32 for the softmax even under autocast
         return F.cross_entropy(logits.float(), target, weight=self.weight,
                                ignore_index=self.ignore_index)
+
+    def _unet_ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        masks = target.detach().cpu().numpy()
+        weights = np.stack([unet_weight_map(m, ignore_index=self.ignore_index, **self.unet_map)
+                            for m in masks])
+        weights = torch.from_numpy(weights).to(logits.device)
+        ce = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index,
+                             reduction="none")
+        valid = (target != self.ignore_index).sum().clamp(min=1)
+        return (weights * ce).sum() / valid
 
     def _main_logits(self, outputs: dict[str, torch.Tensor],
                      mask: torch.Tensor) -> torch.Tensor:
@@ -137,7 +170,9 @@ class CrossEntropyLoss(nn.Module):
         """``({"ce", ["ce_s<scale>", ...] ["aux"]}, their weighted sum)``: the part every loss
         shares."""
         logits = self._main_logits(outputs, mask)
-        terms = {"ce": self._ce(logits, resize_labels(mask, logits.shape[-2:]))}
+        target = resize_labels(mask, logits.shape[-2:])
+        main = self._ce if self.unet_map is None else self._unet_ce
+        terms = {"ce": main(logits, target)}
         total = terms["ce"]
         for key, scale_logits in outputs.items():
             match = self._scale_key.match(key)

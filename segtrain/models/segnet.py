@@ -18,16 +18,26 @@ present in the decoder network"; a 1x1 conv classifier (with bias). 1,416,075 pa
 for 11 classes against the 1.425M of the paper's ablation table
 (Table 1), 0.6% apart, the paper's figure being rounded and its counting rule unstated.
 
+``input_lrn`` puts the local response normalisation of the reference SegNet-Basic model
+(alexgkendall/SegNet-Tutorial ``Models/segnet_basic_train.prototxt``, layer "norm": LRN
+across channels, local_size 5, alpha 0.0001, beta 0.75, Caffe's k = 1) on the input; it has
+no parameters. The reference feeds raw 0..255 pixels, on which it is a real normalisation;
+on mean/std-normalised inputs it is close to the identity (experiment=segnet_basic_camvid
+feeds raw pixels as the reference does).
+
 Odd sizes: pooling floors, and unpooling is given the pre-pooling size (``output_size``),
 so every level recovers its exact size; inputs smaller than 2^depth are zero-padded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segtrain.errors import ConfigError
 from segtrain.models.backbones.vgg import VGG, vgg16_bn
 from segtrain.models.param_groups import backbone_head_groups, single_group
 
@@ -122,14 +132,24 @@ class SegNetBasic(nn.Module):
         channels: feature channels of every layer (64 in the paper).
         kernel_size: convolution size (7 in the paper).
         in_channels: input channels.
+        input_lrn: ``{size, alpha, beta, k}`` of an ``nn.LocalResponseNorm`` on the input
+            (the reference model's "norm" layer), or None.
     """
 
     OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
 
     def __init__(self, num_classes: int, depth: int, channels: int, kernel_size: int,
-                 in_channels: int = 3) -> None:
+                 in_channels: int = 3, input_lrn: Mapping[str, float] | None = None) -> None:
         super().__init__()
         self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
+        self.input_norm: nn.Module = nn.Identity()
+        if input_lrn is not None:
+            if not {"size", "alpha", "beta"} <= set(input_lrn) <= {"size", "alpha", "beta", "k"}:
+                raise ConfigError(f"model.input_lrn must be null or have keys size, alpha, "
+                                  f"beta (and optionally k), got {dict(input_lrn)}")
+            self.input_norm = nn.LocalResponseNorm(
+                int(input_lrn["size"]), float(input_lrn["alpha"]), float(input_lrn["beta"]),
+                float(input_lrn.get("k", 1.0)))
         self.encoders = nn.ModuleList(
             _conv_bn(in_channels if i == 0 else channels, channels, kernel_size, relu=True,
                      bias=False)
@@ -143,7 +163,7 @@ class SegNetBasic(nn.Module):
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         h, w = image.shape[-2:]
-        x = _pad_to_min(image, 2 ** len(self.encoders))
+        x = _pad_to_min(self.input_norm(image), 2 ** len(self.encoders))
         pooled = []
         for encoder in self.encoders:
             x = encoder(x)

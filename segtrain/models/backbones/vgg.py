@@ -2,7 +2,9 @@
 
 For dense prediction the pools after the output stride keep their resolution (3x3, stride 1,
 padding 1) and the following convolutions are dilated, as DeepLab v1 does with pool4/pool5
-and conv5 (Chen et al., ICLR 2015, Sec. 3.1). state_dict keys are identical to torchvision's
+and conv5 (Chen et al., ICLR 2015, Sec. 3.1). ``pool_kernel=3`` gives the strided pools of
+the released DeepLab-LargeFOV prototxt too (3x3, stride 2, padding 1, Caffe's ceil rounding)
+instead of VGG's 2x2 stride 2. state_dict keys are identical to torchvision's
 ``vgg16``/``vgg16_bn`` (``features.N``, ``classifier.{0,3,6}``), so ImageNet weights load
 with ``strict=True``.
 """
@@ -31,13 +33,17 @@ class VGG(nn.Module):
         batch_norm: VGG-16-BN when true.
         output_stride: 8, 16 or 32. At 8, pool4 and pool5 keep resolution and conv5 is
             dilated by 2; at 16, only pool5 does.
+        pool_kernel: 2 (VGG: 2x2 stride-2 pools) or 3 (DeepLab: 3x3 stride-2 pools with
+            padding 1); no parameter changes, so ImageNet weights load either way.
     """
 
     def __init__(self, batch_norm: bool = False, output_stride: int = 32,
-                 num_classes: int = 1000) -> None:
+                 num_classes: int = 1000, pool_kernel: int = 2) -> None:
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        if pool_kernel not in (2, 3):
+            raise ValueError(f"pool_kernel must be 2 (VGG) or 3 (DeepLab), got {pool_kernel}")
         self.output_stride = output_stride
         self.batch_norm = batch_norm
         layers: list[nn.Module] = []
@@ -51,7 +57,8 @@ class VGG(nn.Module):
                     layers.append(nn.MaxPool2d(3, 1, 1))
                     dilation *= 2
                 else:
-                    layers.append(nn.MaxPool2d(2, 2, ceil_mode=False))
+                    layers.append(nn.MaxPool2d(3, 2, 1, ceil_mode=True) if pool_kernel == 3
+                                  else nn.MaxPool2d(2, 2, ceil_mode=False))
                     stride *= 2
                 if pool_index >= 2:
                     self.stage_ends[f"c{pool_index}"] = len(layers)
@@ -99,9 +106,9 @@ class VGG(nn.Module):
 
 
 def vgg16(output_stride: int = 32, pretrained: str | None = None,
-          batch_norm: bool = False) -> VGG:
+          batch_norm: bool = False, pool_kernel: int = 2) -> VGG:
     """VGG-16 (or VGG-16-BN); ``pretrained`` is a path, a URL or ``"imagenet"``."""
-    model = VGG(batch_norm=batch_norm, output_stride=output_stride)
+    model = VGG(batch_norm=batch_norm, output_stride=output_stride, pool_kernel=pool_kernel)
     if pretrained == "imagenet":
         pretrained = TORCHVISION_URLS["vgg16_bn" if batch_norm else "vgg16"]
     return load_pretrained(model, pretrained)
