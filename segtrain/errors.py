@@ -1,16 +1,83 @@
 """Errors a user can fix: bad data, a bad config value, a missing or mismatched checkpoint.
 
-The entry points print a ``UserError``'s message in one or two lines and exit with status 1,
-without a traceback (``HYDRA_FULL_ERROR=1`` shows it). Anything else is a bug and keeps its
-traceback.
+A ``UserError`` is a Hydra ``CompactHydraException``: when one leaves a Hydra entry point
+(``python -m segtrain``, ``segtrain.evaluate``, ``segtrain.predict``, a single run or any job
+of a sweep), Hydra prints its message alone on stderr and exits with status 1, without a
+traceback; ``HYDRA_FULL_ERROR=1`` shows the traceback. Anything else is a bug and keeps its
+traceback. Scripts outside Hydra use ``exit_on_user_error``.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
 
-class UserError(RuntimeError):
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
+
+log = logging.getLogger("segtrain")
+
+# the line DataLoader puts before the formatted traceback of an error in a worker process
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+class UserError(CompactHydraException, RuntimeError):
     """Base class: the message names the file, key or value and what was expected."""
 
 
-class ConfigError(UserError):
-    """A config value or combination of values cannot work (e.g. a model/loss mismatch)."""
+class ConfigError(UserError, ValueError):
+    """A config value or combination of values cannot work (e.g. a model/loss mismatch).
+
+    Also a ``ValueError``, so code that checks for a bad value that way keeps working."""
+
+
+def plain_message(err: BaseException) -> str:
+    """The message of ``err``; for an error re-raised from a DataLoader worker, the worker's
+    own message instead of the worker's traceback that DataLoader puts in its place."""
+    text = str(err)
+    if _WORKER_TRACEBACK not in text:
+        return text
+    prefix = f"{type(err).__name__}: "
+    lines = text.split(_WORKER_TRACEBACK, 1)[1].splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(prefix) or line.startswith(f"{type(err).__module__}.{prefix}"):
+            return "\n".join([line.split(": ", 1)[1], *lines[i + 1:]]).strip()
+    return text
+
+
+def from_worker(err: UserError) -> UserError:
+    """``err`` with the worker's message when it came from a DataLoader worker process."""
+    message = plain_message(err)
+    if message == str(err):
+        return err
+    clean = type(err).__new__(type(err))
+    clean.args = (message,)
+    return clean
+
+
+def log_if_sweep(err: UserError) -> None:
+    """In a sweep, Hydra names only the first failed job's error at the end: each job's own
+    log gets its error (called by the Hydra entry points)."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        log.error("%s", plain_message(err))
+
+
+def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
+    """For scripts outside Hydra: a ``UserError`` prints its message and exits with 1."""
+
+    @wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {plain_message(err)}", file=sys.stderr)
+            sys.exit(1)
+
+    return wrapper

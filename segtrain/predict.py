@@ -32,6 +32,7 @@ from PIL import Image
 from segtrain.app import palette_of, pick_device
 from segtrain.data.base import read_image
 from segtrain.data.transforms import compose
+from segtrain.errors import UserError, log_if_sweep
 from segtrain.evaluate import build_model, load_run, precision_dtype
 from segtrain.viz import colorize, overlay
 
@@ -40,7 +41,7 @@ log = logging.getLogger("segtrain")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-class PredictError(RuntimeError):
+class PredictError(UserError):
     """Nothing to predict: the image folder is missing, empty, or names collide."""
 
 
@@ -129,7 +130,11 @@ def predict(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    predict(cfg)
+    try:
+        predict(cfg)
+    except UserError as err:
+        log_if_sweep(err)
+        raise
 
 
 if __name__ == "__main__":
