@@ -16,16 +16,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from segtrain.app import train
-from segtrain.errors import UserError, log_if_sweep
+from segtrain.errors import user_errors
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    try:
+    with user_errors():
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
-    except UserError as err:
-        log_if_sweep(err)
-        raise
     # the value a Hydra sweeper optimises: only the score of a finished run
     return metrics.get("miou") if metrics.get("finished") else None
 

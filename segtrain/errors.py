@@ -1,10 +1,9 @@
 """Errors a user can fix: bad data, a bad config value, a missing or mismatched checkpoint.
 
-A ``UserError`` is a Hydra ``CompactHydraException``: when one leaves a Hydra entry point
-(``python -m segtrain``, ``segtrain.evaluate``, ``segtrain.predict``, a single run or any job
-of a sweep), Hydra prints its message alone on stderr and exits with status 1, without a
-traceback; ``HYDRA_FULL_ERROR=1`` shows the traceback. Anything else is a bug and keeps its
-traceback. Scripts outside Hydra use ``exit_on_user_error``.
+The Hydra entry points (``python -m segtrain``, ``segtrain.evaluate``, ``segtrain.predict``)
+run their body in ``user_errors()``: a ``UserError`` prints ``error: <message>`` on stderr
+and exits with status 1, without a traceback (``HYDRA_FULL_ERROR=1`` shows it). Anything
+else is a bug and keeps its traceback. Scripts outside Hydra use ``exit_on_user_error``.
 """
 
 from __future__ import annotations
@@ -12,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from typing import Any
 
@@ -60,11 +60,25 @@ def from_worker(err: UserError) -> UserError:
     return clean
 
 
-def log_if_sweep(err: UserError) -> None:
-    """In a sweep, Hydra names only the first failed job's error at the end: each job's own
-    log gets its error (called by the Hydra entry points)."""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        log.error("%s", plain_message(err))
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Around the body of a Hydra entry point: a ``UserError`` ends a single run with its
+    message on stderr and exit status 1, no traceback. In a sweep it is logged in the job's
+    log and re-raised, so Hydra records that job as failed, runs the others, and names the
+    failed job's overrides and error at the end (compact: a ``CompactHydraException``).
+    ``HYDRA_FULL_ERROR=1`` re-raises it to show the traceback."""
+    try:
+        yield
+    except UserError as err:
+        message = plain_message(err)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error("%s", message)
+            raise
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+        sys.exit(1)
 
 
 def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:

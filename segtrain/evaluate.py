@@ -39,7 +39,7 @@ from segtrain import app
 from segtrain.app import build_evaluator, palette_of, pick_device
 from segtrain.engine import checkpoint, distributed
 from segtrain.engine.trainer import autocast_dtype, json_safe, resolve_precision
-from segtrain.errors import UserError, log_if_sweep
+from segtrain.errors import UserError, user_errors
 from segtrain.eval.metrics import format_table
 from segtrain.viz import comparison_strip
 
@@ -152,7 +152,7 @@ def load_run(cfg: DictConfig) -> tuple[Path, DictConfig, dict[str, Any], Path]:
 
 # -- building from the run config ----------------------------------------------------------
 def build_model(run_cfg: DictConfig, state: dict[str, Any], device: torch.device,
-                in_channels: int = 3) -> nn.Module:
+                in_channels: int = 3, source: str | Path = "the checkpoint") -> nn.Module:
     """The run's model with the checkpoint's weights, in eval mode on ``device``."""
     model_cfg = run_cfg.model.copy()
     if "pretrained" in model_cfg:
@@ -162,12 +162,7 @@ def build_model(run_cfg: DictConfig, state: dict[str, Any], device: torch.device
     # RGB-D runs (SUN RGB-D use_depth=true) need a 4-channel stem; RGB models keep the
     # constructor's default so families without an in_channels argument still build
     model = app.build_model(OmegaConf.merge(run_cfg, {"model": model_cfg}), in_channels)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise checkpoint.CheckpointError(
-            f"the checkpoint's weights do not fit the run's model {run_cfg.model._target_}: "
-            f"{err}") from err
+    checkpoint.load_model_state(model, state, source)
     return model.to(device).eval()
 
 
@@ -194,7 +189,7 @@ def evaluate(cfg: DictConfig, eval_name: str) -> dict[str, Any]:
     run_cfg.trainer.num_workers = cfg.num_workers  # build_evaluator reads it from there
     device = pick_device(cfg.device, dist.local_rank)
     val_set = app.build_val_set(run_cfg)
-    model = build_model(run_cfg, state, device, getattr(val_set, "in_channels", 3))
+    model = build_model(run_cfg, state, device, getattr(val_set, "in_channels", 3), path)
     # each rank a strided share of the images; Evaluator sums the confusion matrices
     evaluator = build_evaluator(run_cfg, val_set, dist, show_progress=dist.is_main)
     log.info("evaluating %s on %s/%s (%d images), eval=%s, device %s", run_dir,
@@ -228,11 +223,8 @@ def evaluate(cfg: DictConfig, eval_name: str) -> dict[str, Any]:
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    try:
+    with user_errors():
         result = evaluate(cfg, HydraConfig.get().runtime.choices["eval"])
-    except UserError as err:
-        log_if_sweep(err)
-        raise
     return result["miou"]  # what a sweeper over eval options compares
 
 

@@ -32,7 +32,7 @@ from PIL import Image
 from segtrain.app import palette_of, pick_device
 from segtrain.data.base import read_image
 from segtrain.data.transforms import compose
-from segtrain.errors import UserError, log_if_sweep
+from segtrain.errors import UserError, user_errors
 from segtrain.evaluate import build_model, load_run, precision_dtype
 from segtrain.viz import colorize, overlay
 
@@ -77,12 +77,12 @@ def predict(cfg: DictConfig) -> list[Path]:
         cfg: the ``conf/predict.yaml`` config (run, images, out, checkpoint, eval, ...).
     """
     files = list_images(cfg.images)  # fail on a bad folder before loading anything
-    run_dir, run_cfg, state, _ = load_run(cfg)
+    run_dir, run_cfg, state, path = load_run(cfg)
     if run_cfg.dataset.get("use_depth"):
         raise PredictError(f"the run {run_dir} was trained on RGB-D input "
                            f"(dataset.use_depth=true); predict reads RGB images only")
     device = pick_device(cfg.device)
-    model = build_model(run_cfg, state, device)
+    model = build_model(run_cfg, state, device, source=path)
     predictor = instantiate(run_cfg.eval.predictor)
     crf = instantiate(run_cfg.eval.crf) if run_cfg.eval.get("crf") else None
     transforms = compose(instantiate(run_cfg.dataset.val_transforms))
@@ -130,11 +130,8 @@ def predict(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with user_errors():
         predict(cfg)
-    except UserError as err:
-        log_if_sweep(err)
-        raise
 
 
 if __name__ == "__main__":

@@ -102,3 +102,38 @@ def load(source: str | Path, map_location: str | torch.device = "cpu") -> dict[s
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a segtrain checkpoint (no 'model' entry)")
     return state
+
+
+def _model_of(state: dict[str, Any]) -> str:
+    """The model class a checkpoint was written for, from the config stored in it."""
+    try:
+        from omegaconf import OmegaConf
+
+        return str(OmegaConf.create(state["config"]).model._target_)
+    except Exception:  # noqa: BLE001 - no config, or an unexpected one
+        return "an unknown model"
+
+
+def _listed(keys: list[str], limit: int = 3) -> str:
+    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str | Path) -> None:
+    """``model.load_state_dict(state["model"])``, or a CheckpointError saying which keys and
+    shapes differ and which model the checkpoint came from."""
+    weights, own = state["model"], model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing key(s): {_listed(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}"
+                 if unexpected else "",
+                 f"{len(shapes)} shape mismatch(es) (checkpoint vs model): {_listed(shapes)}"
+                 if shapes else ""]
+        raise CheckpointError(
+            f"checkpoint {source} holds weights of {_model_of(state)}, which do not fit "
+            f"{type(model).__name__}: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(weights)

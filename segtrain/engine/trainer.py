@@ -192,8 +192,8 @@ class Trainer:
             "config": self.config_yaml,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._bare_model.load_state_dict(state["model"])
+    def load_state_dict(self, state: dict[str, Any], source: str | Path = "") -> None:
+        checkpoint.load_model_state(self._bare_model, state, source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -204,7 +204,7 @@ class Trainer:
 
     def resume(self, source: str | Path) -> None:
         state = checkpoint.load(source, map_location="cpu")
-        self.load_state_dict(state)
+        self.load_state_dict(state, checkpoint.resolve(source))
         log.info("resumed from %s at iteration %d", checkpoint.resolve(source), self.iteration)
 
     def save(self, name: str = "last.pt", state: dict[str, Any] | None = None) -> Path | None:
