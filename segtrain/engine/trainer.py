@@ -260,7 +260,7 @@ class Trainer:
         if isinstance(err, UserError):
             err = from_worker(err)  # the worker's message, not its traceback
         last = self.run_dir / "checkpoints" / "last.pt"
-        if self._rng_done is None:  # failed before the first step of this process
+        if self._rng_done is None:  # no step completed since the start (or the resume)
             note = None
         elif not self._weights_finite():
             note = f"last.pt not saved: the weights after iteration {self.iteration} are " \
@@ -311,7 +311,7 @@ class Trainer:
         self.model.train()
         tic, done_since_log = time.perf_counter(), 0
         metrics: dict[str, Any] = {}
-        self._rng_done = rng_state()
+        self._rng_done = None  # no step of this process completed yet: nothing new to save
         # the context closes the bar even when a step raises (non-finite loss, Ctrl-C)
         with tqdm(total=self.max_iters, initial=self.iteration, desc="train",
                   disable=not self.show_progress, dynamic_ncols=True, mininterval=1.0) as bar:
