@@ -182,7 +182,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if source is not None:
         trainer.resume(source)
     metrics = trainer.fit()
-    if dist.is_main and metrics:
+    if dist.is_main and "miou" in metrics:
         log.info("final: mIoU %.4f  pixel acc %.4f  (best mIoU %.4f)  run folder %s",
                  metrics["miou"], metrics["pixel_acc"], trainer.best_miou, run_dir)
     distributed.cleanup()
