@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from segtrain.data.loader import train_loader
 from segtrain.engine import checkpoint
-from segtrain.engine.distributed import DistInfo
+from segtrain.engine.distributed import DistInfo, any_rank
 from segtrain.errors import ConfigError, UserError, from_worker
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.metrics import format_table
@@ -165,7 +165,8 @@ class Trainer:
         self.iteration = 0
         self.best_miou = -math.inf
         self.history: list[dict[str, Any]] = []
-        self._stop_signal: int | None = None
+        self._stop_signal: int | None = None  # a stop signal this process received
+        self._stopped = False  # the loop stopped early (a signal here or on another rank)
         self._rng_done: dict[str, Any] | None = None  # RNG states after the last whole step
         self.writer = None
         if self.dist.is_main:
@@ -243,15 +244,17 @@ class Trainer:
                 signal.signal(s, handler)
             if self.writer is not None:
                 self.writer.flush()
-        if self._stop_signal is not None:
+        if self._stopped and self.iteration < self.max_iters:
             self._mark_unfinished("interrupted")
             # hand the signal on (submitit's handler requeues the job and exits), then make
             # sure the run does not look finished
             handler = previous.get(self._stop_signal)
             if callable(handler):
                 handler(self._stop_signal, None)
+            cause = f"signal {self._stop_signal}" if self._stop_signal is not None else \
+                "a stop signal on another rank"
             raise TrainingInterrupted(
-                f"stopped by signal {self._stop_signal} at iteration {self.iteration}; "
+                f"stopped by {cause} at iteration {self.iteration}; "
                 f"resume with trainer.resume={self.run_dir}")
         return {**metrics, "finished": True}
 
@@ -335,13 +338,25 @@ class Trainer:
                     if not self._weights_finite():
                         self._non_finite(terms, "weights")
                     self.save("last.pt")
-                if self._stop_signal is not None:
+                if self._should_stop():
                     self.save("last.pt")
-                    log.warning("signal %d received: saved checkpoints/last.pt at iteration %d; "
-                                "resume with trainer.resume=%s", self._stop_signal, self.iteration,
-                                self.run_dir)
+                    if self.dist.is_main:
+                        log.warning("%s: saved checkpoints/last.pt at iteration %d; resume "
+                                    "with trainer.resume=%s", f"signal {self._stop_signal} "
+                                    f"received" if self._stop_signal is not None else
+                                    "another rank received a stop signal", self.iteration,
+                                    self.run_dir)
                     break
         return metrics
+
+    def _should_stop(self) -> bool:
+        """All ranks stop after the same step, whichever of them got the signal (SLURM may
+        deliver it to the tasks during different steps)."""
+        stop = self._stop_signal is not None
+        if self.dist.enabled:
+            stop = any_rank(stop, self.device)
+        self._stopped = stop
+        return stop
 
     def _step(self, batches) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
