@@ -12,8 +12,10 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -253,6 +255,13 @@ class Trainer:
                 handler(self._stop_signal, None)
             cause = f"signal {self._stop_signal}" if self._stop_signal is not None else \
                 "a stop signal on another rank"
+            if os.environ.get("SUBMITIT_FOLDER"):
+                # a submitit job (Hydra's SLURM launcher) that SLURM preempts is requeued by
+                # SLURM itself: ending without a result keeps the waiting launcher waiting for
+                # the requeued job's result, instead of recording this unfinished one
+                log.warning("stopped by %s at iteration %d: exiting without a result; the "
+                            "requeued job resumes from last.pt", cause, self.iteration)
+                sys.exit(1)
             raise TrainingInterrupted(
                 f"stopped by {cause} at iteration {self.iteration}; "
                 f"resume with trainer.resume={self.run_dir}")
