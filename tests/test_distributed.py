@@ -6,18 +6,27 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from segtrain.app import build_model
-from segtrain.engine.distributed import expand_nodelist, master_addr, master_port
-from tests.conftest import REPO, TINY, compose_config
+from segtrain.engine.distributed import (
+    DistInfo,
+    env_info,
+    expand_nodelist,
+    master_addr,
+    master_port,
+)
+from tests.conftest import CONF_DIR, REPO, TINY, compose_config
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -126,3 +135,83 @@ def test_master_address_and_port_from_slurm():
     assert master_port(env) == 10000 + 4242421 % 20000
     assert 10000 <= master_port({"SLURM_JOB_ID": "99999999"}) < 30000
     assert master_addr({}) == "127.0.0.1" and master_port({}) == 29500
+
+
+def test_slurm_task_variables_give_the_rank():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    saved = {k: os.environ.pop(k, None) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    try:
+        os.environ.update(env)
+        assert env_info() == DistInfo(rank=5, world_size=8, local_rank=1)
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+
+def test_two_node_eight_gpu_sweep_job_script(monkeypatch, tmp_path):
+    """The sbatch script of the README's 2-node, 8-GPU sweep (no cluster needed)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+    from submitit.slurm.slurm import SlurmExecutor
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True, overrides=[
+            "hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
+            "hydra.launcher.tasks_per_node=4"])
+    params = instantiate(cfg.hydra.launcher).params
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path,
+                                     slurm_max_num_timeout=params["max_num_timeout"])
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
+                                  if k not in ("max_num_timeout", "submitit_folder")})
+    script = executor._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--requeue",
+                 "--signal=USR2@120"):
+        assert f"#SBATCH {line}" in script
+
+
+def _rank_pid(run_dir: Path, rank: int) -> int | None:
+    """The pid of the segtrain process of ``rank`` training into ``run_dir``."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"hydra.run.dir={run_dir}".encode() in cmd and f"RANK={rank}".encode() in env \
+                and b"torch.distributed.run" not in cmd:
+            return int(proc.name)
+    return None
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*TORCHRUN, "-m", "segtrain", *EQUIVALENT, "trainer.batch_size=2",
+                             "trainer.max_iters=40", "trainer.checkpoint_interval=1",
+                             "trainer.eval_interval=100", f"hydra.run.dir={run}"],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline, sent = time.time() + 180, False
+        while time.time() < deadline and proc.poll() is None and not sent:
+            last = run / "checkpoints" / "last.pt"
+            if last.is_file() and torch.load(last, weights_only=True)["iteration"] >= 2:
+                pid = _rank_pid(run, 1)
+                if pid is not None:
+                    os.kill(pid, signal.SIGUSR1)  # rank 1 only
+                    sent = True
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=120)  # no rank waits forever for the other
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sent, out
+    log = (run / "train.log").read_text()
+    assert "another rank received a stop signal: saved checkpoints/last.pt" in log, log
+    stopped = int(log.split("saved checkpoints/last.pt at iteration ")[1].split(";")[0])
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == stopped
+    assert stopped < 40
+    assert "stopped by signal 10" in out and "stopped by a stop signal on another rank" in out
