@@ -83,6 +83,32 @@ def test_checkpoints_hold_tensors_and_plain_types(tiny_cfg, tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1)) == first
 
 
+def test_an_old_checkpoint_gets_a_clear_message_and_can_be_upgraded(tiny_cfg, tmp_path):
+    train(tiny_cfg("trainer.max_iters=2", "trainer.eval_interval=2"), tmp_path / "run")
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = checkpoint.load(path)
+    # what segtrain wrote before safe loading: the RNG states as Python / NumPy objects
+    state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state()}
+    torch.save(state, path)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"refused.*numpy.*scripts/upgrade_checkpoint.py .*last.pt"):
+        checkpoint.load(path)
+    proc = subprocess.run([sys.executable, "scripts/upgrade_checkpoint.py", str(path)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    upgraded = checkpoint.load(path)
+    set_rng_state(upgraded["rng"])
+    first = random.random(), np.random.rand()
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    assert (random.random(), np.random.rand()) == first
+    # and the run resumes from it
+    train(tiny_cfg("trainer.max_iters=3", "trainer.eval_interval=3", "trainer.resume=auto"),
+          tmp_path / "run")
+    assert checkpoint.load(path)["iteration"] == 3
+
+
 def test_stale_temporary_checkpoints_are_removed_at_start_and_never_accumulate(tiny_cfg,
                                                                                tmp_path):
     train(tiny_cfg("trainer.max_iters=2", "trainer.eval_interval=2"), tmp_path)

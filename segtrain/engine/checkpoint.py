@@ -95,8 +95,8 @@ def load(source: str | Path, map_location: str | torch.device = "cpu") -> dict[s
         raise CheckpointError(
             f"checkpoint {path} refused: it holds Python objects other than tensors and plain "
             f"types, and loading it could run code ({reason}). segtrain checkpoints never do; "
-            f"checkpoints of segtrain versions before safe loading hold NumPy RNG states: "
-            f"retrain, or re-save the file yourself if you trust where it came from") from None
+            f"one written by a segtrain version before safe loading (NumPy RNG states) can be "
+            f"converted, if you trust it: python scripts/upgrade_checkpoint.py {path}") from None
     except Exception as err:  # noqa: BLE001 - truncated zip, I/O error, ...
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {err}") from err
     if not isinstance(state, dict) or "model" not in state:
