@@ -3,7 +3,7 @@
 The Hydra entry points (``python -m segtrain``, ``segtrain.evaluate``, ``segtrain.predict``)
 run their body in ``user_errors()``: a ``UserError`` prints ``error: <message>`` on stderr
 and exits with status 1, without a traceback (``HYDRA_FULL_ERROR=1`` shows it). Anything
-else is a bug and keeps its traceback. Scripts outside Hydra use ``exit_on_user_error``.
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import wraps
-from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
@@ -75,23 +73,10 @@ def user_errors() -> Iterator[None]:
             raise
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             log.error("%s", message)
-            raise
+            clean = from_worker(err)
+            if clean is err:
+                raise
+            raise clean from None
         sys.stderr.write(f"error: {message}\n")
         sys.stderr.flush()
         sys.exit(1)
-
-
-def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
-    """For scripts outside Hydra: a ``UserError`` prints its message and exits with 1."""
-
-    @wraps(main)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return main(*args, **kwargs)
-        except UserError as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"error: {plain_message(err)}", file=sys.stderr)
-            sys.exit(1)
-
-    return wrapper
