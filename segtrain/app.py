@@ -12,14 +12,15 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.data.loader import eval_loader
 from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint, distributed
 from segtrain.engine.trainer import Trainer, resolve_precision, seed_everything
-from segtrain.errors import ConfigError
+from segtrain.errors import ConfigError, UserError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.models.init_from import init_from
 from segtrain.viz import default_palette
@@ -28,6 +29,17 @@ log = logging.getLogger("segtrain")
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, letting a ``UserError`` of the constructor through as it
+    is (Hydra would wrap it in a three-line 'Error in call to target' message)."""
+    try:
+        return hydra_instantiate(config, *args, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
 
 
 def dataset_config(overrides: list[str]) -> DictConfig:
@@ -45,7 +57,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={name} but CUDA is not available on this machine")
+        raise ConfigError(f"trainer.device={name} but CUDA is not available on this machine")
     return device
 
 
@@ -54,7 +66,7 @@ def _build_split(cfg: DictConfig, split: str) -> Any:
     pipeline = compose(instantiate(cfg.dataset[f"{split}_transforms"]))
     ds = instantiate(cfg.dataset[split], transforms=pipeline)
     if ds.num_classes != cfg.dataset.num_classes:
-        raise ValueError(f"dataset.num_classes={cfg.dataset.num_classes} but the {split} "
+        raise ConfigError(f"dataset.num_classes={cfg.dataset.num_classes} but the {split} "
                          f"dataset {type(ds).__name__} has {ds.num_classes} classes")
     return ds
 
@@ -138,7 +150,7 @@ def class_weights(cfg: DictConfig) -> list[float] | None:
         return None
     if isinstance(weights, str):
         if weights != "median_freq":
-            raise ValueError(f"loss.class_weights must be null, a list or 'median_freq', "
+            raise ConfigError(f"loss.class_weights must be null, a list or 'median_freq', "
                              f"got {weights!r}")
         from segtrain.data.stats import load_or_compute_class_weights
 
@@ -146,7 +158,7 @@ def class_weights(cfg: DictConfig) -> list[float] | None:
         return list(load_or_compute_class_weights(plain))
     weights = [float(w) for w in weights]
     if len(weights) != cfg.dataset.num_classes:
-        raise ValueError(f"loss.class_weights has {len(weights)} values, expected "
+        raise ConfigError(f"loss.class_weights has {len(weights)} values, expected "
                          f"dataset.num_classes={cfg.dataset.num_classes}")
     return weights
 
@@ -235,7 +247,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if source is not None:
         trainer.resume(source)
     metrics = trainer.fit()
-    if dist.is_main and metrics:
+    if dist.is_main and "miou" in metrics:
         log.info("final: mIoU %.4f  pixel acc %.4f  (best mIoU %.4f)  run folder %s",
                  metrics["miou"], metrics["pixel_acc"], trainer.best_miou, run_dir)
     distributed.cleanup()

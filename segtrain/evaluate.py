@@ -6,6 +6,7 @@
     python -m segtrain.evaluate run=outputs/<run> eval=msc eval.output_stride=8  # DeepLab v3
     python -m segtrain.evaluate run=outputs/<run> dataset.root=/data/VOCdevkit dataset.val.split=val
     python -m segtrain.evaluate -m run=outputs/<run> eval=whole,msc,msc_crf   # one table each
+    torchrun --nproc_per_node=4 -m segtrain.evaluate run=outputs/<run> eval=msc_crf  # 4 ranks
 
 The run's config (``<run>/.hydra/config.yaml``, else the resolved copy stored in its
 checkpoint) rebuilds the validation set and the model exactly as training did; the ``eval``
@@ -14,6 +15,9 @@ run's (the data moved, another split). Prints the per-class table and writes
 ``<run>/eval_<eval>.json`` (scores, confusion matrix, the eval config) and
 ``<run>/eval_<eval>_samples.png`` (image | ground truth | prediction). Hydra's own log of
 this call goes to ``<run>/eval/<time>_<eval>/``, so evaluation leaves ``outputs/`` alone.
+
+Under torchrun (or SLURM tasks) each rank scores every W-th image, the confusion matrices
+are summed across ranks, and rank 0 prints and writes: the scores equal one process's.
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ from torch import nn
 
 from segtrain import app
 from segtrain.app import build_evaluator, palette_of, pick_device
-from segtrain.engine import checkpoint
-from segtrain.engine.distributed import DistInfo
+from segtrain.engine import checkpoint, distributed
 from segtrain.engine.trainer import autocast_dtype, json_safe, resolve_precision
+from segtrain.errors import UserError, user_errors
 from segtrain.eval.metrics import format_table
 from segtrain.viz import comparison_strip
 
@@ -45,7 +49,7 @@ log = logging.getLogger("segtrain")
 SUMMARY_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou")
 
 
-class RunError(RuntimeError):
+class RunError(UserError):
     """The ``run=`` folder is missing or is not a training run (no config)."""
 
 
@@ -149,7 +153,7 @@ def load_run(cfg: DictConfig) -> tuple[Path, DictConfig, dict[str, Any], Path]:
 
 # -- building from the run config ----------------------------------------------------------
 def build_model(run_cfg: DictConfig, state: dict[str, Any], device: torch.device,
-                in_channels: int = 3) -> nn.Module:
+                in_channels: int = 3, source: str | Path = "the checkpoint") -> nn.Module:
     """The run's model with the checkpoint's weights, in eval mode on ``device``."""
     model_cfg = run_cfg.model.copy()
     if "pretrained" in model_cfg:
@@ -159,12 +163,7 @@ def build_model(run_cfg: DictConfig, state: dict[str, Any], device: torch.device
     # RGB-D runs (SUN RGB-D use_depth=true) need a 4-channel stem; RGB models keep the
     # constructor's default so families without an in_channels argument still build
     model = app.build_model(OmegaConf.merge(run_cfg, {"model": model_cfg}), in_channels)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise checkpoint.CheckpointError(
-            f"the checkpoint's weights do not fit the run's model {run_cfg.model._target_}: "
-            f"{err}") from err
+    checkpoint.load_model_state(model, state, source)
     return model.to(device).eval()
 
 
@@ -186,25 +185,31 @@ def evaluate(cfg: DictConfig, eval_name: str) -> dict[str, Any]:
         cfg: the ``conf/evaluate.yaml`` config (run, checkpoint, device, eval, dataset...).
         eval_name: the ``eval`` option's name, used in the output file names.
     """
+    dist = distributed.init()
     run_dir, run_cfg, state, path = load_run(cfg)
     run_cfg.trainer.num_workers = cfg.num_workers  # build_evaluator reads it from there
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, dist.local_rank)
     val_set = app.build_val_set(run_cfg)
-    model = build_model(run_cfg, state, device, getattr(val_set, "in_channels", 3))
-    evaluator = build_evaluator(run_cfg, val_set, DistInfo(), show_progress=True)
+    model = build_model(run_cfg, state, device, getattr(val_set, "in_channels", 3), path)
+    # each rank a strided share of the images; Evaluator sums the confusion matrices
+    evaluator = build_evaluator(run_cfg, val_set, dist, show_progress=dist.is_main)
     log.info("evaluating %s on %s/%s (%d images), eval=%s, device %s", run_dir,
              run_cfg.dataset.name, getattr(val_set, "split", "val"), len(val_set), eval_name,
              device)
     scores = evaluator.run(model, device, precision_dtype(cfg.precision, device))
-
-    table = format_table(scores, val_set.class_names)
-    print(table, flush=True)
+    distributed.cleanup()
     result = {
         "run": str(run_dir), "checkpoint": str(path), "iteration": state.get("iteration"),
         "eval": eval_name, "eval_config": OmegaConf.to_container(run_cfg.eval, resolve=True),
         "dataset": run_cfg.dataset.name, "split": getattr(val_set, "split", None),
-        "num_images": len(val_set), "class_names": list(val_set.class_names), **scores,
+        "num_images": len(val_set), "world_size": dist.world_size,
+        "class_names": list(val_set.class_names), **scores,
     }
+    if not dist.is_main:
+        return result
+
+    table = format_table(scores, val_set.class_names)
+    print(table, flush=True)
     out = run_dir / f"eval_{eval_name}.json"
     write_json(result, out)
     if evaluator.samples:
@@ -219,7 +224,8 @@ def evaluate(cfg: DictConfig, eval_name: str) -> dict[str, Any]:
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    result = evaluate(cfg, HydraConfig.get().runtime.choices["eval"])
+    with user_errors():
+        result = evaluate(cfg, HydraConfig.get().runtime.choices["eval"])
     return result["miou"]  # what a sweeper over eval options compares
 
 

@@ -32,6 +32,7 @@ from PIL import Image
 from segtrain.app import palette_of, pick_device
 from segtrain.data.base import read_image
 from segtrain.data.transforms import compose
+from segtrain.errors import UserError, user_errors
 from segtrain.eval.evaluator import check_output_stride
 from segtrain.evaluate import build_model, load_run, precision_dtype
 from segtrain.viz import colorize, overlay
@@ -41,7 +42,7 @@ log = logging.getLogger("segtrain")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-class PredictError(RuntimeError):
+class PredictError(UserError):
     """Nothing to predict: the image folder is missing, empty, or names collide."""
 
 
@@ -77,12 +78,12 @@ def predict(cfg: DictConfig) -> list[Path]:
         cfg: the ``conf/predict.yaml`` config (run, images, out, checkpoint, eval, ...).
     """
     files = list_images(cfg.images)  # fail on a bad folder before loading anything
-    run_dir, run_cfg, state, _ = load_run(cfg)
+    run_dir, run_cfg, state, path = load_run(cfg)
     if run_cfg.dataset.get("use_depth"):
         raise PredictError(f"the run {run_dir} was trained on RGB-D input "
                            f"(dataset.use_depth=true); predict reads RGB images only")
     device = pick_device(cfg.device)
-    model = build_model(run_cfg, state, device)
+    model = build_model(run_cfg, state, device, source=path)
     output_stride = run_cfg.eval.get("output_stride")  # eval.output_stride, as evaluate does
     check_output_stride(model, output_stride)
     if output_stride is not None:
@@ -134,7 +135,8 @@ def predict(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    predict(cfg)
+    with user_errors():
+        predict(cfg)
 
 
 if __name__ == "__main__":

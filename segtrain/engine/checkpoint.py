@@ -1,9 +1,19 @@
-"""Atomic checkpoints: written to a temporary file in the same folder, flushed to disk, then
-renamed over the target, so a kill during a write leaves the previous file intact."""
+"""Atomic, safe checkpoints.
+
+Written to a temporary file in the same folder, flushed to disk, then renamed over the
+target, so a kill during a write leaves the previous file intact; the temporary files a
+``kill -9`` leaves behind are removed by the next write and when a run starts.
+
+A checkpoint holds tensors and plain types only (dicts, lists, numbers, strings) and is read
+with ``torch.load(weights_only=True)``: a file whose pickle would build any other object
+(and could run code while doing so) is refused before anything in it runs.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,14 +22,42 @@ import torch
 
 from segtrain.errors import UserError
 
+log = logging.getLogger("segtrain")
+
+#: the checkpoint files the trainer writes; their temporaries are ``.<name>.<random>.tmp``
+NAMES = ("last.pt", "best.pt")
+
 
 class CheckpointError(UserError):
-    """A checkpoint is missing, unreadable or not a segtrain checkpoint."""
+    """A checkpoint is missing, unreadable, unsafe or not a segtrain checkpoint."""
+
+
+def _temporaries(folder: Path, name: str) -> list[Path]:
+    return sorted(folder.glob(f".{name}.*.tmp"))
+
+
+def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...] = NAMES) -> list[Path]:
+    """Delete the temporary files that killed writes of ``names`` left in ``folder``.
+
+    Only the writing process (rank 0 of the run that owns ``folder``) may call this: a
+    temporary file of a write in progress looks the same as a stale one.
+    """
+    removed = []
+    for name in names:
+        for tmp in _temporaries(Path(folder), name):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    if removed:
+        log.info("removed %d stale temporary checkpoint file(s) in %s: %s", len(removed),
+                 folder, ", ".join(p.name for p in removed))
+    return removed
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # one writer per file: any temporary of this name is left over from a killed write
+    remove_stale_temporaries(path.parent, (path.name,))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -49,9 +87,53 @@ def load(source: str | Path, map_location: str | torch.device = "cpu") -> dict[s
     """Load a checkpoint written by ``save_atomic``, with a clear error when it is not one."""
     path = resolve(source)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - truncated zip, pickle error, ...
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message names the first global the file wanted to build
+        found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        reason = found[0].rstrip(".") if found else "not a plain-types pickle"
+        raise CheckpointError(
+            f"checkpoint {path} refused: it holds Python objects other than tensors and plain "
+            f"types, and loading it could run code ({reason}). segtrain checkpoints never do; "
+            f"one written by a segtrain version before safe loading (NumPy RNG states) can be "
+            f"converted, if you trust it: python scripts/upgrade_checkpoint.py {path}") from None
+    except Exception as err:  # noqa: BLE001 - truncated zip, I/O error, ...
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {err}") from err
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a segtrain checkpoint (no 'model' entry)")
     return state
+
+
+def _model_of(state: dict[str, Any]) -> str:
+    """The model class a checkpoint was written for, from the config stored in it."""
+    try:
+        from omegaconf import OmegaConf
+
+        return str(OmegaConf.create(state["config"]).model._target_)
+    except Exception:  # noqa: BLE001 - no config, or an unexpected one
+        return "an unknown model"
+
+
+def _listed(keys: list[str], limit: int = 3) -> str:
+    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str | Path) -> None:
+    """``model.load_state_dict(state["model"])``, or a CheckpointError saying which keys and
+    shapes differ and which model the checkpoint came from."""
+    weights, own = state["model"], model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing key(s): {_listed(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}"
+                 if unexpected else "",
+                 f"{len(shapes)} shape mismatch(es) (checkpoint vs model): {_listed(shapes)}"
+                 if shapes else ""]
+        raise CheckpointError(
+            f"checkpoint {source} holds weights of {_model_of(state)}, which do not fit "
+            f"{type(model).__name__}: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(weights)

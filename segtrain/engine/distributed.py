@@ -1,13 +1,18 @@
 """Process-group set-up from the environment that torchrun or SLURM provides.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT. Under SLURM without torchrun
-(one task per GPU, ``srun``), SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are used and the
-master address is the first host of SLURM_JOB_NODELIST (submitit sets MASTER_ADDR too).
+(one task per GPU, ``srun``), SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are used; when
+MASTER_ADDR is not set, the master is the first host of SLURM_JOB_NODELIST, expanded as
+``scontrol show hostnames`` does (``gpu[01-04]`` -> gpu01), and when MASTER_PORT is not set
+the port is ``10000 + SLURM_JOB_ID % 20000`` (10000..29999: below Linux's ephemeral range
+32768..60999, and two jobs sharing a node get different ports unless their ids are 20000
+apart).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -39,15 +44,68 @@ def env_info() -> DistInfo:
     return DistInfo()
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets: ``a[1,2],b`` -> ``a[1,2]``, ``b``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_range(spec: str, nodelist: str) -> list[str]:
+    """``1,3-5`` -> 1, 3, 4, 5; ``01-03`` keeps the zero padding: 01, 02, 03."""
+    out = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
+        if not m:
+            raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r}: cannot read the range [{spec}]")
+        lo, hi = m.group(1), m.group(2) or m.group(1)
+        width = len(lo) if lo.startswith("0") else 0
+        out += [str(n).zfill(width) for n in range(int(lo), int(hi) + 1)]
+    return out
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """The host names of a SLURM node list, in order, as ``scontrol show hostnames`` prints.
+
+    ``node[01-04]`` -> node01..node04, ``a1,b2`` -> a1, b2, ``gpu[1,3-5]`` -> gpu1, gpu3,
+    gpu4, gpu5, ``rack[1-2]-gpu[01-02]`` -> rack1-gpu01, rack1-gpu02, rack2-gpu01, ...
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        names = [""]
+        for text, spec in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", item):
+            if not text and not spec:
+                continue
+            options = _expand_range(spec, nodelist) if spec else [""]
+            names = [n + text + o for n in names for o in options]
+        hosts += names
+    return hosts
+
+
+def master_addr(env: os._Environ | dict) -> str:
+    """The first host of SLURM_JOB_NODELIST (SLURM_NODELIST), else the local host."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    return expand_nodelist(nodelist)[0] if nodelist else "127.0.0.1"
+
+
+def master_port(env: os._Environ | dict) -> int:
+    """``10000 + SLURM_JOB_ID % 20000`` under SLURM (see the module docstring), else 29500."""
+    job_id = re.match(r"\d+", env.get("SLURM_JOB_ID", ""))
+    return 10000 + int(job_id.group()) % 20000 if job_id else 29500
+
+
 def init(backend: str | None = None) -> DistInfo:
     """Initialise the default process group when the environment asks for several ranks."""
     info = env_info()
     if not info.enabled or dist.is_initialized():
         return info
-    if "MASTER_ADDR" not in os.environ:
-        nodes = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        os.environ["MASTER_ADDR"] = nodes.split(",")[0].split("[")[0]
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_ADDR", master_addr(os.environ))
+    os.environ.setdefault("MASTER_PORT", str(master_port(os.environ)))
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
@@ -66,6 +124,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one tiny all-reduce)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def cleanup() -> None:

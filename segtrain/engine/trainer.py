@@ -12,8 +12,10 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +29,8 @@ from tqdm import tqdm
 
 from segtrain.data.loader import train_loader
 from segtrain.engine import checkpoint
-from segtrain.engine.distributed import DistInfo
+from segtrain.engine.distributed import DistInfo, any_rank
+from segtrain.errors import ConfigError, UserError, from_worker
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.metrics import format_table
 from segtrain.viz import comparison_strip
@@ -37,12 +40,14 @@ log = logging.getLogger("segtrain")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the last good state was checkpointed."""
 
 
-class TrainingInterrupted(RuntimeError):
-    """A stop signal arrived; last.pt holds the state to resume from."""
+class TrainingInterrupted(UserError):
+    """A stop signal arrived; last.pt holds the state to resume from. The run is unfinished:
+    raising (instead of returning the scores reached so far) keeps a sweep from taking
+    them for the run's result."""
 
 
 # SIGTERM: kill / SLURM preemption; SIGUSR1, SIGUSR2: SLURM's warning before the time limit
@@ -64,7 +69,7 @@ def json_safe(value: Any) -> Any:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 on CUDA that supports it (else fp16), fp32 on CPU."""
     if precision not in PRECISIONS:
-        raise ValueError(f"trainer.precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ConfigError(f"trainer.precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -77,7 +82,12 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG state as tensors and plain types (checkpoints load with weights_only)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -85,8 +95,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -134,7 +147,7 @@ class Trainer:
                  config_yaml: str = "", dist: DistInfo | None = None,
                  show_progress: bool = True) -> None:
         if iter_size < 1:
-            raise ValueError(f"trainer.iter_size must be >= 1, got {iter_size}")
+            raise ConfigError(f"trainer.iter_size must be >= 1, got {iter_size}")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         self.train_set, self.evaluator = train_set, evaluator
@@ -154,9 +167,13 @@ class Trainer:
         self.iteration = 0
         self.best_miou = -math.inf
         self.history: list[dict[str, Any]] = []
-        self._stop_signal: int | None = None
+        self._stop_signal: int | None = None  # a stop signal this process received
+        self._stopped = False  # the loop stopped early (a signal here or on another rank)
+        self._rng_done: dict[str, Any] | None = None  # RNG states after the last whole step
         self.writer = None
         if self.dist.is_main:
+            # kill -9 during a write leaves .last.pt.*.tmp files: this run owns the folder
+            checkpoint.remove_stale_temporaries(self.run_dir / "checkpoints")
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
 
@@ -165,7 +182,7 @@ class Trainer:
     def _bare_model(self) -> nn.Module:
         return getattr(self.model, "module", self.model)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "model": self._bare_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -174,12 +191,12 @@ class Trainer:
             "iteration": self.iteration,
             "best_miou": self.best_miou,
             "history": self.history,
-            "rng": rng_state(),
+            "rng": rng or rng_state(),
             "config": self.config_yaml,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._bare_model.load_state_dict(state["model"])
+    def load_state_dict(self, state: dict[str, Any], source: str | Path = "") -> None:
+        checkpoint.load_model_state(self._bare_model, state, source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -190,7 +207,7 @@ class Trainer:
 
     def resume(self, source: str | Path) -> None:
         state = checkpoint.load(source, map_location="cpu")
-        self.load_state_dict(state)
+        self.load_state_dict(state, checkpoint.resolve(source))
         log.info("resumed from %s at iteration %d", checkpoint.resolve(source), self.iteration)
 
     def save(self, name: str = "last.pt", state: dict[str, Any] | None = None) -> Path | None:
@@ -209,30 +226,94 @@ class Trainer:
         self._stop_signal = signum
 
     def fit(self) -> dict[str, Any]:
-        """Train from ``self.iteration`` to ``max_iters``; returns the final metrics."""
+        """Train from ``self.iteration`` to ``max_iters``; returns the final metrics with
+        ``"finished": True``. A stop signal raises ``TrainingInterrupted``; any other
+        exception first saves last.pt of the last completed step (when its weights are
+        finite) and says so."""
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             metrics = self._fit()
+        except NonFiniteLossError:
+            self._mark_unfinished("failed")
+            raise  # it kept the last good checkpoint itself
+        except (Exception, KeyboardInterrupt) as err:
+            clean = self._save_after_failure(err)
+            if clean is err:
+                raise
+            raise clean from err
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if self.writer is not None:
                 self.writer.flush()
-        if self._stop_signal is not None:
-            # hand the signal on (submitit's handler requeues the job), then make sure the
-            # run does not look finished
+        if self._stopped and self.iteration < self.max_iters:
+            self._mark_unfinished("interrupted")
+            # hand the signal on (submitit's handler requeues the job and exits), then make
+            # sure the run does not look finished
             handler = previous.get(self._stop_signal)
             if callable(handler):
                 handler(self._stop_signal, None)
+            cause = f"signal {self._stop_signal}" if self._stop_signal is not None else \
+                "a stop signal on another rank"
+            if os.environ.get("SUBMITIT_FOLDER"):
+                # a submitit job (Hydra's SLURM launcher) that SLURM preempts is requeued by
+                # SLURM itself: ending without a result keeps the waiting launcher waiting for
+                # the requeued job's result, instead of recording this unfinished one
+                log.warning("stopped by %s at iteration %d: exiting without a result; the "
+                            "requeued job resumes from last.pt", cause, self.iteration)
+                sys.exit(1)
             raise TrainingInterrupted(
-                f"stopped by signal {self._stop_signal} at iteration {self.iteration}; "
+                f"stopped by {cause} at iteration {self.iteration}; "
                 f"resume with trainer.resume={self.run_dir}")
-        return metrics
+        return {**metrics, "finished": True}
+
+    def _save_after_failure(self, err: BaseException) -> BaseException:
+        """Save last.pt of the last completed step; the error to raise says what was kept."""
+        if isinstance(err, UserError):
+            err = from_worker(err)  # the worker's message, not its traceback
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if self._rng_done is None:  # no step completed since the start (or the resume)
+            note = None
+        elif not self._weights_finite():
+            note = f"last.pt not saved: the weights after iteration {self.iteration} are " \
+                   f"not finite"
+        else:
+            try:
+                self.save("last.pt", self.state_dict(rng=self._rng_done))
+                note = f"saved {last} at iteration {self.iteration} (the last completed " \
+                       f"step): resume with trainer.resume={self.run_dir}"
+            except Exception as save_err:  # noqa: BLE001 - report the first error
+                note = f"could not save last.pt ({save_err})"
+        self._mark_unfinished("failed")
+        if note and self.dist.is_main:
+            log.error("training stopped by %s at iteration %d; %s", type(err).__name__,
+                      self.iteration, note)
+            if isinstance(err, UserError) and len(err.args) == 1:
+                # the one or two lines the entry point prints
+                err.args = (f"{err.args[0]}\n{note}",)
+        return err
+
+    def _mark_unfinished(self, status: str) -> None:
+        """metrics.json, if written, says the run stopped before max_iters."""
+        path = self.run_dir / "metrics.json"
+        if not self.dist.is_main or not path.is_file():
+            return
+        data = json.loads(path.read_text())
+        data.update(finished=False, status=status, stopped_at=self.iteration)
+        tmp = self.run_dir / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
 
     def _fit(self) -> dict[str, Any]:
         if self.iteration >= self.max_iters:
             log.info("nothing to do: the run is at iteration %d of trainer.max_iters=%d "
                      "(raise max_iters to train further)", self.iteration, self.max_iters)
+            # a requeued job whose run had already finished reports the final scores
+            saved = self.run_dir / "metrics.json"
+            if saved.is_file():
+                data = json.loads(saved.read_text())
+                if data.get("finished") and data.get("iteration") == self.iteration:
+                    return data
             return {}
         loader = train_loader(self.train_set, self.batch_size, self.num_workers, self.seed,
                               start_iter=self.iteration * self.iter_size,
@@ -242,12 +323,14 @@ class Trainer:
         self.model.train()
         tic, done_since_log = time.perf_counter(), 0
         metrics: dict[str, Any] = {}
+        self._rng_done = None  # no step of this process completed yet: nothing new to save
         # the context closes the bar even when a step raises (non-finite loss, Ctrl-C)
         with tqdm(total=self.max_iters, initial=self.iteration, desc="train",
                   disable=not self.show_progress, dynamic_ncols=True, mininterval=1.0) as bar:
             while self.iteration < self.max_iters:
                 terms = self._step(batches)
                 self.iteration += 1
+                self._rng_done = rng_state()
                 done_since_log += 1
                 lr = self.optimizer.param_groups[0]["lr"]
                 bar.update(1)
@@ -264,13 +347,25 @@ class Trainer:
                     if not self._weights_finite():
                         self._non_finite(terms, "weights")
                     self.save("last.pt")
-                if self._stop_signal is not None:
+                if self._should_stop():
                     self.save("last.pt")
-                    log.warning("signal %d received: saved checkpoints/last.pt at iteration %d; "
-                                "resume with trainer.resume=%s", self._stop_signal, self.iteration,
-                                self.run_dir)
+                    if self.dist.is_main:
+                        log.warning("%s: saved checkpoints/last.pt at iteration %d; resume "
+                                    "with trainer.resume=%s", f"signal {self._stop_signal} "
+                                    f"received" if self._stop_signal is not None else
+                                    "another rank received a stop signal", self.iteration,
+                                    self.run_dir)
                     break
         return metrics
+
+    def _should_stop(self) -> bool:
+        """All ranks stop after the same step, whichever of them got the signal (SLURM may
+        deliver it to the tasks during different steps)."""
+        stop = self._stop_signal is not None
+        if self.dist.enabled:
+            stop = any_rank(stop, self.device)
+        self._stopped = stop
+        return stop
 
     def _step(self, batches) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -359,7 +454,11 @@ class Trainer:
             self.save("best.pt", {"model": self._bare_model.state_dict(),
                                   "iteration": self.iteration, "metrics": summary,
                                   "config": self.config_yaml})
-        result = {"iteration": self.iteration, "best_miou": self.best_miou,
+        finished = self.iteration >= self.max_iters
+        # "finished" is what tells a final score from the partial one of a stopped run
+        result = {"iteration": self.iteration, "max_iters": self.max_iters,
+                  "finished": finished, "status": "finished" if finished else "running",
+                  "best_miou": self.best_miou,
                   "class_names": list(self.class_names), **scores, "history": self.history}
         tmp = self.run_dir / ".metrics.json.tmp"
         tmp.write_text(json.dumps(json_safe(result), indent=2))
