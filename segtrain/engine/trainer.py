@@ -321,19 +321,23 @@ class Trainer:
 
     def _read_terms(self, steps: int) -> dict[str, float]:
         """Mean loss terms over the last ``steps`` steps: the one host sync of a log interval."""
-        terms = {k: float(v) / steps for k, v in self._sums.items()}
+        if not self._sums:
+            return {}
+        values = torch.stack(list(self._sums.values())).tolist()  # one transfer for all terms
+        terms = {k: v / steps for k, v in zip(self._sums, values)}
         self._sums = {}
         return terms
 
     def _weights_finite_flag(self) -> torch.Tensor:
-        """One fused check of every floating tensor of the model, as a device bool: the norm
-        of a tensor is NaN or inf when one of its values is (or when it overflows float32,
-        around 1e19 per value, which a trainable network never reaches)."""
-        tensors = [t for t in self._bare_model.state_dict().values() if t.is_floating_point()]
+        """One fused check of every floating tensor of the model, as a device bool: the
+        max-abs (infinity) norm of a tensor is NaN or inf exactly when one of its values is,
+        and a multi-tensor kernel computes all of them at once."""
+        tensors = [t for t in self._bare_model.state_dict().values()
+                   if t.is_floating_point() and t.numel()]
         flags = []
         for dtype in {t.dtype for t in tensors}:  # _foreach_norm wants one dtype per call
-            norms = torch._foreach_norm([t for t in tensors if t.dtype == dtype])
-            flags.append(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+            norms = torch._foreach_norm([t for t in tensors if t.dtype == dtype], math.inf)
+            flags.append(torch.isfinite(torch.stack(norms)).all())
         return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
     def _weights_finite(self) -> bool:
