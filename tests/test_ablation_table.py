@@ -115,4 +115,6 @@ def test_every_paper_file_names_an_experiment_and_confirms_its_rows():
               "deeplabv2_resnet_ablation", "segnet_basic_camvid"}
     experiments = {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")}
     assert {p.stem for p in paper_dir.glob("*.yml")} <= experiments | others
-    assert experiments <= {p.stem for p in paper_dir.glob("*.yml")}
+    # every paper protocol has its file; camvid_* are our own CPU-budget runs, no paper's
+    papers = {e for e in experiments if not e.startswith("camvid_")}
+    assert papers <= {p.stem for p in paper_dir.glob("*.yml")}
