@@ -46,3 +46,12 @@ def test_bare_loop_and_trainer_train_on_the_same_batches(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert state["iteration"] == 5
     assert bench.trainer_module.train_loader is bench.train_loader  # the loader is put back
+
+
+def test_paired_ratio_is_the_median_of_the_rounds():
+    rates = {"trainer": [2.0, 4.0, 9.0], "bare": [1.0, 4.0, 3.0]}  # rounds: 2, 1, 3
+    assert bench.paired_ratio(rates, "trainer", "bare") == 2.0
+    calls = []
+    rounds = bench.alternate({"a": lambda: calls.append("a") or 1.0,
+                              "b": lambda: calls.append("b") or 2.0}, 2)
+    assert calls == ["a", "b", "a", "b"] and rounds == {"a": [1.0, 1.0], "b": [2.0, 2.0]}
