@@ -61,8 +61,12 @@ def run_status(metrics: dict | None, max_iters: int | None) -> str:
 def collect(sweep: Path) -> list[dict]:
     """One dict per run folder: name, overrides, experiment, metrics (or None), status."""
     runs = []
-    for overrides_file in sorted(sweep.glob("*/.hydra/overrides.yaml")):
-        run = overrides_file.parent.parent
+    # recursive: an override with a path (dataset.root=/data/VOC) nests Hydra's subdir name;
+    # folders inside a run (segtrain.evaluate's eval/<...>/.hydra) are not runs of the sweep
+    found = sorted(f.parent.parent for f in sweep.glob("**/.hydra/overrides.yaml"))
+    run_dirs = [r for r in found if not any(o != r and o in r.parents for o in found)]
+    for run in run_dirs:
+        overrides_file = run / ".hydra" / "overrides.yaml"
         overrides = dict(o.split("=", 1) for o in _read_yaml(overrides_file) or [] if "=" in o)
         overrides = {k.lstrip("+~"): v for k, v in overrides.items()}
         hydra_cfg = _read_yaml(run / ".hydra" / "hydra.yaml") or {}
@@ -72,8 +76,9 @@ def collect(sweep: Path) -> list[dict]:
         max_iters = config.get("trainer", {}).get("max_iters")
         metrics_file = run / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-        runs.append({"run": run.name, "overrides": overrides, "experiment": experiment,
-                     "metrics": metrics, "status": run_status(metrics, max_iters)})
+        runs.append({"run": str(run.relative_to(sweep)), "overrides": overrides,
+                     "experiment": experiment, "metrics": metrics,
+                     "status": run_status(metrics, max_iters)})
     if not runs:
         raise SystemExit(f"{sweep}: no run folders with .hydra/overrides.yaml found; pass the "
                          f"sweep folder Hydra printed (outputs/multirun/<date>/<time>)")

@@ -93,7 +93,11 @@ def test_failed_and_unfinished_runs_show_as_such(sweep, tmp_path):
     (step / "metrics.json").write_text(json.dumps(metrics))
     flagged = {**metrics, "iteration": 6, "finished": False}  # i9's explicit marker
     (bad / "metrics.json").write_text(json.dumps(flagged))
+    # Hydra folders of segtrain.evaluate inside a run are not runs of the sweep
+    (poly / "eval" / "x_msc" / ".hydra").mkdir(parents=True)
+    shutil.copy(step / ".hydra" / "overrides.yaml", poly / "eval" / "x_msc" / ".hydra")
     header, rows = ablation_table.table(ablation_table.collect(copy), _paper_dir(tmp_path))
+    assert len([r for r in rows if r[header.index("status")] != "not run"]) == 3
     status = {r[0]: r[header.index("status")] for r in rows}
     assert status[poly.name] == "failed (no metrics.json)"
     assert status[step.name] == "unfinished (iteration 3 of 6)"
