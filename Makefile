@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # PyTorch's CPU index. A machine with an NVIDIA driver gets the default (CUDA) wheel.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install test test-slow lint train clean
+.PHONY: install test test-slow lint train bench clean
 
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
@@ -39,6 +39,9 @@ lint:
 
 train:
 	$(BIN)/python -m segtrain
+
+bench:    ## segtrain against a bare PyTorch loop, data, eval modes, CPU knobs (scripts/bench.py)
+	$(BIN)/python scripts/bench.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

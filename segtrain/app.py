@@ -242,7 +242,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         checkpoint_interval=t.checkpoint_interval, seed=cfg.seed, device=device,
         class_names=val_set.class_names, palette=palette_of(val_set, cfg.dataset.num_classes),
         ignore_index=cfg.dataset.ignore_index,
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist)
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist,
+        compile=t.compile, channels_last=t.channels_last)
     source = resume_source(t.resume, run_dir)
     if source is not None:
         trainer.resume(source)

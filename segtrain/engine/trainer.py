@@ -130,11 +130,16 @@ class Trainer:
         iter_size: micro-batches accumulated per step (DeepLab v2: 10).
         precision: fp32 | bf16 | fp16 | auto.
         clip_grad_norm: max gradient norm, or None.
-        eval_interval, log_interval, checkpoint_interval: in iterations.
+        eval_interval, log_interval, checkpoint_interval: in iterations. Loss terms are
+            summed on the device and read (one host sync) every ``log_interval`` steps,
+            where the mean over the interval is logged; a non-finite loss is caught there
+            or at the next checkpoint or evaluation, whichever comes first.
         seed: fixes initialisation, data order and augmentation.
         class_names, palette, ignore_index: for tables and figures.
         config_yaml: the resolved config, stored in checkpoints.
         dist: the distributed position.
+        compile: train through ``torch.compile(model)`` (evaluation uses the eager model).
+        channels_last: NHWC memory format for the model and its input batches.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
@@ -145,10 +150,16 @@ class Trainer:
                  checkpoint_interval: int, seed: int, device: torch.device,
                  class_names: Sequence[str], palette: np.ndarray, ignore_index: int,
                  config_yaml: str = "", dist: DistInfo | None = None,
-                 show_progress: bool = True) -> None:
+                 show_progress: bool = True, compile: bool = False,
+                 channels_last: bool = False) -> None:
         if iter_size < 1:
             raise ConfigError(f"trainer.iter_size must be >= 1, got {iter_size}")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        # the compiled module shares the parameters; checkpoints and evaluation use the eager one
+        self.train_model = torch.compile(model) if compile else model
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         self.train_set, self.evaluator = train_set, evaluator
         self.run_dir = Path(run_dir)
@@ -324,28 +335,34 @@ class Trainer:
         tic, done_since_log = time.perf_counter(), 0
         metrics: dict[str, Any] = {}
         self._rng_done = None  # no step of this process completed yet: nothing new to save
+        # loss terms summed on the device since the last log, and the first iteration whose
+        # loss was not finite (-1: none); both are read only at log/eval/checkpoint time
+        self._sums: dict[str, torch.Tensor] = {}
+        self._bad_iter = torch.full((), -1, dtype=torch.long, device=self.device)
         # the context closes the bar even when a step raises (non-finite loss, Ctrl-C)
         with tqdm(total=self.max_iters, initial=self.iteration, desc="train",
                   disable=not self.show_progress, dynamic_ncols=True, mininterval=1.0) as bar:
             while self.iteration < self.max_iters:
-                terms = self._step(batches)
+                self._step(batches)
                 self.iteration += 1
                 self._rng_done = rng_state()
                 done_since_log += 1
-                lr = self.optimizer.param_groups[0]["lr"]
                 bar.update(1)
-                bar.set_postfix(loss=f"{terms['total']:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if self.iteration % self.log_interval == 0 or self.iteration == self.max_iters:
+                last = self.iteration == self.max_iters
+                if self.iteration % self.log_interval == 0 or last:
                     rate = done_since_log / max(time.perf_counter() - tic, 1e-9)
+                    terms = self._read_terms(done_since_log)
+                    bar.set_postfix(loss=f"{terms['total']:.4f}",
+                                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                    refresh=False)
                     self._log_train(terms, rate)
                     tic, done_since_log = time.perf_counter(), 0
-                last = self.iteration == self.max_iters
                 due = self.iteration % self.eval_interval == 0 or last
                 if self.evaluator is not None and due:
+                    self._check_finite(weights=False)
                     metrics = self.evaluate()
                 if self.iteration % self.checkpoint_interval == 0 or last:
-                    if not self._weights_finite():
-                        self._non_finite(terms, "weights")
+                    self._check_finite(weights=True)
                     self.save("last.pt")
                 if self._should_stop():
                     self.save("last.pt")
@@ -367,37 +384,75 @@ class Trainer:
         self._stopped = stop
         return stop
 
-    def _step(self, batches) -> dict[str, float]:
+    def _step(self, batches) -> None:
+        """One optimizer step; adds its loss terms to ``self._sums`` without a host sync."""
         self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
+        total = None
         for micro in range(self.iter_size):
             batch = next(batches)
-            image = batch["image"].to(self.device, non_blocking=True)
+            image = batch["image"].to(self.device, non_blocking=True,
+                                      memory_format=self.memory_format)
             batch["mask"] = batch["mask"].to(self.device, non_blocking=True)
             sync = micro == self.iter_size - 1 or not hasattr(self.model, "no_sync")
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self._autocast():
-                    outputs = self.model(image)
+                    outputs = self.train_model(image)
                     terms = self.loss_fn(outputs, batch)
                 loss = terms["total"] / self.iter_size
-                if not torch.isfinite(loss):
-                    self._non_finite(terms)
                 self.scaler.scale(loss).backward()
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) / self.iter_size
+                v = v.detach().float() / self.iter_size
+                self._sums[k] = self._sums[k] + v if k in self._sums else v
+            total = loss.detach() if total is None else total + loss.detach()
+        # remember the first non-finite step on the device (no sync); _check_finite reads it
+        self._bad_iter = torch.where((self._bad_iter < 0) & ~torch.isfinite(total),
+                                     self.iteration, self._bad_iter)
         if self.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return sums
+
+    def _read_terms(self, steps: int) -> dict[str, float]:
+        """Mean loss terms over the last ``steps`` steps: the one host sync of a log interval."""
+        if not self._sums:
+            return {}
+        values = torch.stack(list(self._sums.values())).tolist()  # one transfer for all terms
+        terms = {k: v / steps for k, v in zip(self._sums, values)}
+        self._sums = {}
+        return terms
+
+    def _weights_finite_flag(self) -> torch.Tensor:
+        """One fused check of every floating tensor of the model, as a device bool: the
+        max-abs (infinity) norm of a tensor is NaN or inf exactly when one of its values is,
+        and a multi-tensor kernel computes all of them at once."""
+        tensors = [t for t in self._bare_model.state_dict().values()
+                   if t.is_floating_point() and t.numel()]
+        flags = []
+        for dtype in {t.dtype for t in tensors}:  # _foreach_norm wants one dtype per call
+            norms = torch._foreach_norm([t for t in tensors if t.dtype == dtype], math.inf)
+            flags.append(torch.isfinite(torch.stack(norms)).all())
+        return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
     def _weights_finite(self) -> bool:
-        state = self._bare_model.state_dict()
-        return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+        return bool(self._weights_finite_flag())
 
-    def _non_finite(self, terms: dict, what: str = "loss") -> None:
+    def _check_finite(self, weights: bool) -> None:
+        """Raise NonFiniteLossError if a loss since the last check (or the weights, when
+        ``weights``) is not finite; one host sync."""
+        bad_iter = self._bad_iter
+        if weights:
+            # -2: the losses were finite but the weights are not
+            flag = self._weights_finite_flag().to(bad_iter.device)
+            bad_iter = torch.where((bad_iter < 0) & ~flag, -2, bad_iter)
+        bad = int(bad_iter)
+        if bad == -2:
+            self._non_finite(self._read_terms(1), "weights")
+        elif bad >= 0:
+            self._non_finite(self._read_terms(1), "loss", at=bad + 1)
+
+    def _non_finite(self, terms: dict, what: str = "loss", at: int | None = None) -> None:
         values = {k: float(v) for k, v in terms.items()}
         last = self.run_dir / "checkpoints" / "last.pt"
         if self._weights_finite():
@@ -410,7 +465,7 @@ class Trainer:
                     f"{checkpoint.load(last)['iteration']} is kept.")
         else:
             kept = "The weights are no longer finite and no checkpoint was written yet."
-        at = self.iteration + (1 if what == "loss" else 0)
+        at = at if at is not None else self.iteration + (1 if what == "loss" else 0)
         raise NonFiniteLossError(
             f"non-finite {what} at iteration {at} (loss terms {values}). {kept} Try a lower "
             f"optim.lr, trainer.clip_grad_norm, or trainer.precision=fp32.")

@@ -1,0 +1,60 @@
+"""scripts/plot_runs.py on two tiny runs of a real sweep: the curves come from the run
+folders (metrics.json history, TensorBoard, train.log) and the PNG is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, TINY
+
+sys.path.insert(0, str(REPO / "scripts"))
+import plot_runs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("plot") / "multirun"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "segtrain", "-m", "lr=poly,step", *TINY,
+            f"hydra.sweep.dir={root}", "hydra.sweep.subdir=${hydra.job.num}"]
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
+def test_curves_come_from_the_run_folders(runs, tmp_path):
+    run = runs[0]
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    its, miou = plot_runs.miou_curve(run)
+    assert its == [3, 6]  # TINY: eval_interval 3, max_iters 6
+    assert miou == pytest.approx([100 * h["miou"] for h in history])
+    steps, loss = plot_runs.loss_curve(run)
+    assert steps == [2, 4, 6] and all(np.isfinite(loss))  # TINY: log_interval 2
+    # without tb/ the same points come from train.log (printed with 4 decimals)
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("tb"))
+    log_steps, log_loss = plot_runs.loss_curve(bare)
+    assert log_steps == steps and log_loss == pytest.approx(loss, abs=1e-4)
+    assert plot_runs.labels(runs) == ["lr=poly", "lr=step"]
+
+
+def test_plot_writes_one_png_with_both_runs(runs, tmp_path):
+    out = tmp_path / "fig" / "curves.png"
+    assert plot_runs.main([*map(str, runs), "--out", str(out), "--title", "poly vs step"]) == 0
+    image = np.asarray(Image.open(out).convert("RGB"))
+    assert image.shape == (504, 1320, 3)  # 11 x 4.2 inches at 120 dpi
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # lines and text, not blank
+
+
+def test_no_run_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no run folder"):
+        plot_runs.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
