@@ -141,7 +141,7 @@ def test_wrong_key_is_a_clear_hydra_error():
 
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_options_compose(name, tmp_path):
-    # ++: experiments on the embedded dataset (unet, unet_paper) have no root to set
+    # ++: experiments on the embedded dataset (unet) have no root to set
     cfg = compose_config([f"experiment={name}", f"++dataset.root={tmp_path}"])
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["trainer"]["max_iters"] > 0

@@ -358,7 +358,7 @@ def test_grid_elastic_has_the_papers_displacements():
 # ---- new configs train through the real app ---------------------------------------------
 
 @pytest.mark.parametrize("overrides", [
-    ["experiment=unet_paper", "model.base_channels=4"],
+    ["experiment=unet", "model.base_channels=4"],
     ["model=segnet_basic", "model.channels=8"],
     ["model=deeplabv2_vgg16", "model.head=aspp_s"],
     ["model=deeplabv1"],
