@@ -66,11 +66,15 @@ def test_model_options_build_and_give_param_groups(name):
 
 @pytest.mark.parametrize("name", options("loss"))
 def test_loss_options_build_and_return_total(name):
-    cfg = compose_config([f"loss={name}"])
+    # the affinity loss takes its prior size from the model (CPNet's model.prior_size)
+    cfg = compose_config([f"loss={name}", "model=cpnet", "model.prior_size=[4,4]"])
     loss = instantiate(cfg.loss)
-    # every output the loss declares it needs: logits-shaped, the SISR image 3-channel
+    # every output the loss declares it needs: logits-shaped, the SISR image 3-channel, the
+    # context prior (B, N, N) with N = 4 x 4 positions, values in (0, 1)
     needs = getattr(loss, "required_keys", {"out"})
-    out = {k: torch.randn(2, 3 if k == "sr" else 6, 8, 8) for k in needs}
+    out = {k: torch.randn(2, 3 if k == "sr" else 6, 8, 8) for k in needs if k != "prior"}
+    if "prior" in needs:
+        out["prior"] = torch.rand(2, 16, 16).clamp(0.01, 0.99)
     batch = {"mask": torch.randint(0, 6, (2, 8, 8)), "image": torch.randn(2, 3, 8, 8)}
     terms = loss(out, batch)
     assert "total" in terms and terms["total"].ndim == 0

@@ -259,7 +259,7 @@ def test_dsrl_loss_config_composes_with_paper_weights():
     assert (cfg.sr_weight, cfg.fa_weight) == (0.1, 1.0)
     cfg.ignore_index = 255
     loss = instantiate(cfg, class_weights=[1.0, 2.0, 3.0])
-    assert loss.ce.weight.tolist() == [1.0, 2.0, 3.0]
+    assert loss.weight.tolist() == [1.0, 2.0, 3.0]
 
 
 # ---- HANet --------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def test_deeplabv1_voc_experiment_is_the_released_solver(tmp_path):
 def test_deeplabv2_vgg16_heads(head, rates):
     with torch.device("meta"):
         model = model_from_yaml("deeplabv2_vgg16", head=head)
-    assert model.output_keys == frozenset({"out"})
+    assert model.output_keys == frozenset({"out", "out_lowres"})
     branches = model.head.branches
     assert [b.layers[0].dilation[0] for b in branches] == rates
     for b in branches:  # each branch its own fc6 (3x3 atrous, 1024) -> fc7 (1x1) -> fc8

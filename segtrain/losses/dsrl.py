@@ -23,7 +23,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from segtrain.errors import ConfigError
 from segtrain.losses.ce import CrossEntropyLoss
@@ -47,7 +46,7 @@ def feature_affinity_loss(seg: torch.Tensor, sr: torch.Tensor, pool: int) -> tor
         return (similarity_matrix(seg, pool) - similarity_matrix(sr, pool)).abs().mean()
 
 
-class DSRLLoss(nn.Module):
+class DSRLLoss(CrossEntropyLoss):
     """``(outputs, batch) -> {"ce", ["aux",] "sr", "fa", "total"}``.
 
     Args:
@@ -64,15 +63,13 @@ class DSRLLoss(nn.Module):
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
                  aux_weight: float = 0.4, sr_weight: float = 0.1, fa_weight: float = 1.0,
                  fa_pool: int = 16) -> None:
-        super().__init__()
+        super().__init__(ignore_index, class_weights, aux_weight)
         if not isinstance(fa_pool, int) or fa_pool < 1:
             raise ConfigError(f"loss.fa_pool must be a positive integer, got {fa_pool!r}")
-        self.ce = CrossEntropyLoss(ignore_index, class_weights, aux_weight)
         self.sr_weight, self.fa_weight, self.fa_pool = sr_weight, fa_weight, fa_pool
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
-        terms = self.ce(outputs, batch)
-        total = terms.pop("total")
+        terms, total = self.segmentation_terms(outputs, batch["mask"])
         sr = outputs["sr"].float()
         # the trainer moves only the mask; the full-resolution image is the SISR target
         target = batch["image"].to(sr.device, non_blocking=True).float()
