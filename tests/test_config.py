@@ -152,12 +152,17 @@ def test_experiment_options_compose(name, tmp_path):
     assert resolved["model"]["num_classes"] == resolved["dataset"]["num_classes"]
 
 
-def _fcn_slow(name: str):
-    # FCN's reference geometry pads the input by 100 pixels: ~25 s for two steps on 2 cores
-    return pytest.param(name, marks=pytest.mark.slow) if name.startswith("fcn") else name
+# FCN's reference geometry pads the input by 100 pixels: ~25 s for two steps on 2 cores;
+# SPNet and CPNet at their paper size (ResNet-101 with strip pooling / the context prior)
+# take 75-100 s, and their own test files train them through the app with small backbones
+SLOW_MODELS = ("fcn8s", "fcn16s", "fcn32s", "spnet", "cpnet")
 
 
-@pytest.mark.parametrize("name", [_fcn_slow(n) for n in options("model")])
+def _slow(name: str):
+    return pytest.param(name, marks=pytest.mark.slow) if name in SLOW_MODELS else name
+
+
+@pytest.mark.parametrize("name", [_slow(n) for n in options("model")])
 def test_every_model_config_trains_through_the_app(name, tiny_cfg, tmp_path):
     # two steps of the real path (dataset -> model -> loss -> trainer -> evaluator) per model
     from segtrain.app import train
