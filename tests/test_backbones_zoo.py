@@ -15,14 +15,8 @@ from segtrain.models.backbones.build import (
 from segtrain.models.backbones.mobilenet import MobileNetV2, mobilenet_v2
 from segtrain.models.backbones.xception import Xception, xception65
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on 2 shared cores, two threads per process thrash."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread (conftest.one_thread) for every test of this file
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(module: nn.Module) -> int:

@@ -35,12 +35,8 @@ ODD_SIZES = [(33, 47), (65, 63)]
 ALL_STAGES = ["layer1", "layer2", "layer3", "layer4", "layer5"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread (conftest.one_thread) for every test of this file
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_dsrl(sr_factor: int = 2, dropout: float = 0.1) -> DSRL:

@@ -36,12 +36,8 @@ from tests.test_models_zoo import SMALL, fit, n_params, tiny_batch
 K = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread (conftest.one_thread) for every test of this file
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_spnet(dropout: float = 0.1, aux: int = 16) -> SPNet:

@@ -29,13 +29,8 @@ K = 3  # classes in the small tests
 SIZES = [(64, 64), (67, 93)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on 2 shared cores, two threads per process thrash."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread (conftest.one_thread) for every test of this file
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(module: nn.Module, trainable: bool = False) -> int:

@@ -29,12 +29,8 @@ from tests.conftest import compose_config
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one intra-op thread (conftest.one_thread) for every test of this file
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_from_yaml(name: str, num_classes: int = 21, **override) -> nn.Module:
