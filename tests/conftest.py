@@ -50,3 +50,25 @@ def tiny_cfg():
         return compose_config(TINY + list(overrides))
 
     return make
+
+
+def slurm_sbatch_script(overrides: list[str], folder: Path, monkeypatch) -> str:
+    """The sbatch script submitit would write for ``hydra/launcher=slurm`` plus ``overrides``
+    (no cluster needed), with the parameter mapping of the plugin's BaseSubmititLauncher."""
+    import submitit
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+    from submitit.slurm.slurm import SlurmExecutor
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", *overrides])
+    params = instantiate(cfg.hydra.launcher).params
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun here
+    executor = submitit.AutoExecutor(cluster="slurm", folder=folder,
+                                     slurm_max_num_timeout=params["max_num_timeout"])
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
+                                  if k not in ("max_num_timeout", "submitit_folder")})
+    return executor._executor._make_submission_file_text("python -m x", "uid")

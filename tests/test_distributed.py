@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from segtrain.app import build_model
@@ -26,7 +25,7 @@ from segtrain.engine.distributed import (
     master_addr,
     master_port,
 )
-from tests.conftest import CONF_DIR, REPO, TINY, compose_config
+from tests.conftest import REPO, TINY, compose_config, slurm_sbatch_script
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -151,23 +150,8 @@ def test_slurm_task_variables_give_the_rank():
 
 def test_two_node_eight_gpu_sweep_job_script(monkeypatch, tmp_path):
     """The sbatch script of the README's 2-node, 8-GPU sweep (no cluster needed)."""
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from omegaconf import OmegaConf
-    from submitit.slurm.slurm import SlurmExecutor
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True, overrides=[
-            "hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
-            "hydra.launcher.tasks_per_node=4"])
-    params = instantiate(cfg.hydra.launcher).params
-    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))
-    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path,
-                                     slurm_max_num_timeout=params["max_num_timeout"])
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
-                                  if k not in ("max_num_timeout", "submitit_folder")})
-    script = executor._executor._make_submission_file_text("python -m x", "uid")
+    script = slurm_sbatch_script(["hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
+                                  "hydra.launcher.tasks_per_node=4"], tmp_path, monkeypatch)
     for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--requeue",
                  "--signal=USR2@120"):
         assert f"#SBATCH {line}" in script

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -24,7 +23,7 @@ from segtrain.data.synthetic import PALETTE, render
 from segtrain.engine.checkpoint import CheckpointError
 from segtrain.evaluate import RunError, evaluate
 from segtrain.predict import PredictError, predict
-from tests.conftest import CONF_DIR, REPO, TINY
+from tests.conftest import CONF_DIR, REPO, TINY, slurm_sbatch_script
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 IMAGE_SIZES = {"b_shapes.png": (36, 44), "a_shapes.png": (30, 25)}  # name: (height, width)
@@ -259,22 +258,7 @@ def test_slurm_launcher_composes_with_one_task_per_gpu():
 
 def test_slurm_launcher_sbatch_script(monkeypatch, tmp_path):
     """The sbatch script submitit would write, built from our config (no cluster needed)."""
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from submitit.slurm.slurm import SlurmExecutor
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True,
-                      overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=2"])
-    params = instantiate(cfg.hydra.launcher).params
-    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun here
-    # the same parameter mapping as the plugin's BaseSubmititLauncher.launch
-    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path,
-                                     slurm_max_num_timeout=params["max_num_timeout"])
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
-                                  if k not in ("max_num_timeout", "submitit_folder")})
-    script = executor._executor._make_submission_file_text("python -m x", "uid")
+    script = slurm_sbatch_script(["hydra.launcher.gpus_per_node=2"], tmp_path, monkeypatch)
     for line in ("--gpus-per-node=2", "--ntasks-per-node=2", "--requeue", "--signal=USR2@120",
                  "--time=1440"):
         assert f"#SBATCH {line}" in script
