@@ -64,7 +64,8 @@ from segtrain import app  # noqa: E402
 from segtrain.data.loader import train_loader  # noqa: E402
 from segtrain.engine import trainer as trainer_module  # noqa: E402
 from segtrain.engine.distributed import DistInfo  # noqa: E402
-from segtrain.engine.trainer import Trainer, autocast_dtype  # noqa: E402
+from segtrain.engine.precision import autocast_dtype  # noqa: E402
+from segtrain.engine.trainer import Trainer  # noqa: E402
 
 CAMVID = REPO.parent / "shared" / "data" / "camvid"
 MODELS = {"default (DeepLab v2 ResNet-18)": [],

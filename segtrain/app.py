@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from segtrain.data.loader import eval_loader
 from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint, distributed
-from segtrain.engine.trainer import Trainer, resolve_precision, seed_everything
+from segtrain.engine.precision import resolve_precision
+from segtrain.engine.trainer import Trainer, seed_everything
 from segtrain.errors import ConfigError, UserError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.models.init_from import init_from

@@ -22,7 +22,6 @@ are summed across ranks, and rank 0 prints and writes: the scores equal one proc
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -39,7 +38,8 @@ from torch import nn
 from segtrain import app
 from segtrain.app import build_evaluator, palette_of, pick_device
 from segtrain.engine import checkpoint, distributed
-from segtrain.engine.trainer import autocast_dtype, json_safe, resolve_precision
+from segtrain.engine.json_files import write_json
+from segtrain.engine.precision import autocast_dtype, resolve_precision
 from segtrain.errors import UserError, user_errors
 from segtrain.eval.metrics import format_table
 from segtrain.viz import comparison_strip
@@ -172,12 +172,6 @@ def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 # -- evaluation ----------------------------------------------------------------------------
-def write_json(data: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2))
-    tmp.replace(path)  # atomic: a reader never sees half a file
-
-
 def evaluate(cfg: DictConfig, eval_name: str) -> dict[str, Any]:
     """Score the run's checkpoint on its validation split with ``cfg.eval``.
 

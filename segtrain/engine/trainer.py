@@ -30,15 +30,14 @@ from tqdm import tqdm
 from segtrain.data.loader import train_loader
 from segtrain.engine import checkpoint
 from segtrain.engine.distributed import DistInfo, any_rank
+from segtrain.engine.json_files import write_json
+from segtrain.engine.precision import autocast_dtype, resolve_precision
 from segtrain.errors import ConfigError, UserError, from_worker
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.metrics import format_table
 from segtrain.viz import comparison_strip
 
 log = logging.getLogger("segtrain")
-
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the last good state was checkpointed."""
@@ -53,32 +52,6 @@ class TrainingInterrupted(UserError):
 # SIGTERM: kill / SLURM preemption; SIGUSR1, SIGUSR2: SLURM's warning before the time limit
 # (submitit asks for USR2 and requeues the job from its own handler).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-
-def json_safe(value: Any) -> Any:
-    """NaN (an undefined IoU) becomes null, so metrics files are strict JSON."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA that supports it (else fp16), fp32 on CPU."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def rng_state() -> dict[str, Any]:
@@ -311,9 +284,7 @@ class Trainer:
             return
         data = json.loads(path.read_text())
         data.update(finished=False, status=status, stopped_at=self.iteration)
-        tmp = self.run_dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
+        write_json(data, path)
 
     def _fit(self) -> dict[str, Any]:
         if self.iteration >= self.max_iters:
@@ -515,7 +486,5 @@ class Trainer:
                   "finished": finished, "status": "finished" if finished else "running",
                   "best_miou": self.best_miou,
                   "class_names": list(self.class_names), **scores, "history": self.history}
-        tmp = self.run_dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(json_safe(result), indent=2))
-        tmp.replace(self.run_dir / "metrics.json")
+        write_json(result, self.run_dir / "metrics.json")
         return scores
