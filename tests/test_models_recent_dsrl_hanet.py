@@ -28,6 +28,7 @@ from segtrain.models.deeplabv3 import DeepLabV3Plus
 from segtrain.models.dsrl import DSRL
 from segtrain.models.hanet import HANet
 from segtrain.models.modules.height_attention import HeightAttention, positional_encoding
+from tests.test_models_zoo import tiny_batch
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 K = 3
@@ -359,17 +360,6 @@ def test_param_groups_cover_every_parameter():
 
 # ---- fitting a tiny batch and training through the app -------------------------------------
 
-def tiny_batch() -> dict[str, torch.Tensor]:
-    """2x3x32x32 images whose channels hint at a fixed quadrant mask (plus noise)."""
-    g = torch.Generator().manual_seed(0)
-    mask = torch.zeros(2, 32, 32, dtype=torch.long)
-    mask[:, :16, 16:] = 1
-    mask[:, 16:, :16] = 2
-    mask[:, 16:, 16:] = 1
-    image = 2.0 * F.one_hot(mask, K).permute(0, 3, 1, 2).float()
-    return {"image": image + 0.5 * torch.randn(2, 3, 32, 32, generator=g), "mask": mask}
-
-
 @pytest.mark.parametrize("name", ["dsrl", "hanet"])
 def test_fits_one_tiny_batch(name):
     torch.manual_seed(0)
@@ -378,7 +368,8 @@ def test_fits_one_tiny_batch(name):
     else:
         model = small_hanet(backbone="mobilenetv2", dropout=0.0)
         loss_fn, steps = CrossEntropyLoss(255, None, 0.4), 40
-    batch = tiny_batch()
+    image, mask = tiny_batch()  # the zoo's quadrant batch (tests/test_models_zoo.py)
+    batch = {"image": image, "mask": mask}
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     losses = []
