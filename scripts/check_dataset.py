@@ -2,14 +2,17 @@
 
     python scripts/check_dataset.py dataset=camvid dataset.root=/data/CamVid
     python scripts/check_dataset.py dataset=voc dataset.root=/data/VOCdevkit --workers 8
+    python scripts/check_dataset.py dataset=ade20k dataset.root=/data/ADEChallengeData2016
+    python scripts/check_dataset.py dataset=pascal_context dataset.root=/data/VOCdevkit/VOC2010
 
 Checks the splits of the config (``dataset.train``, ``dataset.val``) and the dataset's test
 split when it has one on disk. Each sample goes through the dataset class's own reading and
 checks (``SegmentationDataset.__getitem__`` without augmentation): the image and the label
 decode, the label values map into 0..num_classes-1 or the ignore index, image and label
-sizes match. Samples are read in parallel (a DataLoader with ``--workers`` processes, all
-cores by default). Prints the problems grouped by kind, with counts and the files; exit
-status 1 if there is any.
+sizes match; a split whose size differs from the official release (the module's
+``SPLIT_SIZES``) is a problem too. Samples are read in parallel (a DataLoader with
+``--workers`` processes, all cores by default). Prints the problems grouped by kind, with
+counts and the files; exit status 1 if there is any.
 """
 
 from __future__ import annotations
@@ -81,6 +84,12 @@ def splits(cfg: DictConfig) -> list[tuple[str, DictConfig, bool]]:
     return out
 
 
+def official_size(node: DictConfig) -> int | None:
+    """The split's size in the official release (the module's ``SPLIT_SIZES``), if known."""
+    module = sys.modules.get(get_class(node._target_).__module__)
+    return getattr(module, "SPLIT_SIZES", {}).get(str(node.get("split")))
+
+
 def check(cfg: DictConfig, workers: int) -> dict[str, list[str]]:
     """Every problem, by kind."""
     problems: dict[str, list[str]] = defaultdict(list)
@@ -101,6 +110,11 @@ def check(cfg: DictConfig, workers: int) -> dict[str, list[str]]:
             problems[kind_of(message)].append(message)
         print(f"{cfg.name} {label}: {len(dataset)} samples read in "
               f"{time.perf_counter() - tic:.1f} s, {len(found)} problem(s)")
+        expected = official_size(node)
+        if expected is not None and len(dataset) != expected:
+            problems["split size differs from the release"].append(
+                f"{cfg.name} {label}: {len(dataset)} samples, the official release has "
+                f"{expected}: an incomplete download or a modified split list")
     return problems
 
 

@@ -2,6 +2,7 @@
 
     python scripts/dataset_stats.py dataset=camvid dataset.root=/data/CamVid
     python scripts/dataset_stats.py dataset=voc dataset.root=/data/VOCdevkit dataset.split=train_aug
+    python scripts/dataset_stats.py dataset=ade20k dataset.root=/data/ADEChallengeData2016
 
 Prints one row per class (pixels, images containing it, frequency, weight) and the RGB
 mean/std of the split, and writes the json cache that ``loss.class_weights=median_freq``
@@ -60,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {cause}", file=sys.stderr)
         return 1
     print(f"{cfg.name} split={dataset.split} images={counts.num_images} root={dataset.root}")
-    print(f"{'id':>3} {'class':<16} {'pixels':>12} {'images':>7} {'freq':>8} {'weight':>8}")
+    width = max(16, *(len(name) for name in dataset.class_names))  # ADE20K: 19 characters
+    print(f"{'id':>3} {'class':<{width}} {'pixels':>12} {'images':>7} {'freq':>8} "
+          f"{'weight':>8}")
     for c, name in enumerate(dataset.class_names):
-        print(f"{c:>3} {name:<16} {counts.pixels[c]:>12} {counts.images[c]:>7} "
+        print(f"{c:>3} {name:<{width}} {counts.pixels[c]:>12} {counts.images[c]:>7} "
               f"{counts.frequencies[c]:>8.4f} {weights[c]:>8.4f}")
-    print(f"    {'ignore ' + str(dataset.ignore_index):<16} {counts.ignored:>12}")
+    print(f"    {'ignore ' + str(dataset.ignore_index):<{width}} {counts.ignored:>12}")
     print("weights:", "[" + ", ".join(f"{w:.4f}" for w in weights) + "]")
     if not args.no_mean_std and dataset.in_channels == 3:
         mean, std = image_mean_std(dataset, args.workers)

@@ -307,3 +307,92 @@ def make_coco(root: Path, split: str = "val", height: int = 40,
         save_jpg(root / f"{split}2017" / info["file_name"],
                  np.full((height, width, 3), 40 * info["id"], np.uint8))
     return {"ann_file": ann_file, "images": images, "dog": dog, "crowd": crowd, "car": car}
+
+
+# --------------------------------------------------------------------------- ADE20K
+
+# raw ADE20K labels the miniature uses: 0 (other, ignored), the first, a middle and the last
+ADE20K_RAW = [0, 1, 2, 75, 149, 150]
+
+
+def make_ade20k(root: Path, sizes: dict[str, int] | None = None, height: int = 30,
+                width: int = 40) -> dict[str, object]:
+    """``ADEChallengeData2016/{images,annotations}/{training,validation}/ADE_*`` as unzipped.
+
+    Labels cycle through ``ADE20K_RAW``; ``objectInfo150.txt`` and ``sceneCategories.txt``
+    sit beside the folders as in the archive. Returns the dataset folder and the raw label
+    of each file stem.
+    """
+    sizes = sizes or {"training": 3, "validation": 2}
+    ade = root / "ADEChallengeData2016"
+    labels = {}
+    for folder, n in sizes.items():
+        prefix = "ADE_train" if folder == "training" else "ADE_val"
+        for i in range(1, n + 1):
+            stem = f"{prefix}_{i:08d}"
+            raw = block_labels(height, width, ADE20K_RAW, offset=i)
+            train_ids = np.where(raw == 0, 255, raw.astype(np.int64) - 1)
+            save_jpg(ade / "images" / folder / f"{stem}.jpg", pattern_image(train_ids % 40))
+            save_png(ade / "annotations" / folder / f"{stem}.png", raw)
+            labels[stem] = raw
+    (ade / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.1576\t11664\t"
+                                           "1172\twall\n")
+    (ade / "sceneCategories.txt").write_text("ADE_train_00000001 airport_terminal\n")
+    return {"ade": ade, "labels": labels}
+
+
+# --------------------------------------------------------------------------- PASCAL-Context
+
+# labels.txt indices of the 59 classes in alphabetical order (the Detail API's ids, which
+# PyTorch-Encoding's pcontext maps); the other indices of the miniature's labels.txt get
+# placeholder names: only the format and the 59 names matter to the converter.
+CONTEXT_59_INDICES = [2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85,
+                      98, 104, 105, 113, 115, 144, 158, 159, 162, 187, 189, 207, 220, 232, 258,
+                      259, 260, 284, 295, 296, 308, 324, 326, 347, 349, 354, 355, 360, 366,
+                      368, 397, 415, 416, 420, 424, 427, 440, 445, 454, 458]
+# LabelMap values of the miniature -> the PNG value (0 background, 1..59) they must become:
+# unlabelled 0, a class outside the 59 (1), aeroplane, bedclothes / cloth / table (spelled
+# bedcloth / clothes / diningtable in 59_labels.txt), person, wood
+CONTEXT_RAW_TO_PNG = {0: 0, 1: 0, 2: 1, 19: 4, 80: 18, 284: 37, 397: 50, 458: 59}
+
+
+def make_pascal_context(root: Path, train: int = 3, val: int = 2, height: int = 30,
+                        width: int = 40) -> dict[str, object]:
+    """VOC 2010 (``VOCdevkit/VOC2010/JPEGImages``, ``ImageSets/Main/{train,val}.txt``) and
+    the authors' annotations in ``context/``: ``trainval/<id>.mat`` (``LabelMap``, uint16
+    indices into labels.txt), ``labels.txt`` (459 ``"<index>: <name>"`` lines) and
+    ``59_labels.txt`` (``"<k>: <name>"``, the VOC classes first, with FCN's three spellings).
+
+    Returns the VOC folder, the context folder, ids per split and each id's LabelMap.
+    """
+    from segtrain.data.pascal_context import CLASS_NAMES_59
+
+    voc = root / "VOCdevkit" / "VOC2010"
+    context = root / "context"
+    names = dict(zip(CONTEXT_59_INDICES, CLASS_NAMES_59))
+    (context / "trainval").mkdir(parents=True, exist_ok=True)
+    (context / "labels.txt").write_text("".join(
+        f"{i}: {names.get(i, f'other class {i}')}\n" for i in range(1, 460)))
+    spelled = {"table": "diningtable", "bedclothes": "bedcloth", "cloth": "clothes"}
+    voc_first = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+                 "cow", "table", "dog", "horse", "motorbike", "person", "pottedplant", "sheep",
+                 "sofa", "train", "tvmonitor"]
+    order = voc_first + [n for n in CLASS_NAMES_59 if n not in voc_first]
+    (context / "59_labels.txt").write_text("".join(
+        f"{k}: {spelled.get(n, n)}\n" for k, n in enumerate(order, 1)))
+    ids = {"train": [f"2008_{i:06d}" for i in range(train)],
+           "val": [f"2010_{i:06d}" for i in range(val)]}
+    label_maps = {}
+    for k, name in enumerate(ids["train"] + ids["val"]):
+        label_map = np.asarray(list(CONTEXT_RAW_TO_PNG), np.uint16)[
+            block_labels(height, width, list(range(len(CONTEXT_RAW_TO_PNG))), offset=k)]
+        png = np.vectorize(CONTEXT_RAW_TO_PNG.get)(label_map)
+        save_jpg(voc / "JPEGImages" / f"{name}.jpg", pattern_image(png % 40))
+        scipy.io.savemat(context / "trainval" / f"{name}.mat", {"LabelMap": label_map})
+        label_maps[name] = label_map
+    sets = voc / "ImageSets" / "Main"
+    sets.mkdir(parents=True, exist_ok=True)
+    for split, split_ids in ids.items():
+        (sets / f"{split}.txt").write_text("".join(f"{i}\n" for i in split_ids))
+    (sets / "trainval.txt").write_text("".join(f"{i}\n" for i in ids["train"] + ids["val"]))
+    return {"voc": voc, "context": context, "ids": ids, "label_maps": label_maps}
