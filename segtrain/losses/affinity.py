@@ -22,7 +22,8 @@ global``).
   diagonal j = i is left out of both sums over ``a_ij p_ij`` and out of recall's
   denominator; precision's denominator keeps every p_ij (``include_diagonal=True`` keeps
   the diagonal everywhere, the paper's formulas read literally). Specificity never sees
-  the diagonal (a_ii = 1).
+  the diagonal (a_ii = 1). So even the ideal prior P = A has precision (n - 1) / n in a
+  class of n positions; with the diagonal the global term is zero there.
 - A position alone in its class (no other position of its class on the grid) has neither
   recall nor precision (0 / 0): here both terms are zero for that row. The official code
   replaces the zero denominator by 1, so both ratios are 0 and its BCE's log clamp makes
