@@ -64,14 +64,19 @@ def test_ignored_pixels_do_not_enter_the_affinity_loss():
 
 
 def test_affinity_terms_at_a_uniform_prior_closed_form():
-    """P = 1/2: BCE = log 2 everywhere; per row, precision = n_same / n_valid, recall = 1/2,
-    specificity = 1/2, so the global term is mean_i -log(n_same_i / 14) + 2 log 2."""
+    """P = 1/2: BCE = log 2 everywhere; per row, recall = 1/2 and specificity = 1/2;
+    precision = (n_same - 1) / n_valid without the diagonal (the official code's default),
+    n_same / n_valid with it, so the global term is mean_i -log(precision_i) + 2 log 2."""
     a, valid = ideal_affinity(LABEL[None], (4, 4), IGNORE)
-    unary, global_ = affinity_terms(torch.full((1, 16, 16), 0.5), a, valid)
+    half = torch.full((1, 16, 16), 0.5)
+    unary, global_ = affinity_terms(half, a, valid)
     assert unary.item() == pytest.approx(math.log(2), rel=1e-6)
     sizes = [4] * 4 + [4] * 4 + [6] * 6  # rows of class 0, class 1, class 2
-    expected = sum(-math.log(n / 14) for n in sizes) / 14 + 2 * math.log(2)
+    expected = sum(-math.log((n - 1) / 14) for n in sizes) / 14 + 2 * math.log(2)
     assert global_.item() == pytest.approx(expected, rel=1e-6)
+    with_diagonal = affinity_terms(half, a, valid, include_diagonal=True)[1]
+    expected = sum(-math.log(n / 14) for n in sizes) / 14 + 2 * math.log(2)
+    assert with_diagonal.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_affinity_loss_is_lower_at_the_ideal_prior_than_at_a_uniform_one():
@@ -81,7 +86,14 @@ def test_affinity_loss_is_lower_at_the_ideal_prior_than_at_a_uniform_one():
     a, _ = ideal_affinity(mask, (4, 4), IGNORE)
     ideal = loss({"out": logits, "prior": a}, {"mask": mask})
     uniform = loss({"out": logits, "prior": torch.full_like(a, 0.5)}, {"mask": mask})
-    assert ideal["unary"] < 1e-5 and ideal["global"] < 1e-4  # -log(1 - eps) terms only
+    # the official precision keeps p_ii in its denominator only: at P = A it is
+    # (n - 1) / n for a class of n positions (here 4, 4 and 6 of the 14 valid)
+    sizes = [4] * 8 + [6] * 6
+    assert ideal["unary"] < 1e-5
+    assert ideal["global"].item() == pytest.approx(
+        sum(-math.log((n - 1) / n) for n in sizes) / 14, abs=1e-4)
+    literal = AffinityLoss(IGNORE, None, 0.4, (4, 4), include_diagonal=True)
+    assert literal({"out": logits, "prior": a}, {"mask": mask})["global"] < 1e-4
     assert uniform["unary"] > 0.6 and uniform["global"] > 1.0
     assert ideal["total"] < uniform["total"]
     assert set(ideal) == {"ce", "unary", "global", "total"}

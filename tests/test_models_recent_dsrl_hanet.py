@@ -47,8 +47,10 @@ def small_dsrl(sr_factor: int = 2, dropout: float = 0.1) -> DSRL:
 
 def small_hanet(attach=("layer1", "layer2", "layer3", "layer4"), aux: int | None = 32,
                 backbone: str = "resnet18", dropout: float = 0.1) -> HANet:
-    return HANet(K, backbone, 8, None, (6, 12, 18), 0.0, False, 48, 64, list(attach), 16, 64,
-                 3, dropout, 100.0, aux, dropout, None)
+    # the reference's dilation layout (every block of layer3 / layer4 dilated) needs a ResNet
+    contract = not backbone.startswith("resnet")
+    return HANet(K, backbone, 8, None, contract, (6, 12, 18), 0.0, False, 48, 64, list(attach),
+                 16, 64, 3, dropout, 100.0, aux, dropout, None)
 
 
 def n_params(module: nn.Module) -> int:
@@ -102,7 +104,8 @@ def test_hanet_aux_output_follows_config():
     assert small_hanet(aux=None).output_keys == {"out"}
     model = small_hanet(aux=16)
     assert model.output_keys == {"out", "aux"}
-    assert model.train()(torch.randn(2, 3, 33, 35))["aux"].shape == (2, K, 33, 35)
+    # the auxiliary logits stay at stride 8, ceil(33 / 8) x ceil(35 / 8), as the reference's
+    assert model.train()(torch.randn(2, 3, 33, 35))["aux"].shape == (2, K, 5, 5)
 
 
 # ---- DSRL inference = the segmentation path ----------------------------------------------
@@ -173,8 +176,9 @@ def test_dsrl_inference_cost_equals_the_segmentation_path():
 
 
 def test_sssr_starts_as_bilinear_upsampling():
-    """The 2x deconvolution is initialised to bilinear interpolation (away from the border,
-    where the deconvolution sees zero padding)."""
+    """The 2x deconvolution starts with the bilinear kernel: bilinear interpolation away
+    from the border, where the deconvolution sees zero padding (the border itself:
+    tests/test_recent_models_references.py)."""
     model = small_dsrl()
     x = torch.randn(1, K, 6, 7)
     with torch.no_grad():
@@ -321,8 +325,10 @@ def test_hanet_parameter_count_by_hand():
     cfg.num_classes = 19
     with torch.device("meta"):
         model = instantiate(cfg)
-        plain = DeepLabV3Plus(19, "resnet101", 8, None, (6, 12, 18), 0.0, False, 48, 256, None)
-    # the paper's best model: layer1-4 on ResNet-101 (c4 1024, c5 2048, ASPP 5 x 256)
+        plain = DeepLabV3Plus(19, "resnet101s", 8, None, (6, 12, 18), 0.0, False, 48, 256,
+                              None)
+    # the paper's best model: layer1-4 on ResNet-101 (deep stem; c4 1024, c5 2048, ASPP
+    # 5 x 256)
     hanet = (height_attention_params(1024, 2048, 64, 3)
              + height_attention_params(2048, 1280, 64, 3)
              + height_attention_params(1280, 256, 64, 3)

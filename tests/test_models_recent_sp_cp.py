@@ -122,7 +122,6 @@ def test_strip_pooling_is_row_and_column_means_and_expansion_broadcasts():
     with torch.no_grad():
         for conv in (spm.conv_h, spm.conv_v):
             conv[0].weight.zero_()
-            conv[0].bias.zero_()
             centre = (1, 0) if conv[0].kernel_size == (3, 1) else (0, 1)
             conv[0].weight[range(2), range(2), centre[0], centre[1]] = 1.0
         fused = spm.expand(x)
@@ -171,8 +170,8 @@ def test_spms_sit_in_the_last_block_of_each_stage_and_all_of_layer4():
 # ---- parameter counts ---------------------------------------------------------------------
 
 def spm_params(c: int) -> int:
-    """1-D convs (3 taps, bias) + BN on each strip, then the 1x1 fuse conv with bias."""
-    return 2 * (3 * c * c + c + 2 * c) + c * c + c
+    """1-D convs (3 taps, no bias) + BN on each strip, then the 1x1 fuse conv with bias."""
+    return 2 * (3 * c * c + 2 * c) + c * c + c
 
 
 def mpm_params(c: int) -> int:
@@ -189,7 +188,7 @@ def fcn_head_params(cin: int, mid: int, k: int) -> int:
 
 
 def test_module_parameter_counts_closed_form():
-    assert n_params(StripPoolingModule(64)) == spm_params(64) == 7 * 64 * 64 + 7 * 64
+    assert n_params(StripPoolingModule(64)) == spm_params(64) == 7 * 64 * 64 + 5 * 64
     assert n_params(MixedPoolingModule(1024, (20, 12))) == mpm_params(1024)
     agg = 9 * 2048 * 512 + 2 * 512 + 4 * (11 * 512 + 512) + 2 * 512
     assert n_params(AggregationModule(2048, 512, 11)) == agg
@@ -199,6 +198,10 @@ def test_module_parameter_counts_closed_form():
 
 
 RESNET101 = 42_500_160  # without fc (tests/test_models_zoo.py, PSPNet's count)
+# the deep stems replace the 7x7 conv + BN (9,536) by three 3x3 convs + BNs and widen
+# layer1's inputs (tests/test_recent_models_references.py derives these by hand)
+RESNET101S = RESNET101 + 123_776       # 64-64-128, SPNet's reference
+RESNET101_V1C = RESNET101 + 19_232     # 32-32-64, CPNet's reference
 
 
 def paper_model(name: str, **override) -> nn.Module:
@@ -212,13 +215,13 @@ def test_paper_configs_parameter_counts():
     """ADE20K (150 classes), the papers' main benchmark, layer by layer."""
     k = 150
     gates = sum(spm_params(c) for c in (64, 128, 256, 512, 512, 512))
-    spnet = (RESNET101 + gates + (2048 * 1024 + 2 * 1024) + 2 * mpm_params(1024)
+    spnet = (RESNET101S + gates + (2048 * 1024 + 2 * 1024) + 2 * mpm_params(1024)
              + fcn_head_params(1024, 512, k) + fcn_head_params(1024, 256, k))
     assert n_params(paper_model("spnet")) == spnet
     n = 64 * 64  # the official prior_size 64 at 512x512 crops
     layer = (9 * 2048 * 512 + 2 * 512 + 4 * (11 * 512 + 512) + 2 * 512
              + 512 * n + 2 * n + 2 * (512 * 512 + 2 * 512))
-    cpnet = (RESNET101 + layer + fcn_head_params(2048 + 2 * 512, 512, k)
+    cpnet = (RESNET101_V1C + layer + fcn_head_params(2048 + 2 * 512, 512, k)
              + fcn_head_params(1024, 256, k))
     assert n_params(paper_model("cpnet", prior_size="[64,64]")) == cpnet
 
@@ -236,10 +239,12 @@ def test_cpnet_fits_one_tiny_batch_with_the_affinity_loss():
     model = small_cpnet((4, 4), dropout=0.0).train()
     loss_fn = AffinityLoss(255, None, 0.4, (4, 4))
     image, mask = tiny_batch()
-    # the sigmoid prior saturates slowly (its BCE falls like 1/steps): a higher rate
+    # the sigmoid prior saturates slowly (its BCE falls like 1/steps): a higher rate, and 80
+    # steps (60 fell just short once the global term left the diagonal out, as the official
+    # code does)
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
     losses = []
-    for _ in range(60):
+    for _ in range(80):
         terms = loss_fn(model(image), {"mask": mask})
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()

@@ -12,17 +12,29 @@ global``).
   and j have the same class. Here a pixel whose label is ``ignore_index`` has no class: its
   row and column of A and P are left out of every term (the official code instead treats
   ignore as one more class).
-- Unary term: binary cross-entropy of P against A, averaged over the valid (i, j) pairs.
+- Unary term: binary cross-entropy of P against A, averaged over the valid (i, j) pairs,
+  the diagonal (a position with itself) included.
 - Global term: for every valid row i, intra-class precision ``sum_j a_ij p_ij / sum_j p_ij``,
   intra-class recall ``sum_j a_ij p_ij / sum_j a_ij`` and inter-class specificity
   ``sum_j (1 - a_ij)(1 - p_ij) / sum_j (1 - a_ij)``, each entering as -log and averaged
   over the rows. Rows are taken along P's second axis, the positions a row of P aggregates
-  (the official code's ``dim=2``). A row with no pixel of another class has no
-  specificity; its term is zero.
+  (the official code's ``dim=2``). As the official code (``loss/affinity_loss.py``), the
+  diagonal j = i is left out of both sums over ``a_ij p_ij`` and out of recall's
+  denominator; precision's denominator keeps every p_ij (``include_diagonal=True`` keeps
+  the diagonal everywhere, the paper's formulas read literally). Specificity never sees
+  the diagonal (a_ii = 1). So even the ideal prior P = A has precision (n - 1) / n in a
+  class of n positions; with the diagonal the global term is zero there.
+- A position alone in its class (no other position of its class on the grid) has neither
+  recall nor precision (0 / 0): here both terms are zero for that row. The official code
+  replaces the zero denominator by 1, so both ratios are 0 and its BCE's log clamp makes
+  each term -log(0) -> 100: a constant 200 per lone row in the sum (no gradient), which
+  the mean over rows spreads over the loss value. The gradient is the same in both.
+  Likewise a row with no position of another class has no specificity; its term is zero
+  (the official code: 100).
 
-Logs are of probabilities clamped to [1e-6, 1 - 1e-6], like a BCE's clamp. The terms are
-``{"ce", ["aux",] "unary", "global", "total"}``; class weights and the auxiliary weight are
-those of ``CrossEntropyLoss``.
+Logs are of probabilities clamped to [1e-6, 1 - 1e-6] (at most 13.8 per term; the official
+BCE clamps the log at -100). The terms are ``{"ce", ["aux",] "unary", "global", "total"}``;
+class weights and the auxiliary weight are those of ``CrossEntropyLoss``.
 """
 
 from __future__ import annotations
@@ -51,26 +63,33 @@ def ideal_affinity(mask: torch.Tensor, size: Sequence[int],
     return (same & pairs).float(), valid
 
 
-def affinity_terms(prior: torch.Tensor, affinity: torch.Tensor,
-                   valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def affinity_terms(prior: torch.Tensor, affinity: torch.Tensor, valid: torch.Tensor,
+                   include_diagonal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(unary, global)`` ("Affinity Loss") of a prior P against an ideal map A, over the
-    valid positions only."""
-    p = prior.float().clamp(EPS, 1.0 - EPS)
+    valid positions only; ``include_diagonal`` keeps j = i in the global term's sums."""
+    p = prior.float()
     a = affinity
     pairs = (valid[:, :, None] & valid[:, None, :]).float()
-    bce = -(a * p.log() + (1.0 - a) * (1.0 - p).log())
+    q = p.clamp(EPS, 1.0 - EPS)
+    bce = -(a * q.log() + (1.0 - a) * (1.0 - q).log())
     unary = (bce * pairs).sum() / pairs.sum().clamp_min(1.0)
 
-    tp = (a * p * pairs).sum(-1)
+    same = a * pairs  # a_ij over valid pairs
+    if not include_diagonal:
+        same = same * (1.0 - torch.eye(a.shape[-1], device=a.device, dtype=a.dtype))
+    tp = (same * p).sum(-1)
+    n_same = same.sum(-1)
     predicted = (p * pairs).sum(-1)
-    same = (a * pairs).sum(-1)
     other = ((1.0 - a) * pairs).sum(-1)
     tn = ((1.0 - a) * (1.0 - p) * pairs).sum(-1)
-    precision = tp / predicted.clamp_min(EPS)
-    recall = tp / same.clamp_min(EPS)
-    specificity = torch.where(other > 0, tn / other.clamp_min(EPS), torch.ones_like(tn))
-    per_row = -(precision.clamp_min(EPS).log() + recall.clamp_min(EPS).log()
-                + specificity.clamp_min(EPS).log())
+
+    def neg_log(ratio: torch.Tensor, defined: torch.Tensor) -> torch.Tensor:
+        return torch.where(defined, -ratio.clamp(EPS, 1.0).log(), torch.zeros_like(ratio))
+
+    has_same = n_same > 0
+    per_row = (neg_log(tp / predicted.clamp_min(EPS), has_same)
+               + neg_log(tp / n_same.clamp_min(EPS), has_same)
+               + neg_log(tn / other.clamp_min(EPS), other > 0))
     rows = valid.float()
     global_ = (per_row * rows).sum() / rows.sum().clamp_min(1.0)
     return unary, global_
@@ -86,14 +105,17 @@ class AffinityLoss(CrossEntropyLoss):
         prior_size: (h, w) of the model's prior grid (``model.prior_size``).
         unary_weight: lambda_p * lambda_u (1).
         global_weight: lambda_p * lambda_g (1).
+        include_diagonal: keep j = i in the global term (``False``: the official code).
     """
 
     required_keys = frozenset({"out", "prior"})
 
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
                  aux_weight: float = 0.4, prior_size: Sequence[int] | None = None,
-                 unary_weight: float = 1.0, global_weight: float = 1.0) -> None:
+                 unary_weight: float = 1.0, global_weight: float = 1.0,
+                 include_diagonal: bool = False) -> None:
         super().__init__(ignore_index, class_weights, aux_weight)
+        self.include_diagonal = include_diagonal
         self.prior_size = None if prior_size is None else tuple(int(s) for s in prior_size)
         self.unary_weight, self.global_weight = unary_weight, global_weight
 
@@ -106,7 +128,8 @@ class AffinityLoss(CrossEntropyLoss):
             raise ConfigError(f"loss.prior_size={self.prior_size} does not match the model's "
                               f"prior map of {n} positions; set it to model.prior_size")
         affinity, valid = ideal_affinity(target, self.prior_size, self.ignore_index)
-        terms["unary"], terms["global"] = affinity_terms(prior, affinity, valid)
+        terms["unary"], terms["global"] = affinity_terms(prior, affinity, valid,
+                                                         self.include_diagonal)
         terms["total"] = (total + self.unary_weight * terms["unary"]
                           + self.global_weight * terms["global"])
         return terms

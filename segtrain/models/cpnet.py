@@ -13,6 +13,20 @@ paper's lambda_a; the weight lives in the loss config). In training mode the mod
 (``losses/affinity.py``) supervises; in eval mode only ``out``. Head widths from the
 official config (yu-changqian/ContextPrior ``config/cpnet_r50-d8.py``: prior_channels 512,
 channels 512, am_kernel_size 11, prior_size 64 at 512x512 crops).
+
+The backbone is the official config's mmsegmentation ``ResNetV1c`` (deep stem 32-32-64,
+dilations 1, 1, 2, 4 with ``contract_dilation``: first blocks of layer3 / layer4 at 1 / 2),
+``resnet101_v1c`` here (ResNet-101 as in the paper; the config's is 50). With
+``conf/model/cpnet.yaml``, 19 classes and prior 64 x 64 the model has 71,146,118
+parameters, the count of the reference code. Remaining differences, one per line:
+
+- a feature map of another size than ``prior_size`` is resized to it and back
+  (``modules.context_prior``); the official head asserts the sizes are equal;
+- the affinity loss leaves ignored positions out, the official code counts 255 as one
+  more class; a position alone in its class adds nothing to the global term here, the
+  reference's clamp a constant (``losses/affinity.py``);
+- trained from scratch (``pretrained: null``), mmsegmentation's ResNet zero-initialises
+  the last BN of every block (``zero_init_residual``), ours keeps torchvision's ones.
 """
 
 from __future__ import annotations

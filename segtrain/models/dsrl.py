@@ -9,9 +9,12 @@ the original resolution. Three parts:
   (``deeplabv3.DeepLabV3Plus``: backbone, ASPP, decoder, classifier, 4x upsampling to the
   low-resolution input) followed by the extra upsampling module of Sec. 3.2, made of
   deconvolutions: one 2x ConvTranspose2d per factor of 2, with BN + ReLU between two of
-  them. They act on the class scores, each initialised to exact
-  bilinear upsampling (``fcn.bilinear_kernel``), so SSSR starts as the plain network
-  followed by bilinear upsampling and learns from there.
+  them. They act on the class scores, each initialised with the bilinear kernel
+  (``fcn.bilinear_kernel``): away from the border it computes bilinear upsampling
+  (``align_corners=False``) exactly, on the outermost output rows and columns the zero
+  padding stands where interpolation repeats the edge (0.75 x_0 instead of x_0, 0.5625
+  x_0 at a corner). So SSSR starts close to the plain network followed by bilinear
+  upsampling and learns from there.
 - SISR (single image super-resolution, training only): shares the encoder (backbone and
   ASPP) and has its own decoder of the DeepLab v3+ form (its own 48-channel reduction of
   the stride-4 features, two 3x3 convs of ``sr_channels``), ending in the sub-pixel
@@ -30,6 +33,17 @@ In eval mode (``model.eval()``) only the SSSR path runs: the SISR decoder and th
 transform are never called, so inference costs exactly the segmentation path: SISR and
 FA serve training only and are dropped at inference in the paper (Sec. 3.2), which is how
 DSRL improves accuracy without extra inference cost.
+
+Layer4 multi-grid: none by default (``conf/model/dsrl.yaml``: every layer4 block at the
+stage's dilation, the first at the previous one, torchvision's layout); the paper does not
+say, and the available port hard-codes layer4 dilations 2 / 4 / 8, i.e. DeepLab v3's
+multi-grid (1, 2, 4) at output stride 16: ``model.multi_grid=[1,2,4]`` builds that.
+
+Differences from that port and the paper, one per line:
+
+- layer4 multi-grid: none here, (1, 2, 4) in the port (above);
+- the SISR decoder's width (``sr_channels``) and the feature transform (a 1x1 conv on the
+  reconstructed image) are this implementation's choices; the paper gives neither.
 
 Sizes: the input ``H x W`` is downsampled to ``ceil(H / s) x ceil(W / s)`` by area
 interpolation (the mean of each ``s x s`` block when ``s`` divides the size, like
@@ -60,7 +74,8 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 def _deconv2x(channels: int) -> nn.ConvTranspose2d:
     """2x ConvTranspose2d (kernel 4, stride 2, padding 1): exact output size 2n, starts
-    as bilinear upsampling (the padding is the centre crop of FCN's upsampler)."""
+    with the bilinear kernel (the padding is the centre crop of FCN's upsampler): bilinear
+    upsampling except on the outermost rows and columns, where zero padding enters."""
     up = nn.ConvTranspose2d(channels, channels, 4, 2, 1, bias=False)
     with torch.no_grad():
         up.weight.copy_(bilinear_kernel(channels, 4))

@@ -16,9 +16,34 @@ authors' code shachoi/HANet ``network/deepv3.py``), as (lower -> higher):
 The best Cityscapes model attaches at layer1-4 (the authors' best script
 ``scripts/train_r101_os8_hanet_best.sh``: ``--hanet 1 1 1 1 0``, r = 64, H^ = 128 / 8 =
 16, 3 conv layers with kernel 3, positional encoding after the first conv, dropout 0.1),
-``conf/model/hanet.yaml``. The auxiliary head on ``c4`` (3x3 conv 512 + BN + ReLU +
-dropout 0.1 + 1x1, the reference ``dsn``) is returned as ``"aux"`` in training mode; its
-0.4 weight belongs to the loss config.
+``conf/model/hanet.yaml``. The backbone is the reference's: ResNet-101 with the deep stem
+(``resnet101s``: three 3x3 convolutions 64-64-128, ``network/Resnet.py`` ``ResNet3X3``,
+CSAIL's ImageNet weights) whose layer3 and layer4 are dilated 2 and 4 in every block, the
+first included (``contract_dilation=False``; ``network/deepv3.py`` variant D sets every
+``conv2`` of the stage). The auxiliary head on ``c4`` (3x3 conv 512 + BN + ReLU + dropout
+0.1 + 1x1, the reference ``dsn``) is returned as ``"aux"`` in training mode at stride 8,
+not upsampled: the loss compares it with the labels downsampled by nearest neighbour to
+its size, as the reference does; its 0.4 weight belongs to the loss config.
+
+With ``conf/model/hanet.yaml`` and 19 classes the model has 64,801,250 parameters; the
+reference code builds 64,803,149 (``tests/test_models_recent_dsrl_hanet.py`` counts the
+difference). Remaining differences from the reference code, one per line:
+
+- positional encoding: a fixed buffer here, a frozen ``nn.Embedding`` of (16 + 1) rows
+  there (parameters it counts: 17 x 73 = 1,241 over the four modules);
+- HANet's second 1-D conv has a bias before its BN there (2 x 73 = 146 parameters);
+- the auxiliary head's 3x3 conv has a bias before its BN there (512 parameters);
+- the encoding is indexed by the coarse row of the network's input here, by the crop's
+  row in the full image (offset +1, with ``--pos_noise`` jitter) there
+  (``modules.height_attention``);
+- concatenation orders: ASPP puts image pooling last here, first there; the decoder puts
+  the upsampled ASPP features before the 48 low-level channels here, after them there
+  (a permutation of the input channels of the next convolution, same function);
+- aux labels: ``ce.resize_labels`` picks the nearest label on the aligned-corners grid
+  (row round(i (H-1)/(h-1))), the reference's ``F.interpolate(mode='nearest')`` row
+  floor(i H / h): both one label per stride-8 cell, positions within the same cell;
+- HANet's dropout drops whole channels of the pooled map here (``Dropout1d``); the
+  reference applies ``Dropout2d`` to the 3-D map.
 """
 
 from __future__ import annotations
@@ -30,6 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segtrain.errors import ConfigError
+from segtrain.models.backbones.build import set_backbone_output_stride
+from segtrain.models.backbones.resnet import ResNet
 from segtrain.models.deeplabv3 import ASPP_CHANNELS, DeepLabV3Plus
 from segtrain.models.modules.heads import FCNHead
 from segtrain.models.modules.height_attention import HeightAttention
@@ -49,6 +76,8 @@ class HANet(DeepLabV3Plus):
         backbone: ``resnet101`` in the paper (any ``build_backbone`` name works).
         output_stride: 8 in the paper's best model.
         multi_grid: unit rates of the last stage or ``None``.
+        contract_dilation: ``False`` (the reference) dilates the first block of layer3 and
+            layer4 like the others; ``True`` keeps the previous dilation there (torchvision).
         atrous_rates: ASPP rates at output stride 16 (``(6, 12, 18)``, doubled at 8).
         aspp_dropout: dropout after the ASPP projection (none in the reference code).
         separable: depthwise separable ASPP and decoder.
@@ -70,9 +99,10 @@ class HANet(DeepLabV3Plus):
     OUTPUT_KEYS = frozenset({"out", "aux"})  # the keys forward can return (app.check_outputs)
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
-                 multi_grid: Sequence[int] | None, atrous_rates: Sequence[int],
-                 aspp_dropout: float, separable: bool, low_level_channels: int,
-                 decoder_channels: int, attach: Sequence[str], coarse_height: int,
+                 multi_grid: Sequence[int] | None, contract_dilation: bool,
+                 atrous_rates: Sequence[int], aspp_dropout: float, separable: bool,
+                 low_level_channels: int, decoder_channels: int, attach: Sequence[str],
+                 coarse_height: int,
                  reduction: int, kernel_size: int, hanet_dropout: float, pe_base: float,
                  aux_channels: int | None, aux_dropout: float, pretrained: str | None,
                  in_channels: int = 3, head_lr_mult: float = 1.0,
@@ -88,6 +118,12 @@ class HANet(DeepLabV3Plus):
         super().__init__(num_classes, backbone, output_stride, multi_grid, atrous_rates,
                          aspp_dropout, separable, low_level_channels, decoder_channels,
                          pretrained, in_channels, head_lr_mult, head_bias_lr_mult)
+        if not contract_dilation:
+            if not isinstance(self.backbone, ResNet):
+                raise ConfigError(f"model.contract_dilation=false needs a ResNet backbone, "
+                                  f"got model.backbone={backbone}")
+            set_backbone_output_stride(self.backbone, backbone, output_stride, multi_grid,
+                                       in_channels, contract_dilation=False)
         ch = self.backbone.feature_channels
         concat = (len(self.aspp.branches) + 1) * ASPP_CHANNELS
         lower_higher = {
@@ -122,7 +158,7 @@ class HANet(DeepLabV3Plus):
         logits = self._attend("layer5", x, self.classifier(x))
         outputs = {"out": _upsample(logits, size)}
         if self.training and self.aux_head is not None:
-            outputs["aux"] = _upsample(self.aux_head(feats["c4"]), size)
+            outputs["aux"] = self.aux_head(feats["c4"])  # at stride 8, as the reference
         return outputs
 
     def _new_layers(self) -> list[nn.Module]:

@@ -12,6 +12,17 @@ aligned corners. An auxiliary FCN head on ``layer3`` (256 channels) is trained w
 0.4, as in PSPNet (the authors' config: ``aux_weight: 0.4``; the weight lives in the loss
 config). Learning rates as the authors' ``tool/train.py``: backbone (its SPMs included) at
 the base rate, head and auxiliary head at 10x.
+
+The backbone is the reference's (houqb/SPNet ``models/resnet.py``, ``deep_base=True``):
+ResNet-101 with the deep stem 64-64-128 (``resnet101s``), layer3 dilated 2 (first block
+1), layer4 with multi-grid dilations 4, 8, 16. With ``conf/model/spnet.yaml`` and 19
+classes the model has 66,729,382 parameters, the count of the reference code. Remaining
+differences from the reference code, one per line:
+
+- ``pretrained: imagenet`` loads CSAIL's deep-stem ResNet-101; the authors' file is
+  PyTorch-Encoding's ``resnet101-2a57e44d.zip`` (same layout: unzip it and pass its path);
+- with a ResNet-18/34 (BasicBlock) the last 3x3 conv of a block is gated here; the
+  reference has no SPM in its BasicBlock (it trains ResNet-50/101 only).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -70,11 +71,21 @@ def widen_input_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     return new
 
 
-def load_pretrained(module: nn.Module, source: str | None) -> nn.Module:
-    """Load ``source`` into ``module`` with strict key matching (torchvision's format)."""
+def load_pretrained(module: nn.Module, source: str | None,
+                    convert: Callable[[dict], dict] | None = None,
+                    optional: tuple[str, ...] = ()) -> nn.Module:
+    """Load ``source`` into ``module`` with strict key matching (torchvision's format).
+
+    ``convert`` renames another layout's keys first; keys of ``module`` starting with one
+    of the ``optional`` prefixes may be missing from the checkpoint (they keep their
+    initialisation).
+    """
     if source:
         state = load_checkpoint_state(source)
+        if convert is not None:
+            state = convert(state)
         missing, unexpected = module.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(optional)]
         if missing or unexpected:
             raise RuntimeError(
                 f"pretrained checkpoint {source} does not match {type(module).__name__}: "

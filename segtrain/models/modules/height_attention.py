@@ -6,9 +6,13 @@ X_l, Z, Z^, Q_n, A^, A, X_h, X~_h is used below). From a lower-level
 feature map X_l (C_l x H_l x W_l) it computes an attention map A (C_h x H_h) that
 multiplies a higher-level map X_h (C_h x H_h x W_h), the same value along each row:
 
-1. width-wise average pooling: Z = G_pool(X_l), C_l x H_l (the reference code's default);
-2. down-sampling to the coarse height: Z^ = G_down(Z), C_l x H^ (area interpolation, the
-   adaptive average pooling of the authors' code shachoi/HANet ``HANet_Conv.rowpool``);
+1.-2. width-wise pooling and down-sampling to the coarse height, Z^ = G_down(G_pool(X_l)),
+   C_l x H^, in one adaptive pooling to (H^, 1) as the authors' code does (shachoi/HANet
+   ``HANet_Conv.rowpool``): ``"mean"`` (the reference's default) averages each band of
+   rows over the whole width, i.e. the mean over the width, then over the band;
+   ``"max"`` (the reference's choice at layer5) takes the maximum over each band of rows
+   and the whole width (not the mean over the band of the row maxima, which agrees only
+   when every band is one row, H_l = H^);
 3. N = 3 1-D convolutions: 1x1 to ceil(C_l / r) channels + BN + ReLU, 3x3 to
    twice that + BN + ReLU, ``kernel_size`` to C_h, then a sigmoid: A^, C_h x H^;
 4. sinusoidal positional encoding (Sec. 3.2) added to Q_1, the output of the first
@@ -76,8 +80,8 @@ class HeightAttention(nn.Module):
 
     def attention(self, low: torch.Tensor, height: int) -> torch.Tensor:
         """(B, C_h, height) attention values in (0, 1)."""
-        z = low.mean(dim=3) if self.pooling == "mean" else low.amax(dim=3)  # B, C_l, H_l
-        z = F.interpolate(z, size=self.coarse_height, mode="area")  # B, C_l, H^
+        pool = F.adaptive_avg_pool2d if self.pooling == "mean" else F.adaptive_max_pool2d
+        z = pool(low, (self.coarse_height, 1)).squeeze(3)  # B, C_l, H^
         q = self.conv1(self.dropout(z)) + self.pe
         a = torch.sigmoid(self.conv3(self.conv2(q)))  # B, C_h, H^
         return F.interpolate(a, size=height, mode="linear", align_corners=False)

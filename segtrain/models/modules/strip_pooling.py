@@ -7,9 +7,10 @@ Scene Parsing", CVPR 2020).
   kernel 3 along its length, both are expanded back to HxW by broadcasting and fused by a
   sum (Eq. 3, ``y_{c,i,j} = y^h_{c,i} + y^v_{c,j}``); a 1x1 convolution and a sigmoid give
   the gate that multiplies the input (Eq. 4, ``z = Scale(x, sigma(f(y)))``). As in the
-  authors' code (Andrew-Qibin/SPNet ``SPBlock``) each 1-D convolution has a bias and a
-  BatchNorm, and a ReLU follows the fusion. The module returns the gate; the caller
-  multiplies (a ResNet block's ``gate``, see ``backbones/resnet.py``).
+  authors' code (houqb/SPNet ``models/resnet.py`` ``SPBlock``) each 1-D convolution has
+  no bias and is followed by a BatchNorm, a ReLU follows the fusion, and the 1x1
+  convolution f has a bias. The module returns the gate; the caller multiplies (a ResNet
+  block's ``gate``, see ``backbones/resnet.py``).
 - ``MixedPoolingModule`` (MPM, Sec. 3.3 and Fig. 3): both halves start from a 1x1 reduction
   to 1/4 of the channels. Short-range half (Fig. 3a): a lightweight pyramid pooling, the sum
   of a 3x3 convolution and two average poolings to ``pool_sizes`` bins (20 and 12 in the
@@ -37,11 +38,11 @@ def strip_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(dim=3, keepdim=True), x.mean(dim=2, keepdim=True)
 
 
-def _conv_bn(in_channels: int, out_channels: int, kernel_size: tuple[int, int],
-             bias: bool = False) -> nn.Sequential:
+def _conv_bn(in_channels: int, out_channels: int,
+             kernel_size: tuple[int, int]) -> nn.Sequential:
     padding = (kernel_size[0] // 2, kernel_size[1] // 2)
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding,
-                                   bias=bias),
+                                   bias=False),
                          nn.BatchNorm2d(out_channels))
 
 
@@ -54,8 +55,8 @@ class StripPoolingModule(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv_h = _conv_bn(channels, channels, (3, 1), bias=True)  # along H, on y^h
-        self.conv_v = _conv_bn(channels, channels, (1, 3), bias=True)  # along W, on y^v
+        self.conv_h = _conv_bn(channels, channels, (3, 1))  # along H, on y^h (no bias)
+        self.conv_v = _conv_bn(channels, channels, (1, 3))  # along W, on y^v (no bias)
         self.fuse = nn.Conv2d(channels, channels, 1)  # f in Eq. (4)
 
     def expand(self, x: torch.Tensor) -> torch.Tensor:
