@@ -1,8 +1,7 @@
 """Turn a Hydra sweep folder into the paper's table: ours, the paper's and the difference.
 
     python scripts/ablation_table.py outputs/multirun/<date>/<time>
-    python scripts/ablation_table.py outputs/multirun/<date>/<time> --columns eval  # before/after CRF
-    python scripts/ablation_table.py outputs/multirun/<date>/<time>                 # seed=0,1,2 sweep
+    python scripts/ablation_table.py outputs/multirun/<sweep> --columns eval  # before/after CRF
 
 Each run folder of the sweep holds ``.hydra/overrides.yaml`` (and ``.hydra/hydra.yaml``),
 ``.hydra/config.yaml`` and, once it has evaluated, ``metrics.json``. The experiment a run
@@ -211,10 +210,12 @@ def _cells(runs: list[dict], rows: list[dict], metric: str, aggregate: bool) -> 
 
 
 def _metric_header(metric: str, aggregate: bool, prefix: str = "") -> list[str]:
-    name = prefix + METRIC_NAMES.get(metric, metric)
+    name = METRIC_NAMES.get(metric, metric)
     if aggregate:
-        return [f"{name} (mean ± std)", f"{name} n", f"paper {name}", f"diff {name}"]
-    return [name, f"paper {name}", f"diff {name}"]
+        cols = [f"{name} (mean ± std)", f"{name} n", f"paper {name}", f"diff {name}"]
+    else:
+        cols = [name, f"paper {name}", f"diff {name}"]
+    return [prefix + c for c in cols]
 
 
 def table(runs: list[dict], paper_dir: Path = PAPER_DIR,

@@ -88,7 +88,7 @@ def collect(run: Path) -> list[dict]:
         raise SystemExit(f"{run}: no eval_*.json; run python -m segtrain.evaluate run={run} "
                          f"eval=... first (see this script's docstring)")
     lines.sort(key=lambda e: (-(e["setting"]["os"] or 0), e["setting"]["msc"],
-                              e["setting"]["flip"], e["setting"]["crf"], e["name"]))
+                              e["setting"]["crf"], e["setting"]["flip"], e["name"]))
     return lines
 
 
@@ -100,7 +100,7 @@ def _row_setting(row: dict) -> dict:
 
 
 def paper_steps(paper_dir: Path, papers: list[str]) -> dict[str, list[str]]:
-    """step -> ``"+1.30 (deeplabv3_voc: Table 6 -> Table 6)"`` for each pair of rows of one
+    """step -> ``"+1.30 (deeplabv3_voc: OS 16 -> OS 8; Table 6)"`` for each pair of rows of one
     paper file that differ in that step only (same training overrides, same metric)."""
     steps: dict[str, list[str]] = {}
     for name in papers:
@@ -120,10 +120,9 @@ def paper_steps(paper_dir: Path, papers: list[str]) -> dict[str, list[str]]:
                         or a["metric"] != "miou" or _row_setting(a) != step[1]:
                     continue
                 diff = float(b["value"]) - float(a["value"])
-                where = a["table"] if a["table"] == b["table"] \
-                    else f"{a['table']} -> {b['table']}"
                 steps.setdefault(step[0], []).append(
-                    f"{diff:+.2f} ({name}: {a.get('name', '')} -> {b.get('name', '')}, {where})")
+                    f"{diff:+.2f} ({name}: {a.get('name', '')} -> {b.get('name', '')}; "
+                    f"{b['table']})")
     return steps
 
 
