@@ -76,3 +76,13 @@ def test_evaluate_names_its_outputs_by_option_and_output_stride(tmp_path):
     assert eval_overrides([f"run={tmp_path}", "eval=msc_crf", "eval.crf.bi_w=5",
                            "+eval.predictor.fusion=mean", "name=x"]) == \
         {"eval.crf.bi_w": "5", "eval.predictor.fusion": "mean"}
+
+
+def test_crf_search_takes_eval_overrides_only():
+    import crf_search
+    import pytest
+
+    args = crf_search.parse_args(["run=x", "eval.predictor.scales=[0.25,0.375,0.5]"])
+    assert args.run == "x" and args.overrides == ["eval.predictor.scales=[0.25,0.375,0.5]"]
+    with pytest.raises(SystemExit):
+        crf_search.parse_args(["run=x", "model.backbone=resnet101"])
