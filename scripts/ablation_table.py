@@ -1,16 +1,29 @@
 """Turn a Hydra sweep folder into the paper's table: ours, the paper's and the difference.
 
     python scripts/ablation_table.py outputs/multirun/<date>/<time>
+    python scripts/ablation_table.py outputs/multirun/<sweep> --columns eval  # before/after CRF
 
 Each run folder of the sweep holds ``.hydra/overrides.yaml`` (and ``.hydra/hydra.yaml``),
 ``.hydra/config.yaml`` and, once it has evaluated, ``metrics.json``. The experiment a run
 belongs to (``experiment=<name>``) names the paper file
-``conf/experiment/paper/<name>.yml``; its rows say which sweep overrides identify them
-(``{lr: poly}`` -> 63.42). A row goes to the run whose overrides contain all of the row's,
-the most specific row winning. The table has one line per run: the overrides that vary
-across the sweep, the run's status, then for mIoU (and each other metric the paper reports)
-ours, the paper's and ours minus the paper's, in percent. Paper rows no run matched are
-listed as ``not run``.
+``conf/experiment/paper/<name>.yml``; its rows say which settings identify them
+(``{lr: poly}`` -> 63.42). A row goes to the run whose setting has every key of the row's
+overrides at the row's value, the most specific row winning. A run's setting of a key is the
+override it was given, else its config group choice (``lr``, ``eval``, ``paper_row``), else
+the value in its resolved config. Each ``eval_<name>.json`` that ``segtrain.evaluate`` wrote
+into a run is one more line, whose setting is the run's with that evaluation's ``eval``
+config (``eval=msc_flip``, ``eval.output_stride=8`` ...).
+
+Lines are in the paper's order (the order of its rows); runs no row matches come last. Per
+line: the keys that vary across the sweep, the status, then for mIoU (and each other metric
+the paper reports) ours, the paper's and ours minus the paper's, in percent. Paper rows no run
+matched are listed as ``not run``. ``--columns KEY`` puts each value of KEY side by side
+(``--columns eval``: whole | crf_v1, the papers' before/after CRF columns).
+
+A sweep over ``seed`` is aggregated: one line per setting with the mean, the sample standard
+deviation and the count of its finished runs, and the difference to the paper as
+``mean - paper +- std``; below the table, settings that differ in one key are compared
+(difference of means +- its standard error, sqrt(s1^2/n1 + s2^2/n2)).
 
 Status: ``failed`` when a run has no metrics.json; ``unfinished`` when its metrics.json says
 ``"finished": false`` or ``"interrupted": true``, or its last evaluation is before
@@ -26,6 +39,8 @@ import argparse
 import csv
 import io
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,13 +49,19 @@ import yaml
 PAPER_DIR = Path(__file__).resolve().parents[1] / "conf" / "experiment" / "paper"
 METRIC_NAMES = {"miou": "mIoU", "pixel_acc": "pixel acc", "mean_acc": "mean acc",
                 "fwiou": "fwIoU"}
+SEED = "seed"
 
 
 def _norm(value) -> str:
-    """Overrides compare as text without spaces: ``[256, 512]`` == ``[256,512]``."""
+    """Settings compare as text without spaces: ``[256, 512]`` == ``[256,512]``."""
     if isinstance(value, bool):
         value = str(value).lower()
     return str(value).replace(" ", "")
+
+
+def _key(key: str) -> str:
+    """``+paper_row`` / ``~x`` / ``++y`` name the keys ``paper_row``, ``x``, ``y``."""
+    return key.lstrip("+~")
 
 
 def _read_yaml(path: Path):
@@ -58,27 +79,65 @@ def run_status(metrics: dict | None, max_iters: int | None) -> str:
     return "ok"
 
 
+_MISSING = object()
+
+
+def setting(run: dict, key: str):
+    """The run's value of ``key``: its override, its group choice, else its config's."""
+    if key in run["overrides"]:
+        return run["overrides"][key]
+    if key in run["choices"]:
+        return run["choices"][key]
+    node = run["config"]
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _evaluations(run: dict, run_dir: Path, sweep: Path) -> list[dict]:
+    """One line per ``eval_<name>.json`` of segtrain.evaluate in the run folder."""
+    lines = []
+    for path in sorted(run_dir.glob("eval_*.json")):
+        result = json.loads(path.read_text())
+        if "eval_config" not in result or "miou" not in result:
+            continue
+        overrides = {**run["overrides"], "eval": result.get("eval", path.stem[5:]),
+                     **{_key(k): v for k, v in (result.get("overrides") or {}).items()}}
+        lines.append({**run, "run": str(path.relative_to(sweep).with_suffix("")),
+                      "overrides": overrides,
+                      "choices": {**run["choices"], "eval": result.get("eval")},
+                      "config": {**run["config"], "eval": result["eval_config"]},
+                      "metrics": result, "status": "ok (segtrain.evaluate)"})
+    return lines
+
+
 def collect(sweep: Path) -> list[dict]:
-    """One dict per run folder: name, overrides, experiment, metrics (or None), status."""
+    """One dict per run folder and per evaluation in it: name, overrides, choices, config,
+    experiment, metrics (or None), status."""
     runs = []
     # recursive: an override with a path (dataset.root=/data/VOC) nests Hydra's subdir name;
     # folders inside a run (segtrain.evaluate's eval/<...>/.hydra) are not runs of the sweep
     found = sorted(f.parent.parent for f in sweep.glob("**/.hydra/overrides.yaml"))
     run_dirs = [r for r in found if not any(o != r and o in r.parents for o in found)]
-    for run in run_dirs:
-        overrides_file = run / ".hydra" / "overrides.yaml"
+    for run_dir in run_dirs:
+        overrides_file = run_dir / ".hydra" / "overrides.yaml"
         overrides = dict(o.split("=", 1) for o in _read_yaml(overrides_file) or [] if "=" in o)
-        overrides = {k.lstrip("+~"): v for k, v in overrides.items()}
-        hydra_cfg = _read_yaml(run / ".hydra" / "hydra.yaml") or {}
-        choices = hydra_cfg.get("hydra", {}).get("runtime", {}).get("choices", {})
+        overrides = {_key(k): v for k, v in overrides.items() if not k.startswith("hydra.")}
+        hydra_cfg = _read_yaml(run_dir / ".hydra" / "hydra.yaml") or {}
+        choices = hydra_cfg.get("hydra", {}).get("runtime", {}).get("choices", {}) or {}
+        choices = {k: v for k, v in choices.items() if not k.startswith("hydra/")}
         experiment = overrides.get("experiment") or choices.get("experiment")
-        config = _read_yaml(run / ".hydra" / "config.yaml") or {}
+        config = _read_yaml(run_dir / ".hydra" / "config.yaml") or {}
         max_iters = config.get("trainer", {}).get("max_iters")
-        metrics_file = run / "metrics.json"
+        metrics_file = run_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-        runs.append({"run": str(run.relative_to(sweep)), "overrides": overrides,
-                     "experiment": experiment, "metrics": metrics,
-                     "status": run_status(metrics, max_iters)})
+        run = {"run": str(run_dir.relative_to(sweep)), "overrides": overrides,
+               "choices": choices, "config": config, "experiment": experiment,
+               "metrics": metrics, "status": run_status(metrics, max_iters)}
+        runs.append(run)
+        runs += _evaluations(run, run_dir, sweep)
     if not runs:
         raise SystemExit(f"{sweep}: no run folders with .hydra/overrides.yaml found; pass the "
                          f"sweep folder Hydra printed (outputs/multirun/<date>/<time>)")
@@ -92,14 +151,17 @@ def load_paper(experiment: str | None, paper_dir: Path) -> list[dict]:
     data = _read_yaml(paper_dir / f"{experiment}.yml") or {}
     rows = data.get("rows") or []
     for row in rows:
-        row["overrides"] = {k: _norm(v) for k, v in (row.get("overrides") or {}).items()}
+        row["overrides"] = {_key(k): _norm(v) for k, v in (row.get("overrides") or {}).items()}
     return rows
 
 
 def match(run: dict, rows: list[dict]) -> list[dict]:
     """The paper rows of ``run``: all rows with the most specific matching override set."""
-    ours = {k: _norm(v) for k, v in run["overrides"].items()}
-    hits = [r for r in rows if all(ours.get(k) == v for k, v in r["overrides"].items())]
+    def fits(row: dict) -> bool:
+        return all((v := setting(run, k)) is not _MISSING and _norm(v) == want
+                   for k, want in row["overrides"].items())
+
+    hits = [r for r in rows if fits(r)]
     if not hits:
         return []
     best = max(len(r["overrides"]) for r in hits)
@@ -110,44 +172,148 @@ def _pct(value) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
-def table(runs: list[dict], paper_dir: Path = PAPER_DIR) -> tuple[list[str], list[list[str]]]:
+def _ours(runs: list[dict], metric: str) -> tuple[float | None, float | None, int]:
+    """(mean, sample std or None, count) of ``metric`` in percent over finished runs."""
+    values = [100.0 * r["metrics"][metric] for r in runs
+              if r["status"].startswith("ok") and r["metrics"].get(metric) is not None]
+    if not values:
+        return None, None, 0
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return statistics.fmean(values), std, len(values)
+
+
+def group_by_setting(runs: list[dict], keys: list[str]) -> list[list[dict]]:
+    """Runs that agree on ``keys`` (every varying key but the seed), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(_norm(run["overrides"].get(k, "")) for k in keys), []).append(run)
+    return list(groups.values())
+
+
+def _status(runs: list[dict]) -> str:
+    if len(runs) == 1:
+        return runs[0]["status"]
+    ok = sum(r["status"].startswith("ok") for r in runs)
+    return f"ok {ok} of {len(runs)}" if ok < len(runs) else "ok"
+
+
+def _cells(runs: list[dict], rows: list[dict], metric: str, aggregate: bool) -> list[str]:
+    mean, std, n = _ours(runs, metric)
+    paper = next((float(r["value"]) for r in rows if r["metric"] == metric), None)
+    if aggregate:
+        ours = "n/a" if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
+        diff = "" if mean is None or paper is None else (
+            f"{mean - paper:+.2f}" + ("" if std is None else f" ± {std:.2f}"))
+        return [ours, str(n), _pct(paper), diff]
+    return ["n/a" if mean is None else _pct(mean), _pct(paper),
+            "" if mean is None or paper is None else f"{mean - paper:+.2f}"]
+
+
+def _metric_header(metric: str, aggregate: bool, prefix: str = "") -> list[str]:
+    name = METRIC_NAMES.get(metric, metric)
+    if aggregate:
+        cols = [f"{name} (mean ± std)", f"{name} n", f"paper {name}", f"diff {name}"]
+    else:
+        cols = [name, f"paper {name}", f"diff {name}"]
+    return [prefix + c for c in cols]
+
+
+def table(runs: list[dict], paper_dir: Path = PAPER_DIR,
+          columns: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """The header and lines of the sweep's table (see the module docstring)."""
     papers = {r["experiment"]: load_paper(r["experiment"], paper_dir) for r in runs}
-    matched = [match(r, papers[r["experiment"]]) for r in runs]
-    metrics = ["miou"] + sorted({row["metric"] for rows in matched for row in rows} - {"miou"})
     keys = sorted({k for r in runs for k in r["overrides"]})
-    varying = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1] or keys
-    header = ["run", *varying, "status"]
-    for m in metrics:
-        name = METRIC_NAMES.get(m, m)
-        header += [name, f"paper {name}", f"diff {name}"]
+    varying = [k for k in keys if len({_norm(r["overrides"].get(k)) for r in runs}) > 1] or keys
+    aggregate = SEED in varying
+    label_keys = [k for k in varying if k != SEED and k != columns]
+    groups = group_by_setting(runs, label_keys) if aggregate else [[r] for r in runs]
+    if columns:  # one line per setting of the other keys, a column group per value of KEY
+        lines: dict[tuple, list[list[dict]]] = {}
+        for g in groups:
+            lines.setdefault(tuple(_norm(g[0]["overrides"].get(k, "")) for k in label_keys),
+                             []).append(g)
+        line_groups = list(lines.values())
+        values = list(dict.fromkeys(_norm(g[0]["overrides"].get(columns, "")) for g in groups))
+    else:
+        line_groups = [[g] for g in groups]
+        values = [None]
+    matched = {id(g): match(g[0], papers[g[0]["experiment"]]) for g in groups}
+    metrics = ["miou"] + sorted({row["metric"] for rows in matched.values() for row in rows}
+                                - {"miou"})
+
+    def order(line: list[list[dict]]) -> tuple[int, int]:
+        idx = [papers[g[0]["experiment"]].index(r) for g in line for r in matched[id(g)]]
+        return (min(idx), 0) if idx else (1 << 30, 0)
+
+    line_groups.sort(key=order)  # stable: unmatched runs keep the sweep's order
+    first = "setting" if aggregate or columns else "run"
+    header = [first, *label_keys, "status"]
+    for value in values:
+        prefix = f"{columns}={value}: " if columns else ""
+        for m in metrics:
+            header += _metric_header(m, aggregate, prefix)
     header.append("paper source")
 
     body = []
-    for run, rows in zip(runs, matched):
-        line = [run["run"], *(run["overrides"].get(k, "") for k in varying), run["status"]]
-        for m in metrics:
-            value = (run["metrics"] or {}).get(m)
-            ours = None if value is None else 100.0 * value
-            paper = next((float(r["value"]) for r in rows if r["metric"] == m), None)
-            diff = None if ours is None or paper is None else ours - paper
-            line += ["n/a" if ours is None else _pct(ours), _pct(paper),
-                     "" if diff is None else f"{diff:+.2f}"]
-        line.append("; ".join(sorted({f"{r['paper']}, {r['table']}" for r in rows})))
-        body.append(line)
+    for line in line_groups:
+        first_run = line[0][0]
+        name = ", ".join(f"{k}={first_run['overrides'].get(k, '')}" for k in label_keys) \
+            if (aggregate or columns) else first_run["run"]
+        out = [name or "(plain)", *(first_run["overrides"].get(k, "") for k in label_keys),
+               "; ".join(_status(g) for g in line)]
+        by_value = {_norm(g[0]["overrides"].get(columns, "")) if columns else None: g
+                    for g in line}
+        for value in values:
+            g = by_value.get(value)
+            for m in metrics:
+                width = 4 if aggregate else 3
+                out += _cells(g, matched[id(g)], m, aggregate) if g else [""] * width
+        sources = {f"{r['paper']}, {r['table']}" for g in line for r in matched[id(g)]}
+        out.append("; ".join(sorted(sources)))
+        body.append(out)
 
-    # paper rows that no run of the sweep reproduces
+    # paper rows that no run of the sweep reproduces, in the paper's order
+    used = {id(r) for rs in matched.values() for r in rs}
+    width = (4 if aggregate else 3) * len(metrics) * len(values)
     for experiment, rows in papers.items():
-        used = {id(r) for rs in matched for r in rs}
         for row in rows:
             if id(row) in used:
                 continue
-            label = ", ".join(f"{k}={v}" for k, v in row["overrides"].items()) or experiment
-            line = [label, *("" for _ in varying), "not run"]
-            for m in metrics:
-                line += ["", _pct(float(row["value"])) if row["metric"] == m else "", ""]
-            line.append(f"{row['paper']}, {row['table']}")
-            body.append(line)
+            label = row.get("name") or ", ".join(
+                f"{k}={v}" for k, v in row["overrides"].items()) or experiment
+            cells = [""] * width
+            cells[metrics.index(row["metric"]) * (4 if aggregate else 3)
+                  + (2 if aggregate else 1)] = _pct(float(row["value"]))
+            body.append([label, *("" for _ in label_keys), "not run", *cells,
+                         f"{row['paper']}, {row['table']}"])
+            used.add(id(row))
     return header, body
+
+
+def contrasts(runs: list[dict], metric: str = "miou") -> list[str]:
+    """Settings of a seed sweep that differ in one key: difference of means +- its s.e."""
+    keys = sorted({k for r in runs for k in r["overrides"]})
+    label_keys = [k for k in keys if k != SEED
+                  and len({_norm(r["overrides"].get(k)) for r in runs}) > 1]
+    groups = group_by_setting(runs, label_keys)
+    lines = []
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            differ = [k for k in label_keys
+                      if _norm(a[0]["overrides"].get(k)) != _norm(b[0]["overrides"].get(k))]
+            if len(differ) != 1:
+                continue
+            (ma, sa, na), (mb, sb, nb) = _ours(a, metric), _ours(b, metric)
+            if ma is None or mb is None:
+                continue
+            k = differ[0]
+            same = ", ".join(f"{o}={a[0]['overrides'].get(o)}" for o in label_keys if o != k)
+            spread = (f" ± {math.sqrt(sa ** 2 / na + sb ** 2 / nb):.2f} (standard error)"
+                      if sa is not None and sb is not None else " (one run each: no spread)")
+            lines.append(f"{METRIC_NAMES.get(metric, metric)}: {k}={a[0]['overrides'][k]} minus "
+                         f"{k}={b[0]['overrides'][k]}" + (f" at {same}" if same else "")
+                         + f" = {ma - mb:+.2f}{spread}, n = {na} and {nb}")
+    return lines
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -167,11 +333,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", type=Path, help="the multirun folder of one sweep")
     parser.add_argument("--paper-dir", type=Path, default=PAPER_DIR,
                         help="folder of <experiment>.yml paper files (default: %(default)s)")
+    parser.add_argument("--columns", metavar="KEY",
+                        help="a key whose values become column groups (e.g. eval: before/after "
+                             "CRF)")
     args = parser.parse_args(argv)
     if not args.sweep.is_dir():
         raise SystemExit(f"sweep folder not found: {args.sweep}")
-    header, rows = table(collect(args.sweep), args.paper_dir)
+    runs = collect(args.sweep)
+    header, rows = table(runs, args.paper_dir, args.columns)
     text = markdown(header, rows)
+    if any(_norm(r["overrides"].get(SEED)) != _norm(runs[0]["overrides"].get(SEED))
+           for r in runs):
+        text += "\n\n" + "\n".join(f"- {line}" for line in contrasts(runs))
     (args.sweep / "ablation_table.md").write_text(text + "\n")
     (args.sweep / "ablation_table.csv").write_text(csv_text(header, rows))
     print(text)

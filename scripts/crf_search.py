@@ -6,6 +6,7 @@ search range w1 in [3:6], theta_alpha in [30:10:100], theta_beta in [3:6], the d
     python scripts/crf_search.py run=outputs/<run>                        # eval=msc_crf, 100 images
     python scripts/crf_search.py run=outputs/<run> --num-images 50 --bi-w 3 4 5 \\
         --bi-xy-std 50 67 80 --bi-rgb-std 3 4 5 --eval crf_v1 --workers 2
+    python scripts/crf_search.py run=outputs/<run> 'eval.predictor.scales=[0.25,0.375,0.5]'
 
 The run's model predicts the first ``--num-images`` val images once with the eval config's
 predictor (``--eval``, default ``msc_crf``, honouring its ``output_stride``); the softmax
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run=<training run folder>")
+    parser.add_argument("overrides", nargs="*", metavar="eval.KEY=VALUE",
+                        help="overrides of the eval config, as segtrain.evaluate takes them "
+                             "(e.g. 'eval.predictor.scales=[0.25,0.375,0.5]')")
     parser.add_argument("--eval", default="msc_crf",
                         help="eval config with a crf (conf/eval/): predictor and fixed values")
     parser.add_argument("--num-images", type=int, default=100,
@@ -65,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     args.run = args.run.removeprefix("run=")
+    bad = [o for o in args.overrides if not o.lstrip("+~").startswith("eval.")]
+    if bad:
+        parser.error(f"only eval.* overrides are taken after the run, got {bad}")
     if args.num_images < 1:
         parser.error("--num-images must be >= 1")
     if args.workers is not None and args.workers < 1:
@@ -78,7 +85,7 @@ def predict_subset(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         cfg = compose(config_name="evaluate",
                       overrides=[f"run={args.run}", f"eval={args.eval}",
                                  f"checkpoint={args.checkpoint}", f"device={args.device}",
-                                 "num_workers=0"])
+                                 "num_workers=0", *args.overrides])
     _, run_cfg, state, _ = load_run(cfg)
     if not run_cfg.eval.get("crf"):
         raise ConfigError(f"--eval {args.eval}: conf/eval/{args.eval}.yaml has no crf; use an "

@@ -12,8 +12,11 @@ The run's config (``<run>/.hydra/config.yaml``, else the resolved copy stored in
 checkpoint) rebuilds the validation set and the model exactly as training did; the ``eval``
 group chosen here replaces the run's, and ``dataset.*`` keys given here are merged over the
 run's (the data moved, another split). Prints the per-class table and writes
-``<run>/eval_<eval>.json`` (scores, confusion matrix, the eval config) and
-``<run>/eval_<eval>_samples.png`` (image | ground truth | prediction). Hydra's own log of
+``<run>/eval_<name>.json`` (scores, confusion matrix, the eval config and the command's
+``eval.*`` overrides) and ``<run>/eval_<name>_samples.png`` (image | ground truth |
+prediction). ``<name>`` is ``name=`` if given, else the eval option's name with ``_os<N>``
+when ``eval.output_stride`` is set, so OS 16 and OS 8 results of one option do not overwrite
+each other (``name=msc_crf_searched`` for a CRF with other values). Hydra's own log of
 this call goes to ``<run>/eval/<time>_<eval>/``, so evaluation leaves ``outputs/`` alone.
 
 Under torchrun (or SLURM tasks) each rank scores every W-th image, the confusion matrices
@@ -172,12 +175,29 @@ def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 # -- evaluation ----------------------------------------------------------------------------
-def evaluate(cfg: DictConfig, eval_name: str) -> dict[str, Any]:
+def output_name(cfg: DictConfig, eval_name: str) -> str:
+    """``name=``, else the eval option with ``_os<N>`` when ``eval.output_stride`` is set."""
+    if cfg.get("name"):
+        return str(cfg.name)
+    output_stride = cfg.eval.get("output_stride")
+    return eval_name if output_stride is None else f"{eval_name}_os{output_stride}"
+
+
+def eval_overrides(task_overrides: list[str]) -> dict[str, str]:
+    """The ``eval.<key>=<value>`` overrides of the command line (not the option choice)."""
+    pairs = (o.split("=", 1) for o in task_overrides if "=" in o)
+    return {k.lstrip("+~"): v for k, v in pairs if k.lstrip("+~").startswith("eval.")}
+
+
+def evaluate(cfg: DictConfig, eval_name: str,
+             overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """Score the run's checkpoint on its validation split with ``cfg.eval``.
 
     Args:
         cfg: the ``conf/evaluate.yaml`` config (run, checkpoint, device, eval, dataset...).
-        eval_name: the ``eval`` option's name, used in the output file names.
+        eval_name: the ``eval`` option's name.
+        overrides: the command's ``eval.*`` overrides, recorded in the result (what
+            scripts/ablation_table.py and scripts/inference_table.py show).
     """
     dist = distributed.init()
     run_dir, run_cfg, state, path = load_run(cfg)
@@ -194,7 +214,9 @@ def evaluate(cfg: DictConfig, eval_name: str) -> dict[str, Any]:
     distributed.cleanup()
     result = {
         "run": str(run_dir), "checkpoint": str(path), "iteration": state.get("iteration"),
-        "eval": eval_name, "eval_config": OmegaConf.to_container(run_cfg.eval, resolve=True),
+        "eval": eval_name, "name": output_name(cfg, eval_name),
+        "overrides": dict(overrides or {}),
+        "eval_config": OmegaConf.to_container(run_cfg.eval, resolve=True),
         "dataset": run_cfg.dataset.name, "split": getattr(val_set, "split", None),
         "num_images": len(val_set), "world_size": dist.world_size,
         "class_names": list(val_set.class_names), **scores,
@@ -204,14 +226,14 @@ def evaluate(cfg: DictConfig, eval_name: str) -> dict[str, Any]:
 
     table = format_table(scores, val_set.class_names)
     print(table, flush=True)
-    out = run_dir / f"eval_{eval_name}.json"
+    out = run_dir / f"eval_{result['name']}.json"
     write_json(result, out)
     if evaluator.samples:
         palette = palette_of(val_set, run_cfg.dataset.num_classes)
         strip = comparison_strip(evaluator.samples, palette, run_cfg.dataset.ignore_index)
         Image.fromarray(np.ascontiguousarray(strip)).save(
-            run_dir / f"eval_{eval_name}_samples.png")
-    log.info("eval=%s: %s -> %s", eval_name,
+            run_dir / f"eval_{result['name']}_samples.png")
+    log.info("eval=%s: %s -> %s", result["name"],
              "  ".join(f"{k} {scores[k]:.4f}" for k in SUMMARY_KEYS), out)
     return result
 
@@ -219,7 +241,9 @@ def evaluate(cfg: DictConfig, eval_name: str) -> dict[str, Any]:
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     with user_errors():
-        result = evaluate(cfg, HydraConfig.get().runtime.choices["eval"])
+        hydra_cfg = HydraConfig.get()
+        result = evaluate(cfg, hydra_cfg.runtime.choices["eval"],
+                          eval_overrides(list(hydra_cfg.overrides.task)))
     return result["miou"]  # what a sweeper over eval options compares
 
 

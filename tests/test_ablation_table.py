@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -120,3 +121,109 @@ def test_every_paper_file_names_an_experiment_and_confirms_its_rows():
     # every paper protocol has its file; camvid_* are our own CPU-budget runs, no paper's
     papers = {e for e in experiments if not e.startswith("camvid_")}
     assert papers <= {p.stem for p in paper_dir.glob("*.yml")}
+
+
+# -- fabricated run folders: seeds, settings from the config, evaluations, paper order ------
+def fake_run(root: Path, name: str, overrides: list[str], miou: float | None,
+             config: dict | None = None, choices: dict | None = None) -> Path:
+    """A run folder as Hydra and the trainer leave it (overrides, hydra.yaml, config)."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"runtime": {"choices": {"experiment": "demo", "hydra/launcher": "basic",
+                                           **(choices or {})}}}}))
+    config = {"trainer": {"max_iters": 10}, **(config or {})}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    if miou is not None:
+        (run / "metrics.json").write_text(json.dumps(
+            {"iteration": 10, "finished": True, "miou": miou, "pixel_acc": 0.9}))
+    return run
+
+
+def _demo_paper(tmp_path: Path, rows: list[dict]) -> Path:
+    folder = tmp_path / "paper"
+    folder.mkdir(exist_ok=True)
+    base = {"metric": "miou", "table": "Table 2", "paper": "P", "confirmed": "test"}
+    (folder / "demo.yml").write_text(yaml.safe_dump({"rows": [{**base, **r} for r in rows]}))
+    return folder
+
+
+def test_seed_sweep_is_aggregated_with_its_spread(tmp_path):
+    sweep = tmp_path / "sweep"
+    mious = {"poly": [0.50, 0.52, 0.54], "step": [0.47, 0.48, 0.52]}
+    n = 0
+    for lr, values in mious.items():
+        for seed, miou in enumerate(values):
+            fake_run(sweep, str(n), ["experiment=demo", f"lr={lr}", f"seed={seed}"], miou)
+            n += 1
+    fake_run(sweep, str(n), ["experiment=demo", "lr=step", "seed=3"], None)  # crashed
+    paper = _demo_paper(tmp_path, [{"overrides": {"lr": "step"}, "value": 62.25},
+                                   {"overrides": {"lr": "poly"}, "value": 63.42}])
+    assert ablation_table.main([str(sweep), "--paper-dir", str(paper)]) == 0
+    rows = _rows((sweep / "ablation_table.csv").read_text())
+    # one line per setting, in the paper's order (step is its first row)
+    assert [r["lr"] for r in rows] == ["step", "poly"]
+    step, poly = rows
+    assert step["status"] == "ok 3 of 4" and poly["status"] == "ok"
+    assert step["mIoU n"] == "3" and poly["mIoU n"] == "3"
+    assert poly["mIoU (mean ± std)"] == "52.00 ± 2.00"
+    step_std = float(np.std([47, 48, 52], ddof=1))
+    assert step["mIoU (mean ± std)"] == f"49.00 ± {step_std:.2f}"
+    assert poly["diff mIoU"] == f"{52 - 63.42:+.2f} ± 2.00"
+    text = (sweep / "ablation_table.md").read_text()
+    se = np.sqrt(2.0 ** 2 / 3 + step_std ** 2 / 3)
+    assert f"mIoU: lr=poly minus lr=step = +3.00 ± {se:.2f} (standard error), n = 3 and 3" in text
+
+
+def test_rows_match_the_config_and_each_evaluation_of_a_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    # the experiment sets the backbone: the run's overrides do not name it
+    config = {"model": {"backbone": "resnet101", "separable": False, "output_stride": 16},
+              "eval": {"output_stride": None, "predictor": {"scales": [1.0], "flip": False},
+                       "crf": None}}
+    run = fake_run(sweep, "0", ["experiment=demo"], 0.70, config, {"eval": "whole"})
+    msc = {"output_stride": 8, "crf": None,
+           "predictor": {"scales": [0.5, 0.75, 1.0], "flip": True, "fusion": "mean"}}
+    (run / "eval_msc_flip_os8.json").write_text(json.dumps(
+        {"eval": "msc_flip", "name": "msc_flip_os8", "eval_config": msc, "miou": 0.75,
+         "overrides": {"eval.output_stride": "8"}}))
+    (run / "eval_whole.json").write_text(json.dumps(
+        {"eval": "whole", "name": "whole", "eval_config": config["eval"], "miou": 0.71,
+         "overrides": {}}))
+    paper = _demo_paper(tmp_path, [
+        {"overrides": {"model.backbone": "resnet101", "model.separable": False}, "value": 78.85},
+        {"overrides": {"model.backbone": "resnet101", "model.separable": False,
+                       "eval": "msc_flip", "eval.output_stride": 8}, "value": 80.57},
+        {"overrides": {"model.backbone": "xception65"}, "value": 79.79, "name": "X65"},
+    ])
+    header, rows = ablation_table.table(ablation_table.collect(sweep), paper)
+    col = {h: i for i, h in enumerate(header)}
+    got = {r[0]: (r[col["status"]], r[col["mIoU"]], r[col["paper mIoU"]]) for r in rows}
+    assert got["0"] == ("ok", "70.00", "78.85")
+    assert got["0/eval_whole"] == ("ok (segtrain.evaluate)", "71.00", "78.85")
+    assert got["0/eval_msc_flip_os8"] == ("ok (segtrain.evaluate)", "75.00", "80.57")
+    assert got["X65"] == ("not run", "", "79.79")  # a row of another backbone: not ours
+
+
+def test_columns_put_before_and_after_crf_side_by_side(tmp_path):
+    sweep = tmp_path / "sweep"
+    values = {("largefov", "whole"): 0.60, ("largefov", "crf_v1"): 0.64,
+              ("aspp_l", "whole"): 0.62, ("aspp_l", "crf_v1"): 0.66}
+    for n, ((head, ev), miou) in enumerate(values.items()):
+        fake_run(sweep, str(n), ["experiment=demo", f"model.head={head}", f"eval={ev}"], miou)
+    paper = _demo_paper(tmp_path, [
+        {"overrides": {"model.head": "largefov"}, "value": 65.76},
+        {"overrides": {"model.head": "largefov", "eval": "crf_v1"}, "value": 69.84},
+        {"overrides": {"model.head": "aspp_l"}, "value": 68.96},
+        {"overrides": {"model.head": "aspp_l", "eval": "crf_v1"}, "value": 71.57}])
+    header, rows = ablation_table.table(ablation_table.collect(sweep), paper, columns="eval")
+    assert header[:3] == ["setting", "model.head", "status"]
+    col = {h: i for i, h in enumerate(header)}
+    assert len(rows) == 2 and [r[1] for r in rows] == ["largefov", "aspp_l"]
+    largefov = rows[0]
+    assert largefov[col["eval=whole: mIoU"]] == "60.00"
+    assert largefov[col["eval=whole: paper mIoU"]] == "65.76"
+    assert largefov[col["eval=crf_v1: mIoU"]] == "64.00"
+    assert largefov[col["eval=crf_v1: paper mIoU"]] == "69.84"
+    assert largefov[col["eval=crf_v1: diff mIoU"]] == "-5.84"

@@ -36,7 +36,7 @@ from torch import nn
 from segtrain.models.backbones.build import build_backbone, set_backbone_output_stride
 from segtrain.models.modules.aspp import ASPP
 from segtrain.models.modules.conv import ConvBNReLU, SeparableConv2d
-from segtrain.models.param_groups import backbone_head_groups
+from segtrain.models.param_groups import backbone_head_groups, freeze_batchnorm
 
 ASPP_CHANNELS = 256  # every ASPP branch and the projection (Sec. 3.3)
 
@@ -66,11 +66,15 @@ class AtrousEncoder(nn.Module):
         separable: depthwise separable ASPP branches.
         pretrained: ImageNet checkpoint of the backbone or ``None``.
         in_channels: input channels.
+        freeze_bn: keep every BatchNorm's statistics and affine weights fixed, as DeepLab v3's
+            second stage trains (Sec. 4.1: "we then freeze batch normalization parameters,
+            employ output stride = 8, and train on ... trainval").
     """
 
     # the keys forward can return (see app.check_outputs); "out_lowres": logits before the
     # final upsampling, for loss.label_stride
     OUTPUT_KEYS = frozenset({"out", "out_lowres"})
+    freeze_bn: bool = False
 
     def __init__(self, backbone: str, output_stride: int, multi_grid: Sequence[int] | None,
                  atrous_rates: Sequence[int], aspp_dropout: float, separable: bool,
@@ -94,6 +98,18 @@ class AtrousEncoder(nn.Module):
                                    self.multi_grid, self.in_channels)
         self.aspp.set_rates(rates)
         self.output_stride = output_stride
+
+    def _set_freeze_bn(self, freeze_bn: bool) -> None:
+        """Called by the subclasses once every layer exists (the decoder's BN included)."""
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            freeze_batchnorm(self)
+
+    def train(self, mode: bool = True) -> AtrousEncoder:
+        super().train(mode)
+        if self.freeze_bn:
+            freeze_batchnorm(self)
+        return self
 
     head_lr_mult: float = 1.0
     head_bias_lr_mult: float = 1.0
@@ -121,16 +137,19 @@ class DeepLabV3(AtrousEncoder):
         aspp_dropout: dropout after the ASPP projection (0.1 in the official code).
         pretrained: ImageNet checkpoint of the backbone or ``None``.
         in_channels: input channels (e.g. 4 for RGB-D).
+        freeze_bn: fixed BatchNorm (DeepLab v3 Sec. 4.1, second stage; see AtrousEncoder).
     """
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  multi_grid: Sequence[int] | None, atrous_rates: Sequence[int],
                  aspp_dropout: float, pretrained: str | None, in_channels: int = 3,
-                 head_lr_mult: float = 1.0, head_bias_lr_mult: float = 1.0) -> None:
+                 head_lr_mult: float = 1.0, head_bias_lr_mult: float = 1.0,
+                 freeze_bn: bool = False) -> None:
         super().__init__(backbone, output_stride, multi_grid, atrous_rates, aspp_dropout,
                          False, pretrained, in_channels)
         self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.classifier = nn.Conv2d(ASPP_CHANNELS, num_classes, 1)
+        self._set_freeze_bn(freeze_bn)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         c5 = self.backbone.forward_features(image)["c5"]
@@ -156,13 +175,15 @@ class DeepLabV3Plus(AtrousEncoder):
         decoder_channels: channels of the two 3x3 decoder convs (256, Table 2).
         pretrained: ImageNet checkpoint of the backbone or ``None``.
         in_channels: input channels.
+        freeze_bn: fixed BatchNorm (DeepLab v3 Sec. 4.1, second stage; see AtrousEncoder).
     """
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  multi_grid: Sequence[int] | None, atrous_rates: Sequence[int],
                  aspp_dropout: float, separable: bool, low_level_channels: int,
                  decoder_channels: int, pretrained: str | None, in_channels: int = 3,
-                 head_lr_mult: float = 1.0, head_bias_lr_mult: float = 1.0) -> None:
+                 head_lr_mult: float = 1.0, head_bias_lr_mult: float = 1.0,
+                 freeze_bn: bool = False) -> None:
         super().__init__(backbone, output_stride, multi_grid, atrous_rates, aspp_dropout,
                          separable, pretrained, in_channels)
         self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
@@ -175,6 +196,7 @@ class DeepLabV3Plus(AtrousEncoder):
             self.decoder = nn.Sequential(ConvBNReLU(in_ch, decoder_channels, 3),
                                          ConvBNReLU(decoder_channels, decoder_channels, 3))
         self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
+        self._set_freeze_bn(freeze_bn)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone.forward_features(image)

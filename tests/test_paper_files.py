@@ -1,0 +1,160 @@
+"""conf/experiment/paper/*.yml: every row well-formed, every row's overrides compose with its
+experiment and set what they say; the paper protocols the experiments follow (DeepLab v2
+Table 2 as one sweep, DeepLab v3's two stages, frozen BatchNorm)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF_DIR, compose_config
+
+PAPER_DIR = CONF_DIR / "experiment" / "paper"
+PAPER_FILES = sorted(PAPER_DIR.glob("*.yml"))
+ROW_KEYS = {"overrides", "value", "metric", "split", "table", "paper", "confirmed", "crf",
+            "msc", "flip"}
+OPTIONAL_KEYS = {"name", "note"}
+METRICS = {"miou", "pixel_acc", "mean_acc", "fwiou"}
+GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+
+
+def _load(path):
+    return yaml.safe_load(path.read_text())
+
+
+def _norm(value) -> str:
+    return (str(value).lower() if isinstance(value, bool) else str(value)).replace(" ", "")
+
+
+@pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)
+def test_paper_file_is_well_formed(path):
+    data = _load(path)
+    assert set(data) <= {"rows", "other", "pending"}, path.name
+    rows = data.get("rows") or []
+    for row in rows:
+        assert ROW_KEYS <= set(row) <= ROW_KEYS | OPTIONAL_KEYS, f"{path.name}: {row}"
+        assert all(row[k] is not None for k in row), f"{path.name}: a key without value: {row}"
+        assert row["metric"] in METRICS, path.name
+        assert 0 < float(row["value"]) <= 100, path.name
+        assert all(isinstance(row[k], bool) for k in ("crf", "msc", "flip")), path.name
+        assert isinstance(row["overrides"], dict), path.name
+    # one number per setting and metric: otherwise a run would get two paper values
+    keys = [(tuple(sorted((k, _norm(v)) for k, v in r["overrides"].items())), r["metric"])
+            for r in rows]
+    assert len(keys) == len(set(keys)), f"{path.name}: two rows with the same setting"
+    for entry in data.get("other") or []:
+        # a flow mapping cut at a comma leaves keys without value: quote such strings
+        assert all(v is not None for v in entry.values()), f"{path.name}: {entry}"
+        assert {"value", "metric", "split"} <= set(entry), f"{path.name}: {entry}"
+        assert {"table", "confirmed"} & set(entry), f"{path.name}: {entry} names no source"
+        assert entry["metric"] in METRICS
+    for reason in data.get("pending") or []:
+        assert isinstance(reason, str) and len(reason) > 20, path.name
+
+
+def _override(key: str, value) -> str:
+    return f"{key}={_norm(value)}"
+
+
+ROWS = [(path.stem, i, row) for path in PAPER_FILES
+        for i, row in enumerate(_load(path).get("rows") or [])]
+
+
+@pytest.mark.parametrize("experiment,index,row", ROWS,
+                         ids=[f"{e}-{i}" for e, i, _ in ROWS])
+def test_row_overrides_compose_with_their_experiment(experiment, index, row, tmp_path):
+    overrides = [_override(k, v) for k, v in row["overrides"].items()]
+    cfg = compose_config([f"experiment={experiment}", f"++dataset.root={tmp_path}",
+                          "++model.init_from=null", *overrides])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["num_classes"] == resolved["dataset"]["num_classes"]
+    for key, value in row["overrides"].items():
+        name = key.lstrip("+~")
+        if name in GROUPS:  # a group choice (eval=msc_flip, +paper_row=...) has no cfg key
+            continue
+        got = OmegaConf.select(cfg, name)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert _norm(got) == _norm(value), f"{experiment} row {index}: {name}={got}"
+
+
+def test_inference_flags_agree_with_the_eval_overrides():
+    # the crf/msc/flip columns say what the row's eval option does
+    for experiment, index, row in ROWS:
+        overrides = [_override(k, v) for k, v in row["overrides"].items()]
+        cfg = compose_config([f"experiment={experiment}", "++dataset.root=/x",
+                              "++model.init_from=null", *overrides])
+        msc = len(cfg.eval.predictor.scales) > 1 or cfg.model.msc.train_scales is not None
+        assert bool(cfg.eval.crf) == row["crf"], (experiment, index)
+        assert msc == row["msc"], (experiment, index)
+        assert bool(cfg.eval.predictor.flip) == row["flip"], (experiment, index)
+
+
+def test_deeplabv2_table2_is_one_sweep_of_its_five_rows():
+    rows = _load(PAPER_DIR / "deeplabv2_lr_policy.yml")["rows"]
+    swept = OmegaConf.load(CONF_DIR / "experiment" / "deeplabv2_lr_policy.yaml")
+    options = [o.strip() for o in swept.hydra.sweeper.params["+paper_row"].split(",")]
+    assert options == [r["overrides"]["+paper_row"] for r in rows]
+    # TABLE 2 of arXiv 1606.00915v2: policy, batch, iterations -> mIoU (before CRF)
+    table = [("step", 30, 6000, 62.25), ("poly", 30, 6000, 63.42), ("poly", 30, 10000, 64.90),
+             ("poly", 10, 10000, 64.71), ("poly", 10, 20000, 65.88)]
+    for row, (policy, batch, iters, value) in zip(rows, table):
+        cfg = compose_config(["experiment=deeplabv2_lr_policy", "dataset.root=/x",
+                              f"+paper_row={row['overrides']['+paper_row']}"])
+        assert cfg.lr._target_.endswith(f".{policy}")
+        assert cfg.trainer.batch_size * cfg.trainer.iter_size == batch
+        assert cfg.trainer.max_iters == iters and row["value"] == value
+        if policy == "step":  # DeepLab v1: x0.1 every 2000 iterations
+            assert list(cfg.lr.milestones) == [2000, 4000] and cfg.lr.gamma == 0.1
+        else:
+            assert cfg.lr.power == 0.9
+        assert cfg.optim.lr == 0.001 and cfg.dataset.split == "train_aug"
+
+
+def test_deeplabv1_batch_20_and_step_every_2000():
+    cfg = compose_config(["experiment=deeplabv1_voc", "dataset.root=/x"])
+    assert cfg.trainer.batch_size * cfg.trainer.iter_size == 20
+    assert list(cfg.lr.milestones) == [2000, 4000] and cfg.lr.gamma == 0.1
+    assert cfg.lr._target_.endswith(".step")
+
+
+def test_deeplabv3_two_stages():
+    first = compose_config(["experiment=deeplabv3_voc", "dataset.root=/x"])
+    second = compose_config(["experiment=deeplabv3_voc_trainval", "dataset.root=/x",
+                             "model.init_from=/runs/stage1"])
+    assert (first.dataset.split, first.model.output_stride, first.optim.lr,
+            first.trainer.max_iters, first.trainer.batch_size, first.model.freeze_bn) == \
+        ("train_aug", 16, 0.007, 30000, 16, False)
+    assert (second.dataset.split, second.model.output_stride, second.optim.lr,
+            second.trainer.max_iters, second.model.freeze_bn, second.model.init_from) == \
+        ("trainval", 8, 0.001, 30000, True, "/runs/stage1")
+    assert second.model.pretrained is None
+    # everything else is the first stage's protocol
+    assert second.dataset.crop_size == first.dataset.crop_size
+    assert second.trainer.batch_size == 16 and second.lr.power == 0.9
+
+
+@pytest.mark.parametrize("cls_name", ["DeepLabV3", "DeepLabV3Plus"])
+def test_frozen_batchnorm_in_deeplab_v3(cls_name, one_thread):
+    from segtrain.models import deeplabv3
+
+    kwargs = dict(num_classes=3, backbone="mobilenetv2", output_stride=16, multi_grid=None,
+                  atrous_rates=[], aspp_dropout=0.0, pretrained=None, freeze_bn=True)
+    if cls_name == "DeepLabV3Plus":
+        kwargs.update(separable=False, low_level_channels=8, decoder_channels=16)
+    torch.manual_seed(0)
+    model = getattr(deeplabv3, cls_name)(**kwargs).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and not any(m.training for m in bns)
+    assert not any(p.requires_grad for m in bns for p in m.parameters())
+    grouped = {id(p) for g in model.param_groups() for p in g["params"]}
+    assert not grouped & {id(p) for m in bns for p in m.parameters()}
+    x = torch.randn(2, 3, 32, 32)
+    before = [m.running_mean.clone() for m in bns]
+    with torch.no_grad():
+        train_out = model(x)["out"]
+        eval_out = model.eval()(x)["out"]
+    # training mode normalises with the stored statistics and does not update them
+    torch.testing.assert_close(train_out, eval_out)
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
