@@ -24,6 +24,7 @@ from segtrain.engine.trainer import Trainer, seed_everything
 from segtrain.errors import ConfigError, UserError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.models.init_from import init_from
+from segtrain.models.param_groups import ParamMults
 from segtrain.viz import default_palette
 
 log = logging.getLogger("segtrain")
@@ -95,6 +96,7 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
     node = OmegaConf.to_container(cfg.model, resolve=True)
     msc = node.pop("msc", None) or {}
     source = node.pop("init_from", None)
+    node.pop("param_mults", None)  # the optimizer's (param_mults below), not the network's
     model = instantiate(node, **overrides)
     if initialise and source not in (None, ""):
         init_from(model, source)
@@ -164,6 +166,20 @@ def class_weights(cfg: DictConfig) -> list[float] | None:
     return weights
 
 
+def param_mults(cfg: DictConfig) -> ParamMults:
+    """``model.param_mults``: the model family's bias and normalisation multipliers."""
+    if "param_mults" not in cfg.model:
+        raise ConfigError(f"{_choice(cfg, 'model')} has no model.param_mults (the learning-rate "
+                          f"and weight-decay multipliers of its biases and normalisation "
+                          f"parameters, conf/model/*.yaml)")
+    return ParamMults.from_mapping(OmegaConf.to_container(cfg.model.param_mults, resolve=True))
+
+
+def param_groups(cfg: DictConfig, model: torch.nn.Module) -> list[dict]:
+    """The model's optimizer groups with its config's kind multipliers."""
+    return model.param_groups(param_mults(cfg))
+
+
 def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimizer:
     """Each group's lr and weight decay are the base values times its multipliers."""
     base_lr = float(cfg.optim.lr)
@@ -217,7 +233,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     model = build_model(cfg, getattr(train_set, "in_channels", 3), initialise=True)
     loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg))
     check_outputs(cfg, model, loss_fn)
-    groups = model.param_groups()
+    groups = param_groups(cfg, model)
     model.to(device)
     loss_fn.to(device)
     if dist.enabled:
