@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from segtrain.data.loader import eval_loader
 from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint, distributed
+from segtrain.engine.batch import per_rank_batch
 from segtrain.engine.precision import resolve_precision
 from segtrain.engine.trainer import Trainer, seed_everything
 from segtrain.errors import ConfigError, UserError
@@ -251,16 +252,29 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     evaluator.check_model(model)  # eval.output_stride: refused now, not at the first eval
 
     t = cfg.trainer
+    batch_size = t.batch_size
+    if t.get("global_batch_size") is not None:
+        batch_size = per_rank_batch(int(t.global_batch_size), dist.world_size, t.iter_size)
+    effective = batch_size * t.iter_size * dist.world_size
+    log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)%s",
+             effective, batch_size, t.iter_size, dist.world_size,
+             "" if t.get("global_batch_size") is None else
+             f" (trainer.global_batch_size={t.global_batch_size}; trainer.batch_size unused)")
+    # what a resumed run must share with the checkpoint, or its poly curve bends
+    schedule = {"trainer.max_iters": int(t.max_iters),
+                "lr": OmegaConf.to_container(cfg.lr, resolve=True),
+                "optim.lr": float(cfg.optim.lr), "images per step": int(effective)}
     trainer = Trainer(
         model, loss_fn, optimizer, lr_factor, train_set, evaluator, run_dir,
-        max_iters=t.max_iters, batch_size=t.batch_size, num_workers=t.num_workers,
+        max_iters=t.max_iters, batch_size=batch_size, num_workers=t.num_workers,
         iter_size=t.iter_size, precision=t.precision, clip_grad_norm=t.clip_grad_norm,
         eval_interval=t.eval_interval, log_interval=t.log_interval,
         checkpoint_interval=t.checkpoint_interval, seed=cfg.seed, device=device,
         class_names=val_set.class_names, palette=palette_of(val_set, cfg.dataset.num_classes),
         ignore_index=cfg.dataset.ignore_index,
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist,
-        compile=t.compile, channels_last=t.channels_last)
+        compile=t.compile, channels_last=t.channels_last, schedule=schedule,
+        allow_schedule_change=bool(t.get("resume_allow_schedule_change", False)))
     source = resume_source(t.resume, run_dir)
     if source is not None:
         trainer.resume(source)

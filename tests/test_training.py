@@ -134,8 +134,8 @@ def test_non_finite_loss_stops_with_a_message_and_a_usable_checkpoint(tiny_cfg, 
     assert 0 < state["iteration"] < failed_at, str(err.value)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     # the kept checkpoint is usable: a run resumes from it
-    train(tiny_cfg("optim=sgd", f"trainer.resume={tmp_path}", "trainer.max_iters=5"),
-          tmp_path / "resumed")
+    train(tiny_cfg("optim=sgd", f"trainer.resume={tmp_path}", "trainer.max_iters=5",
+                   "trainer.resume_allow_schedule_change=true"), tmp_path / "resumed")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
