@@ -89,7 +89,9 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
 
 def test_resume_auto_continues_in_the_same_run_folder(tiny_cfg, tmp_path):
     train(tiny_cfg("trainer.max_iters=3"), tmp_path)
-    cfg = tiny_cfg("trainer.max_iters=6", "trainer.resume=auto")
+    # a longer run from the same folder: asked for explicitly (the poly curve changes)
+    cfg = tiny_cfg("trainer.max_iters=6", "trainer.resume=auto",
+                   "trainer.resume_allow_schedule_change=true")
     train(cfg, tmp_path)
     assert checkpoint.load(tmp_path)["iteration"] == 6
 
