@@ -140,7 +140,7 @@ def trainer_loop(cfg: DictConfig, batches: list[dict], steps: int, warmup: int,
     t = cfg.trainer
     trainer = Trainer(
         model, instantiate(cfg.loss, class_weights=None).to(device),
-        app.build_optimizer(cfg, model.param_groups()),
+        app.build_optimizer(cfg, app.param_groups(cfg, model)),
         instantiate(cfg.lr)(max_iters=steps), app.build_train_set(cfg), None, run_dir,
         max_iters=steps, batch_size=t.batch_size, num_workers=0, iter_size=t.iter_size,
         precision=precision, clip_grad_norm=t.clip_grad_norm, eval_interval=t.eval_interval,

@@ -19,11 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from segtrain.data.loader import eval_loader
 from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint, distributed
+from segtrain.engine.batch import per_rank_batch
 from segtrain.engine.precision import resolve_precision
 from segtrain.engine.trainer import Trainer, seed_everything
 from segtrain.errors import ConfigError, UserError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.models.init_from import init_from
+from segtrain.models.param_groups import ParamMults
 from segtrain.viz import default_palette
 
 log = logging.getLogger("segtrain")
@@ -95,6 +97,7 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
     node = OmegaConf.to_container(cfg.model, resolve=True)
     msc = node.pop("msc", None) or {}
     source = node.pop("init_from", None)
+    node.pop("param_mults", None)  # the optimizer's (param_mults below), not the network's
     model = instantiate(node, **overrides)
     if initialise and source not in (None, ""):
         init_from(model, source)
@@ -164,6 +167,20 @@ def class_weights(cfg: DictConfig) -> list[float] | None:
     return weights
 
 
+def param_mults(cfg: DictConfig) -> ParamMults:
+    """``model.param_mults``: the model family's bias and normalisation multipliers."""
+    if "param_mults" not in cfg.model:
+        raise ConfigError(f"{_choice(cfg, 'model')} has no model.param_mults (the learning-rate "
+                          f"and weight-decay multipliers of its biases and normalisation "
+                          f"parameters, conf/model/*.yaml)")
+    return ParamMults.from_mapping(OmegaConf.to_container(cfg.model.param_mults, resolve=True))
+
+
+def param_groups(cfg: DictConfig, model: torch.nn.Module) -> list[dict]:
+    """The model's optimizer groups with its config's kind multipliers."""
+    return model.param_groups(param_mults(cfg))
+
+
 def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimizer:
     """Each group's lr and weight decay are the base values times its multipliers."""
     base_lr = float(cfg.optim.lr)
@@ -217,7 +234,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     model = build_model(cfg, getattr(train_set, "in_channels", 3), initialise=True)
     loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg))
     check_outputs(cfg, model, loss_fn)
-    groups = model.param_groups()
+    groups = param_groups(cfg, model)
     model.to(device)
     loss_fn.to(device)
     if dist.enabled:
@@ -235,16 +252,29 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     evaluator.check_model(model)  # eval.output_stride: refused now, not at the first eval
 
     t = cfg.trainer
+    batch_size = t.batch_size
+    if t.get("global_batch_size") is not None:
+        batch_size = per_rank_batch(int(t.global_batch_size), dist.world_size, t.iter_size)
+    effective = batch_size * t.iter_size * dist.world_size
+    log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)%s",
+             effective, batch_size, t.iter_size, dist.world_size,
+             "" if t.get("global_batch_size") is None else
+             f" (trainer.global_batch_size={t.global_batch_size}; trainer.batch_size unused)")
+    # what a resumed run must share with the checkpoint, or its poly curve bends
+    schedule = {"trainer.max_iters": int(t.max_iters),
+                "lr": OmegaConf.to_container(cfg.lr, resolve=True),
+                "optim.lr": float(cfg.optim.lr), "images per step": int(effective)}
     trainer = Trainer(
         model, loss_fn, optimizer, lr_factor, train_set, evaluator, run_dir,
-        max_iters=t.max_iters, batch_size=t.batch_size, num_workers=t.num_workers,
+        max_iters=t.max_iters, batch_size=batch_size, num_workers=t.num_workers,
         iter_size=t.iter_size, precision=t.precision, clip_grad_norm=t.clip_grad_norm,
         eval_interval=t.eval_interval, log_interval=t.log_interval,
         checkpoint_interval=t.checkpoint_interval, seed=cfg.seed, device=device,
         class_names=val_set.class_names, palette=palette_of(val_set, cfg.dataset.num_classes),
         ignore_index=cfg.dataset.ignore_index,
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist,
-        compile=t.compile, channels_last=t.channels_last)
+        compile=t.compile, channels_last=t.channels_last, schedule=schedule,
+        allow_schedule_change=bool(t.get("resume_allow_schedule_change", False)))
     source = resume_source(t.resume, run_dir)
     if source is not None:
         trainer.resume(source)

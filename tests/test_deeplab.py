@@ -5,6 +5,7 @@ import torch
 
 from segtrain.models.backbones.vgg import vgg16
 from segtrain.models.deeplab import DeepLabV1, DeepLabV2, _transplant_vgg_fc
+from segtrain.models.param_groups import KindMult, ParamMults
 
 RATES = {"aspp_s": [2, 4, 8, 12], "aspp_l": [6, 12, 18, 24], "largefov": [12]}
 
@@ -70,10 +71,12 @@ def test_deeplabv1_output_shape_odd_size():
 
 def test_param_groups_follow_the_deeplab_protocol():
     model = DeepLabV2(21, "resnet18", 8, "aspp_s", RATES)
-    groups = {g["name"]: g for g in model.param_groups()}
+    mults = ParamMults(KindMult(2, 0), KindMult(1, 0), KindMult(1, 0))
+    groups = {g["name"]: g for g in model.param_groups(mults)}
     assert groups["backbone"]["lr_mult"] == 1.0
     assert groups["head"]["lr_mult"] == 10.0 and groups["head_bias"]["lr_mult"] == 20.0
     assert groups["head_bias"]["weight_decay_mult"] == 0.0
+    assert groups["backbone_norm_bias"]["weight_decay_mult"] == 0.0
     n_groups = sum(p.numel() for g in groups.values() for p in g["params"])
     assert n_groups == sum(p.numel() for p in model.parameters())
 

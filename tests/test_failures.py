@@ -90,6 +90,7 @@ def test_an_old_checkpoint_gets_a_clear_message_and_can_be_upgraded(tiny_cfg, tm
     # what segtrain wrote before safe loading: the RNG states as Python / NumPy objects
     state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(),
                     "torch": torch.get_rng_state()}
+    del state["schedule"]  # nor did it record the schedule: a longer run resumes from it
     torch.save(state, path)
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"refused.*numpy.*scripts/upgrade_checkpoint.py .*last.pt"):
@@ -119,8 +120,8 @@ def test_stale_temporary_checkpoints_are_removed_at_start_and_never_accumulate(t
         p.write_bytes(b"\0" * 1000)  # what kill -9 during torch.save leaves
     other = ckpts / "notes.tmp"
     other.write_text("not ours")
-    train(tiny_cfg("trainer.max_iters=4", "trainer.eval_interval=2", "trainer.resume=auto"),
-          tmp_path)
+    train(tiny_cfg("trainer.max_iters=4", "trainer.eval_interval=2", "trainer.resume=auto",
+                   "trainer.resume_allow_schedule_change=true"), tmp_path)
     assert checkpoint.load(tmp_path)["iteration"] == 4
     assert not [p for p in stale if p.exists()]
     assert sorted(p.name for p in ckpts.iterdir()) == ["best.pt", "last.pt", "notes.tmp"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -191,3 +192,50 @@ def test_required_keys():
     assert CrossEntropyLoss.required_keys == frozenset({"out"})
     assert OhemCrossEntropyLoss.required_keys == frozenset({"out"})
     assert AffinityLoss.required_keys == frozenset({"out", "prior"})
+
+
+def _hand_weighted_ce(logits: np.ndarray, target: np.ndarray, weights: np.ndarray,
+                      ignore: int) -> tuple[float, float, float]:
+    """sum_i w_{y_i} * -log softmax(x_i)[y_i] over the valid pixels, sum_i w_{y_i}, count."""
+    total = weight_sum = count = 0.0
+    n, c, h, w = logits.shape
+    for b in range(n):
+        for y in range(h):
+            for x in range(w):
+                label = int(target[b, y, x])
+                if label == ignore:
+                    continue
+                z = logits[b, :, y, x].astype(np.float64)
+                log_p = z[label] - (np.log(np.exp(z - z.max()).sum()) + z.max())
+                total += weights[label] * -log_p
+                weight_sum += weights[label]
+                count += 1
+    return total, weight_sum, count
+
+
+@pytest.mark.parametrize("loss_cls", [CrossEntropyLoss, OhemCrossEntropyLoss])
+def test_loss_normalization_weight_sum_and_valid_count_by_hand(loss_cls):
+    """PyTorch's weighted mean divides by the valid pixels' summed weights; Caffe's
+    SoftmaxWithLoss (the SegNet reference) by their number."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, generator=gen)
+    target = torch.randint(0, 3, (2, 4, 5), generator=gen)
+    target[0, 0, :3] = 255
+    weights = np.array([0.2, 1.0, 4.5])
+    total, weight_sum, count = _hand_weighted_ce(logits.numpy(), target.numpy(), weights, 255)
+    assert abs(weight_sum - count) > 1  # the two normalisations differ on this batch
+    extra = {"min_kept": 10**6} if loss_cls is OhemCrossEntropyLoss else {}  # keeps all
+    for normalization, expected in (("weight_sum", total / weight_sum),
+                                    ("valid_count", total / count)):
+        loss = loss_cls(255, list(weights), normalization=normalization, **extra)
+        got = loss({"out": logits}, {"mask": target})["ce"]
+        assert got.item() == pytest.approx(expected, rel=1e-5), normalization
+
+
+def test_loss_normalization_is_checked_and_set_by_the_segnet_experiments(tmp_path):
+    with pytest.raises(ConfigError, match="loss.normalization must be one of"):
+        CrossEntropyLoss(255, normalization="mean")
+    assert compose_config([]).loss.normalization == "weight_sum"
+    for name in ("segnet_basic_camvid", "segnet_camvid"):
+        cfg = compose_config([f"experiment={name}", f"dataset.root={tmp_path}"])
+        assert cfg.loss.normalization == "valid_count", name

@@ -322,6 +322,7 @@ def test_hanet_parameter_count_by_hand():
     assert n_params(HeightAttention(1024, 2048, 16, 64, 3, 0.1)) == 216_672
     assert height_attention_params(1024, 2048, 64, 3) == 216_672
     cfg = OmegaConf.load(CONF / "model" / "hanet.yaml")
+    cfg.pop("param_mults")  # the optimizer's, not a constructor argument
     cfg.num_classes = 19
     with torch.device("meta"):
         model = instantiate(cfg)
@@ -341,6 +342,7 @@ def test_hanet_parameter_count_by_hand():
 def test_dsrl_parameter_count_by_hand():
     """DSRL = DeepLab v3+ + SSSR deconv (K*K*16) + SISR decoder + 1x1 feature transform."""
     cfg = OmegaConf.load(CONF / "model" / "dsrl.yaml")
+    cfg.pop("param_mults")  # the optimizer's, not a constructor argument
     cfg.num_classes = 19
     with torch.device("meta"):
         model = instantiate(cfg)

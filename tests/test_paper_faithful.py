@@ -35,6 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def model_from_yaml(name: str, num_classes: int = 21, **override) -> nn.Module:
     cfg = OmegaConf.load(CONF_MODEL / f"{name}.yaml")
+    cfg.pop("param_mults")  # the optimizer's, not a constructor argument
     cfg.num_classes = num_classes
     for key, value in override.items():
         cfg[key] = value

@@ -89,7 +89,9 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
 
 def test_resume_auto_continues_in_the_same_run_folder(tiny_cfg, tmp_path):
     train(tiny_cfg("trainer.max_iters=3"), tmp_path)
-    cfg = tiny_cfg("trainer.max_iters=6", "trainer.resume=auto")
+    # a longer run from the same folder: asked for explicitly (the poly curve changes)
+    cfg = tiny_cfg("trainer.max_iters=6", "trainer.resume=auto",
+                   "trainer.resume_allow_schedule_change=true")
     train(cfg, tmp_path)
     assert checkpoint.load(tmp_path)["iteration"] == 6
 
@@ -134,8 +136,8 @@ def test_non_finite_loss_stops_with_a_message_and_a_usable_checkpoint(tiny_cfg, 
     assert 0 < state["iteration"] < failed_at, str(err.value)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     # the kept checkpoint is usable: a run resumes from it
-    train(tiny_cfg("optim=sgd", f"trainer.resume={tmp_path}", "trainer.max_iters=5"),
-          tmp_path / "resumed")
+    train(tiny_cfg("optim=sgd", f"trainer.resume={tmp_path}", "trainer.max_iters=5",
+                   "trainer.resume_allow_schedule_change=true"), tmp_path / "resumed")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])

@@ -43,6 +43,10 @@ class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the last good state was checkpointed."""
 
 
+class ScheduleChanged(UserError):
+    """A resume whose max_iters, schedule, base rate or batch differ from the checkpoint's."""
+
+
 class TrainingInterrupted(UserError):
     """A stop signal arrived; last.pt holds the state to resume from. The run is unfinished:
     raising (instead of returning the scores reached so far) keeps a sweep from taking
@@ -113,6 +117,10 @@ class Trainer:
         dist: the distributed position.
         compile: train through ``torch.compile(model)`` (evaluation uses the eager model).
         channels_last: NHWC memory format for the model and its input batches.
+        schedule: plain values that fix the learning-rate curve (max_iters, schedule, base
+            rate, images per step), stored in checkpoints; resuming a checkpoint whose
+            values differ is refused (``ScheduleChanged``) unless ``allow_schedule_change``,
+            which continues with the new schedule at the checkpoint's iteration.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
@@ -124,7 +132,8 @@ class Trainer:
                  class_names: Sequence[str], palette: np.ndarray, ignore_index: int,
                  config_yaml: str = "", dist: DistInfo | None = None,
                  show_progress: bool = True, compile: bool = False,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, schedule: dict[str, Any] | None = None,
+                 allow_schedule_change: bool = False) -> None:
         if iter_size < 1:
             raise ConfigError(f"trainer.iter_size must be >= 1, got {iter_size}")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
@@ -134,6 +143,9 @@ class Trainer:
         # the compiled module shares the parameters; checkpoints and evaluation use the eager one
         self.train_model = torch.compile(model) if compile else model
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        self.lr_factor = lr_factor
+        self.schedule = schedule or {}
+        self.allow_schedule_change = allow_schedule_change
         self.train_set, self.evaluator = train_set, evaluator
         self.run_dir = Path(run_dir)
         self.max_iters, self.batch_size, self.num_workers = max_iters, batch_size, num_workers
@@ -177,9 +189,36 @@ class Trainer:
             "history": self.history,
             "rng": rng or rng_state(),
             "config": self.config_yaml,
+            "schedule": self.schedule,
         }
 
+    def _check_schedule(self, state: dict[str, Any], source: str | Path) -> bool:
+        """True when the checkpoint's schedule differs and the change is allowed; raises
+        ``ScheduleChanged`` when it differs and is not."""
+        old = state.get("schedule")
+        if not self.schedule or old is None:
+            if self.schedule:
+                log.warning("checkpoint %s records no schedule (written before segtrain "
+                            "stored it): trainer.max_iters and the lr schedule are not "
+                            "checked against it", source)
+            return False
+        changed = [f"{k} {old.get(k)!r} -> {self.schedule.get(k)!r}"
+                   for k in sorted(set(old) | set(self.schedule))
+                   if old.get(k) != self.schedule.get(k)]
+        if not changed:
+            return False
+        if not self.allow_schedule_change:
+            raise ScheduleChanged(
+                f"resume from {source} refused: its schedule differs ({'; '.join(changed)}), "
+                f"which would bend its learning-rate curve; start a new run, or set "
+                f"trainer.resume_allow_schedule_change=true to continue with the new one")
+        log.warning("resuming %s with a changed schedule (trainer.resume_allow_schedule_"
+                    "change=true): %s", source, "; ".join(changed))
+        return True
+
     def load_state_dict(self, state: dict[str, Any], source: str | Path = "") -> None:
+        changed = self._check_schedule(state, source)
+        base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
         checkpoint.load_model_state(self._bare_model, state, source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -188,6 +227,11 @@ class Trainer:
         self.best_miou = float(state["best_miou"])
         self.history = list(state.get("history", []))
         set_rng_state(state["rng"])
+        if changed:  # the new base rates and curve from this iteration on
+            self.scheduler.base_lrs = base_lrs
+            for group, base in zip(self.optimizer.param_groups, base_lrs):
+                group["initial_lr"] = base
+                group["lr"] = base * self.lr_factor(self.iteration)
 
     def resume(self, source: str | Path) -> None:
         state = checkpoint.load(source, map_location="cpu")

@@ -58,6 +58,9 @@ from torch import nn
 from segtrain.errors import ConfigError
 from segtrain.losses.unet_weights import unet_weight_map
 
+#: loss.normalization: divide the weighted sum by the valid pixels' weights, or their count
+NORMALIZATIONS = ("weight_sum", "valid_count")
+
 
 def resize_labels(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Nearest-neighbour resize of an (N, H, W) label map on the aligned-corners grid."""
@@ -88,8 +91,12 @@ class CrossEntropyLoss(nn.Module):
             ceil(W / stride), against the label subsampled to that size.
         unet_weight_map: ``{w0, sigma, background}`` for U-Net's Eq. 2 weight map, or None.
             The main term is then sum(w(x) * CE(x)) / (number of labelled pixels).
-
-    The reduction is the mean over non-ignored pixels (weighted mean with class weights).
+        normalization: what the class-weighted sum sum_i w_{y_i} CE_i over the non-ignored
+            pixels is divided by. ``weight_sum``: sum_i w_{y_i}, PyTorch's weighted mean
+            (``F.cross_entropy(weight=...)``). ``valid_count``: the number of non-ignored
+            pixels, Caffe's SoftmaxWithLoss with ``weight_by_label_freqs`` (the SegNet
+            reference, caffe-segnet softmax_loss_layer.cpp: loss / count, normalize true).
+            Without class weights both are the plain mean.
     ``required_keys``: ``{"out"}``, or ``{"out_lowres"}`` with ``label_stride``; ``"aux"`` and
     the multi-scale outputs are used when present.
     """
@@ -98,8 +105,13 @@ class CrossEntropyLoss(nn.Module):
 
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
                  aux_weight: float = 0.4, label_stride: int | None = None,
-                 unet_weight_map: Mapping[str, float] | None = None) -> None:
+                 unet_weight_map: Mapping[str, float] | None = None,
+                 normalization: str = "weight_sum") -> None:
         super().__init__()
+        if normalization not in NORMALIZATIONS:
+            raise ConfigError(f"loss.normalization must be one of {', '.join(NORMALIZATIONS)}, "
+                              f"got {normalization!r}")
+        self.normalization = normalization
         if label_stride is not None and (int(label_stride) != label_stride or label_stride < 1):
             raise ConfigError(f"loss.label_stride must be null or a positive integer, got "
                               f"{label_stride!r}")
@@ -131,11 +143,19 @@ class CrossEntropyLoss(nn.Module):
             raise ValueError(f"loss.class_weights has {self.weight.numel()} entries but the "
                              f"model predicts {logits.shape[1]} classes")
 
+    def _weighted_ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Class-weighted cross-entropy of the non-ignored pixels, normalised as configured."""
+        # float32 for the softmax even under autocast
+        if self.normalization == "weight_sum":
+            return F.cross_entropy(logits.float(), target, weight=self.weight,
+                                   ignore_index=self.ignore_index)
+        total = F.cross_entropy(logits.float(), target, weight=self.weight,
+                                ignore_index=self.ignore_index, reduction="sum")
+        return total / (target != self.ignore_index).sum().clamp(min=1)
+
     def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check_classes(logits)
-        # float32 for the softmax even under autocast
-        return F.cross_entropy(logits.float(), target, weight=self.weight,
-                               ignore_index=self.ignore_index)
+        return self._weighted_ce(logits, target)
 
     def _unet_ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         masks = target.detach().cpu().numpy()
@@ -214,11 +234,13 @@ class OhemCrossEntropyLoss(CrossEntropyLoss):
         aux_weight: weight of the ``"aux"`` output's term (0.4).
         thresh: keep pixels whose true-class probability is at most this (0.7).
         min_kept: keep at least this many pixels per batch (100000).
+        normalization: as ``CrossEntropyLoss`` (over the kept pixels).
     """
 
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
-                 aux_weight: float = 0.4, thresh: float = 0.7, min_kept: int = 100000) -> None:
-        super().__init__(ignore_index, class_weights, aux_weight)
+                 aux_weight: float = 0.4, thresh: float = 0.7, min_kept: int = 100000,
+                 normalization: str = "weight_sum") -> None:
+        super().__init__(ignore_index, class_weights, aux_weight, normalization=normalization)
         if not 0.0 < thresh <= 1.0 or min_kept < 0:
             raise ValueError(f"loss.thresh must be in (0, 1] and loss.min_kept >= 0, got "
                              f"{thresh} and {min_kept}")
@@ -238,5 +260,4 @@ class OhemCrossEntropyLoss(CrossEntropyLoss):
         self._check_classes(logits)
         keep = self.kept_mask(logits, target)
         mined = target.where(keep, torch.full_like(target, self.ignore_index))
-        return F.cross_entropy(logits.float(), mined, weight=self.weight,
-                               ignore_index=self.ignore_index)
+        return self._weighted_ce(logits, mined)

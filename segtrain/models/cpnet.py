@@ -41,7 +41,7 @@ from segtrain.models.backbones.build import build_backbone
 from segtrain.models.modules.context_prior import ContextPriorLayer
 from segtrain.models.modules.conv import ConvBNReLU
 from segtrain.models.modules.heads import FCNHead
-from segtrain.models.param_groups import backbone_head_groups
+from segtrain.models.param_groups import ParamMults, backbone_head_groups
 
 
 class CPNet(nn.Module):
@@ -99,9 +99,9 @@ class CPNet(nn.Module):
                 outputs["aux"] = F.interpolate(aux, size, mode="bilinear", align_corners=False)
         return outputs
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
         """Backbone at 1x; context prior layer and heads at ``head_lr_mult``."""
         new = [self.context_prior, self.head]
         new += [self.aux_head] if self.aux_head is not None else []
         return backbone_head_groups(self.backbone, new, self.head_lr_mult,
-                                    self.head_bias_lr_mult)
+                                    self.head_bias_lr_mult, mults)

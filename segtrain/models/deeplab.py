@@ -34,7 +34,7 @@ from torch import nn
 from segtrain.errors import ConfigError
 from segtrain.models.backbones.resnet import ResNet, resnet
 from segtrain.models.backbones.vgg import VGG, vgg16
-from segtrain.models.param_groups import backbone_head_groups, freeze_batchnorm
+from segtrain.models.param_groups import ParamMults, backbone_head_groups, freeze_batchnorm
 
 
 class AtrousBranch(nn.Module):
@@ -197,14 +197,14 @@ class DeepLab(nn.Module):
         # out_lowres: the stride-8 logits the Caffe models train on (loss.label_stride)
         return {"out": out, "out_lowres": logits}
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
         """fc8 (each branch's classifier) weights at ``head_lr_mult`` and biases at
         ``head_bias_lr_mult`` (the released prototxts: 10x / 20x); the backbone and fc6/fc7,
         which start from ImageNet's fc layers, at 1x."""
         classifiers = [b.classifier for b in self.head.branches]
         fc67 = [m for b in self.head.branches for m in b.layers[:-1]]
         return backbone_head_groups([self.backbone, *fc67], classifiers, self.head_lr_mult,
-                                    self.head_bias_lr_mult)
+                                    self.head_bias_lr_mult, mults)
 
 
 class DeepLabV1(DeepLab):

@@ -36,7 +36,7 @@ from torch import nn
 from segtrain.models.backbones.build import build_backbone, set_backbone_output_stride
 from segtrain.models.modules.aspp import ASPP
 from segtrain.models.modules.conv import ConvBNReLU, SeparableConv2d
-from segtrain.models.param_groups import backbone_head_groups, freeze_batchnorm
+from segtrain.models.param_groups import ParamMults, backbone_head_groups, freeze_batchnorm
 
 ASPP_CHANNELS = 256  # every ASPP branch and the projection (Sec. 3.3)
 
@@ -117,11 +117,11 @@ class AtrousEncoder(nn.Module):
     def _new_layers(self) -> list[nn.Module]:
         raise NotImplementedError  # each network names its new layers
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
         """Backbone at 1x; ASPP, decoder and classifier at ``head_lr_mult`` (biases at
         ``head_bias_lr_mult``); the official DeepLab code trains every layer at 1x."""
         return backbone_head_groups(self.backbone, self._new_layers(), self.head_lr_mult,
-                                    self.head_bias_lr_mult)
+                                    self.head_bias_lr_mult, mults)
 
 
 class DeepLabV3(AtrousEncoder):

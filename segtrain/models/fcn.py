@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from segtrain.models.backbones.vgg import VGG, vgg16
+from segtrain.models.param_groups import ParamMults, single_group
 
 # Crop offsets of the reference nets (see the module docstring for the derivation).
 CROP_POOL4 = 5
@@ -149,16 +150,10 @@ class FCN(nn.Module):
         x = self.upscore(x)
         return {"out": _crop(x, CROP_FINAL[self.stride], h, w)}
 
-    def param_groups(self) -> list[dict]:
-        """Weights at 1x, biases at 2x without weight decay (the reference solvers)."""
-        weights, biases = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (biases if name.endswith("bias") else weights).append(p)
-        return [
-            {"name": "weights", "params": weights, "lr_mult": 1.0, "weight_decay_mult": 1.0},
-            {"name": "biases", "params": biases, "lr_mult": 2.0, "weight_decay_mult": 0.0},
-        ]
+    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
+        """Every layer at the base rate; biases at ``mults.bias`` (the reference solvers:
+        lr_mult 2, decay_mult 0, conf/model/fcn*.yaml)."""
+        return single_group(self, mults)
 
 
 def fcn32s(num_classes: int, **kwargs) -> FCN:

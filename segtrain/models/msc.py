@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segtrain.errors import ConfigError
+from segtrain.models.param_groups import ParamMults
 
 FUSED_KEYS = ("out", "out_lowres")
 
@@ -77,8 +78,8 @@ class MultiScaleInputs(nn.Module):
             result[key] = fused
         return result
 
-    def param_groups(self) -> list[dict]:
-        return self.model.param_groups()
+    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
+        return self.model.param_groups(mults)
 
     @property
     def output_stride(self) -> int | None:

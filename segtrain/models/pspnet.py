@@ -23,7 +23,7 @@ from torch import nn
 from segtrain.models.backbones.build import build_backbone
 from segtrain.models.modules.heads import FCNHead
 from segtrain.models.modules.ppm import PyramidPooling
-from segtrain.models.param_groups import backbone_head_groups
+from segtrain.models.param_groups import ParamMults, backbone_head_groups
 
 
 class PSPNet(nn.Module):
@@ -70,9 +70,9 @@ class PSPNet(nn.Module):
             outputs["aux"] = F.interpolate(aux, size, mode="bilinear", align_corners=True)
         return outputs
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
         """Backbone at 1x; pyramid pooling and both heads at ``head_lr_mult`` (10x in the
         authors' reference code, biases included)."""
         new = [self.ppm, self.head] + ([self.aux_head] if self.aux_head is not None else [])
         return backbone_head_groups(self.backbone, new, self.head_lr_mult,
-                                    self.head_bias_lr_mult)
+                                    self.head_bias_lr_mult, mults)

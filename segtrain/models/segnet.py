@@ -39,7 +39,7 @@ from torch import nn
 
 from segtrain.errors import ConfigError
 from segtrain.models.backbones.vgg import VGG, vgg16_bn
-from segtrain.models.param_groups import backbone_head_groups, single_group
+from segtrain.models.param_groups import ParamMults, backbone_head_groups, single_group
 
 # Decoder conv + BN + ReLU widths per stage, deepest first, as in the reference Caffe model;
 # stage 1 then ends with the classifier conv.
@@ -117,10 +117,10 @@ class SegNet(nn.Module):
             x = decoder(F.max_unpool2d(x, indices, 2, 2, output_size=size))
         return {"out": x[:, :, :h, :w]}
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
         """Encoder (ImageNet) at 1x, decoder at ``head_lr_mult`` (the SegNet solver: 1x)."""
         return backbone_head_groups(self.encoder, self.decoder, self.head_lr_mult,
-                                    self.head_bias_lr_mult)
+                                    self.head_bias_lr_mult, mults)
 
 
 class SegNetBasic(nn.Module):
@@ -175,6 +175,6 @@ class SegNetBasic(nn.Module):
             x = decoder(F.max_unpool2d(x, indices, 2, 2, output_size=size))
         return {"out": self.classifier(x)[:, :, :h, :w]}
 
-    def param_groups(self) -> list[dict]:
-        """Trained from scratch: one group at the base learning rate."""
-        return single_group(self)
+    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
+        """Trained from scratch: one role at the base learning rate."""
+        return single_group(self, mults)

@@ -37,7 +37,7 @@ from segtrain.models.backbones.build import build_backbone
 from segtrain.models.modules.conv import ConvBNReLU
 from segtrain.models.modules.heads import FCNHead
 from segtrain.models.modules.strip_pooling import MixedPoolingModule, StripPoolingModule
-from segtrain.models.param_groups import backbone_head_groups
+from segtrain.models.param_groups import ParamMults, backbone_head_groups
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -109,9 +109,9 @@ class SPNet(nn.Module):
             outputs["aux"] = F.interpolate(aux, size, mode="bilinear", align_corners=True)
         return outputs
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
         """Backbone with its SPMs at 1x; reduction, MPMs and both heads at ``head_lr_mult``."""
         new = [self.reduce, self.mpm, self.head]
         new += [self.aux_head] if self.aux_head is not None else []
         return backbone_head_groups(self.backbone, new, self.head_lr_mult,
-                                    self.head_bias_lr_mult)
+                                    self.head_bias_lr_mult, mults)

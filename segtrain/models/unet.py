@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from segtrain.models.param_groups import single_group
+from segtrain.models.param_groups import ParamMults, single_group
 
 DEPTH = 4  # max-pool downsamplings of the paper's net
 # Valid-mode geometry: with b the bottom feature size, the input is 16b + 124 and the output
@@ -165,6 +165,6 @@ class UNet(nn.Module):
         x = self.forward_tile(mirror_pad(image, top, bottom, left, right))
         return {"out": x[:, :, y0:y0 + h, x0:x0 + w]}
 
-    def param_groups(self) -> list[dict]:
-        """Trained from scratch: one group at the base learning rate."""
-        return single_group(self)
+    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
+        """Trained from scratch: one role at the base learning rate."""
+        return single_group(self, mults)
