@@ -31,6 +31,10 @@ Status: ``failed`` when a run has no metrics.json; ``unfinished`` when its metri
 
 The table is printed as Markdown and written to ``<sweep>/ablation_table.md`` and
 ``<sweep>/ablation_table.csv``.
+
+A hyper-parameter search (``hydra/sweeper=optuna_miou``; its sweep folder holds the
+sweeper's ``optimization_results.yaml``, or pass ``--trials``) is shown as its trials
+instead: best score first, failed and unfinished trials last, without a score.
 """
 
 from __future__ import annotations
@@ -316,6 +320,30 @@ def contrasts(runs: list[dict], metric: str = "miou") -> list[str]:
     return lines
 
 
+def search_table(runs: list[dict], results: dict | None) -> tuple[list[str], list[list[str]]]:
+    """The trials of a search sorted by final mIoU, best first; a trial that failed or did not
+    finish has no score (the Optuna sweeper counted it as a failure) and comes last.
+    ``results``: the sweeper's ``optimization_results.yaml`` (best_params, best_value)."""
+    keys = sorted({k for r in runs for k in r["overrides"]})
+    varying = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1] or keys
+
+    def score(run: dict) -> float | None:
+        return (run["metrics"] or {}).get("miou") if run["status"] == "ok" else None
+
+    ranked = sorted(runs, key=lambda r: (score(r) is None, -(score(r) or 0.0), r["run"]))
+    best = {k: _norm(v) for k, v in ((results or {}).get("best_params") or {}).items()}
+    header = ["rank", "run", *varying, "status", "mIoU", "sweeper's best"]
+    body = []
+    for rank, run in enumerate(ranked, 1):
+        value = score(run)
+        body.append([str(rank) if value is not None else "-", run["run"],
+                     *(run["overrides"].get(k, "") for k in varying), run["status"],
+                     "n/a" if value is None else _pct(100.0 * value),
+                     "yes" if best and all(_norm(run["overrides"].get(k)) == v
+                                           for k, v in best.items()) else ""])
+    return header, body
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -336,11 +364,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", metavar="KEY",
                         help="a key whose values become column groups (e.g. eval: before/after "
                              "CRF)")
+    parser.add_argument("--trials", action="store_true",
+                        help="a hyper-parameter search: trials sorted by score (the default "
+                             "when the sweep holds optimization_results.yaml)")
     args = parser.parse_args(argv)
     if not args.sweep.is_dir():
         raise SystemExit(f"sweep folder not found: {args.sweep}")
     runs = collect(args.sweep)
-    header, rows = table(runs, args.paper_dir, args.columns)
+    results = _read_yaml(args.sweep / "optimization_results.yaml")
+    if args.trials or results is not None:
+        header, rows = search_table(runs, results)
+    else:
+        header, rows = table(runs, args.paper_dir, args.columns)
     text = markdown(header, rows)
     if any(_norm(r["overrides"].get(SEED)) != _norm(runs[0]["overrides"].get(SEED))
            for r in runs):

@@ -3,6 +3,7 @@
     python -m segtrain                                   # embedded dataset, default model
     python -m segtrain model=deeplabv2 lr=poly           # DeepLab v2, poly schedule
     python -m segtrain -m model=deeplabv2 lr=poly,step   # a Hydra sweep
+    python -m segtrain -m hydra/sweeper=optuna_miou 'optim.lr=tag(log,interval(1e-4,1e-1))'
     torchrun --nproc_per_node=8 -m segtrain dataset=cityscapes model=deeplabv3plus
 
 A user error (``segtrain.errors.UserError``: data, config, checkpoint) ends the command with
@@ -16,14 +17,27 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from segtrain.app import train
-from segtrain.errors import user_errors
+from segtrain.errors import ConfigError, user_errors
+
+
+def check_sweep_direction(sweeper: DictConfig) -> None:
+    """A sweeper that optimises in a ``direction`` (Optuna's) must maximise: this returns
+    the validation mIoU, and hydra-optuna-sweeper's own default is ``minimize``."""
+    direction = sweeper.get("direction")
+    name = str(direction).rsplit(".", 1)[-1]  # Direction.minimize or "minimize"
+    if direction is not None and name != "maximize":
+        raise ConfigError(f"hydra.sweeper.direction={name}, but the value searched is the "
+                          f"validation mIoU (higher is better): use hydra/sweeper=optuna_miou "
+                          f"or hydra.sweeper.direction=maximize")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
+        check_sweep_direction(HydraConfig.get().sweeper)
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
-    # the value a Hydra sweeper optimises: only the score of a finished run
+    # the value a Hydra sweeper optimises: only the score of a finished run. None is not a
+    # score: hydra-optuna-sweeper records it (like an exception) as a FAIL trial, not as 0
     return metrics.get("miou") if metrics.get("finished") else None
 
 

@@ -3,13 +3,18 @@
     python -m segtrain.predict run=outputs/<run> images=some/folder
     python -m segtrain.predict run=outputs/<run> images=some/folder out=preds eval=msc
     python -m segtrain.predict run=outputs/<run> images=some/folder eval=msc_crf checkpoint=last
+    python -m segtrain.predict run=outputs/<run> images=<root>/leftImg8bit/test recursive=true \
+        format=cityscapes                                   # also format=voc, format=ade20k
 
-For each ``.jpg/.jpeg/.png/.bmp`` in ``images`` (sorted, not recursive) it writes, under
-``out`` (default ``<run>/predict/<time>/``):
+For each ``.jpg/.jpeg/.png/.bmp`` in ``images`` (sorted; with ``recursive=true`` also in its
+subfolders) it writes, under ``out`` (default ``<run>/predict/<time>/``):
 
     labels/<name>.png    uint8 train ids (0..num_classes-1), the raw prediction
     color/<name>.png     the prediction in the dataset's palette
     overlay/<name>.png   the palette blended over the image (``alpha``)
+
+or, with ``format=cityscapes|voc|ade20k``, only ``submission/``: the benchmark server's label
+files in its layout and label space (``segtrain/submission.py``), ready to be zipped.
 
 The image goes through the run's validation transforms (its normalisation), then the
 ``eval`` predictor (whole image by default; ``eval=msc`` / ``slide`` / ``msc_crf`` work as in
@@ -29,6 +34,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
+from segtrain import app
 from segtrain.app import palette_of, pick_device
 from segtrain.data.base import read_image
 from segtrain.data.transforms import compose
@@ -46,16 +52,17 @@ class PredictError(UserError):
     """Nothing to predict: the image folder is missing, empty, or names collide."""
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """The images directly inside ``folder``, sorted by name."""
+def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """The images inside ``folder`` (and its subfolders if ``recursive``), sorted."""
     path = Path(str(folder)).expanduser()
     if not path.is_dir():
         raise PredictError(f"image folder not found: {path}")
-    files = sorted(p for p in path.iterdir()
+    files = sorted(p for p in (path.rglob("*") if recursive else path.iterdir())
                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
+        where = "inside it or its subfolders" if recursive else "directly inside it"
         raise PredictError(f"no images in {path} (looked for {', '.join(IMAGE_SUFFIXES)} "
-                           f"files directly inside it)")
+                           f"files {where})")
     stems: dict[str, Path] = {}
     for p in files:
         # outputs are named <stem>.png: a.jpg and a.png would overwrite each other
@@ -77,8 +84,15 @@ def predict(cfg: DictConfig) -> list[Path]:
     Args:
         cfg: the ``conf/predict.yaml`` config (run, images, out, checkpoint, eval, ...).
     """
-    files = list_images(cfg.images)  # fail on a bad folder before loading anything
+    # fail on a bad folder before loading anything
+    files = list_images(cfg.images, bool(cfg.get("recursive", False)))
     run_dir, run_cfg, state, path = load_run(cfg)
+    submission = None
+    if cfg.get("format"):  # a run or an image name that does not fit stops here
+        submission = app.instantiate(cfg.format, dataset=str(run_cfg.dataset.name),
+                                     num_classes=int(run_cfg.dataset.num_classes))
+        for file in files:
+            submission.relative_path(file)
     if run_cfg.dataset.get("use_depth"):
         raise PredictError(f"the run {run_dir} was trained on RGB-D input "
                            f"(dataset.use_depth=true); predict reads RGB images only")
@@ -101,7 +115,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     names = dict(enumerate(getattr(dataset_cls, "class_names", ())))
 
     out = Path(str(cfg.out)).expanduser()
-    for sub in ("labels", "color", "overlay"):
+    for sub in ("labels", "color", "overlay") if submission is None else ("submission",):
         (out / sub).mkdir(parents=True, exist_ok=True)
     written = []
     for path in files:
@@ -120,16 +134,23 @@ def predict(cfg: DictConfig) -> list[Path]:
         else:
             label = logits.argmax(1)[0].cpu().numpy()
         label = label.astype(np.uint8)
-        save_png(label, out / "labels" / f"{path.stem}.png")
-        save_png(colorize(label, palette, ignore), out / "color" / f"{path.stem}.png")
-        save_png(overlay(rgb, label, palette, float(cfg.alpha), ignore),
-                 out / "overlay" / f"{path.stem}.png")
+        if submission is not None:
+            written.append(submission.write(label, path, out / "submission"))
+        else:
+            save_png(label, out / "labels" / f"{path.stem}.png")
+            save_png(colorize(label, palette, ignore), out / "color" / f"{path.stem}.png")
+            save_png(overlay(rgb, label, palette, float(cfg.alpha), ignore),
+                     out / "overlay" / f"{path.stem}.png")
+            written.append(out / "labels" / f"{path.stem}.png")
         counts = np.bincount(label.ravel(), minlength=num_classes)
         log.info("%s %dx%d: %s", path.name, rgb.shape[1], rgb.shape[0],
                  ", ".join(f"{names.get(c, c)} {100 * n / label.size:.0f}%"
                            for c, n in enumerate(counts) if n))
-        written.append(out / "labels" / f"{path.stem}.png")
-    log.info("%d images -> %s (labels/, color/, overlay/)", len(written), out)
+    if submission is not None:
+        log.info("%d images -> %s (format=%s; zip the folder's contents for the server)",
+                 len(written), out / "submission", submission.benchmark)
+    else:
+        log.info("%d images -> %s (labels/, color/, overlay/)", len(written), out)
     return written
 
 
