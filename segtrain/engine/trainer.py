@@ -115,9 +115,11 @@ class Trainer:
         precision: fp32 | bf16 | fp16 | auto.
         clip_grad_norm: max gradient norm, or None.
         eval_interval, log_interval, checkpoint_interval: in iterations. Loss terms are
-            summed on the device and read (one host sync) every ``log_interval`` steps,
-            where the mean over the interval is logged; a non-finite loss is caught there
-            or at the next checkpoint or evaluation, whichever comes first.
+            summed on the device and read every ``log_interval`` steps, where the mean over
+            the interval (and the ranks) is logged and, with a host sync, all ranks agree on
+            a non-finite loss on any of them (every rank raises the same error) and on a stop
+            signal; nothing is synchronised between log intervals (a single process checks
+            its own stop flag after every step).
         seed: fixes initialisation, data order and augmentation.
         class_names, palette, ignore_index: for tables and figures.
         config_yaml: the resolved config, stored in checkpoints.
