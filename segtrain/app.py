@@ -21,7 +21,7 @@ from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint, distributed
 from segtrain.engine.batch import per_rank_batch
 from segtrain.engine.precision import resolve_precision
-from segtrain.engine.trainer import Trainer, seed_everything
+from segtrain.engine.trainer import Trainer, seed_everything, stream_seed
 from segtrain.errors import ConfigError, UserError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.models.init_from import init_from
@@ -242,6 +242,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    # from here on each rank draws its own stream (dropout masks), a function of seed and rank
+    seed_everything(stream_seed(cfg.seed, dist.rank))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2fM parameters, device %s, precision %s", cfg.model._target_,
              n_params / 1e6, device, resolve_precision(cfg.trainer.precision, device))

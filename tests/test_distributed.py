@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +25,12 @@ from segtrain.engine.distributed import (
     expand_nodelist,
     master_addr,
     master_port,
+    slurm_tasks_on_node,
 )
+from segtrain.engine.trainer import Trainer, TrainingInterrupted
+from segtrain.eval.crf import default_workers
+from segtrain.eval.evaluator import crf_pool
+from tests import injected_faults
 from tests.conftest import REPO, TINY, compose_config, slurm_sbatch_script
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -199,3 +205,199 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == stopped
     assert stopped < 40
     assert "stopped by signal 10" in out and "stopped by a stop signal on another rank" in out
+
+
+# -- ranks started by hand (as torchrun does, but each with its own start time and output) --
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_ranks(args: list[str], cwd: Path, delays: tuple[float, ...] = (0.0, 0.0)
+                 ) -> list[subprocess.Popen]:
+    """``python -m segtrain args`` once per rank with torchrun's variables; rank r starts
+    ``delays[r]`` seconds after rank 0."""
+    port, procs = _free_port(), []
+    for rank, delay in enumerate(delays):
+        time.sleep(delay - (delays[rank - 1] if rank else 0.0))
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(len(delays)), "LOCAL_WORLD_SIZE": str(len(delays)),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "segtrain", *args], cwd=cwd,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, float]]:
+    """(exit status, stderr, exit time) of each rank; kills them all if one hangs."""
+    deadline, ended = time.time() + timeout, {}
+    try:
+        while len(ended) < len(procs) and time.time() < deadline:
+            for i, p in enumerate(procs):
+                if i not in ended and p.poll() is not None:
+                    ended[i] = time.time()
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert len(ended) == len(procs), f"a rank did not exit within {timeout} s"
+    return [(p.returncode, p.stderr.read(), ended[i]) for i, p in enumerate(procs)]
+
+
+# dropout on (deeplabv2's 0.5): the masks are drawn from each rank's own stream
+DROPOUT = [*TINY, "trainer.max_iters=8", "trainer.eval_interval=4",
+           "trainer.checkpoint_interval=2", "trainer.log_interval=2", "trainer.resume=auto"]
+
+
+@pytest.fixture(scope="module")
+def late_start(tmp_path_factory) -> Path:
+    """Two ranks, the second started 1.5 s after the first, without hydra.run.dir: each
+    would name the run folder from its own clock."""
+    cwd = tmp_path_factory.mktemp("late_start")
+    results = _finish(_start_ranks(DROPOUT, cwd, delays=(0.0, 1.5)))
+    for code, err, _ in results:
+        assert code == 0, err
+    return cwd
+
+
+def test_ranks_started_apart_write_to_rank_0s_run_folder(late_start):
+    folders = [p.parent for p in (late_start / "outputs").glob("*/*/.hydra")]
+    assert len(folders) == 1, folders
+    run = folders[0]
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "train.log").is_file()
+
+
+def test_each_rank_draws_its_own_stream_and_last_pt_holds_every_rank_rng(late_start):
+    (run,) = [p.parent for p in (late_start / "outputs").glob("*/*/.hydra")]
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert len(state["rng"]) == 2
+    # the same number of draws on both ranks: different states mean different streams
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+
+@pytest.mark.slow
+def test_two_ranks_stopped_and_resumed_end_with_the_uninterrupted_weights(late_start,
+                                                                          tmp_path):
+    (reference,) = [p.parent for p in (late_start / "outputs").glob("*/*/.hydra")]
+    run = tmp_path / "run"
+    args = [*DROPOUT, f"hydra.run.dir={run}"]
+    procs = _start_ranks(args, REPO)
+    last, sent = run / "checkpoints" / "last.pt", False
+    deadline = time.time() + 180
+    while not sent and time.time() < deadline and procs[1].poll() is None:
+        if last.is_file() and torch.load(last, weights_only=True)["iteration"] >= 2:
+            os.kill(procs[1].pid, signal.SIGUSR1)  # rank 1 only
+            sent = True
+        time.sleep(0.05)
+    results = _finish(procs)
+    assert sent and all(code == 1 for code, _, _ in results), results
+    stopped = torch.load(last, weights_only=True)
+    assert 2 <= stopped["iteration"] < 8 and len(stopped["rng"]) == 2
+    for code, err, _ in _finish(_start_ranks(args, REPO)):
+        assert code == 0, err
+    a, b = _weights(reference), _weights(run)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tmp_path):
+    run = tmp_path / "run"
+    # NaN in rank 1's loss at step 5; checked at the log interval (step 6), not at the next
+    # checkpoint (step 8) or evaluation (never)
+    args = [*TINY, "loss._target_=tests.injected_faults.NaNOnOneRank", "+loss.nan_rank=1",
+            "+loss.nan_step=5", "trainer.max_iters=40", "trainer.log_interval=3",
+            "trainer.checkpoint_interval=4", "trainer.eval_interval=100",
+            f"hydra.run.dir={run}"]
+    results = _finish(_start_ranks(args, REPO), timeout=120)
+    assert all(code == 1 for code, _, _ in results), results
+    messages = [[line for line in err.splitlines() if line.startswith("error:")][0]
+                for _, err, _ in results]
+    assert messages[0] == messages[1], messages
+    assert "non-finite loss at iteration 5" in messages[0]
+    assert abs(results[0][2] - results[1][2]) < 5.0, "one rank waited for the other"
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert "iter 6/" not in (run / "train.log").read_text()  # stopped at step 6's log
+
+
+# -- in-process: the host synchronisations of the loop under DDP --------------------------
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+def test_ranks_agree_on_a_stop_signal_only_at_log_intervals(tmp_path, monkeypatch):
+    """Rank 0 of a world that DistInfo calls 2 ranks, in a real one-process gloo group: every
+    all-reduce is counted with the iteration it ran after."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}",
+                                         rank=0, world_size=1)
+    try:
+        model = _Tiny()
+        data = [{"image": torch.randn(3, 8, 8), "mask": torch.zeros(8, 8, dtype=torch.long),
+                 "meta": {}} for _ in range(8)]
+        trainer = None
+
+        def loss(outputs, batch):
+            if trainer.iteration == 7:  # a signal arrives during step 8
+                trainer._stop_signal = signal.SIGUSR1
+            return {"total": outputs["out"].mean()}
+
+        trainer = Trainer(model, loss, torch.optim.SGD(model.parameters(), lr=0.1),
+                          lambda it: 1.0, data, None, tmp_path, max_iters=20, batch_size=2,
+                          num_workers=0, iter_size=1, precision="fp32", clip_grad_norm=None,
+                          eval_interval=100, log_interval=5, checkpoint_interval=100, seed=0,
+                          device=torch.device("cpu"), class_names=["a", "b"],
+                          palette=np.zeros((2, 3), np.uint8), ignore_index=255,
+                          dist=DistInfo(rank=0, world_size=2), show_progress=False)
+        at, all_reduce = [], torch.distributed.all_reduce
+
+        def counted(*args, **kwargs):
+            at.append(trainer.iteration)
+            return all_reduce(*args, **kwargs)
+
+        monkeypatch.setattr(torch.distributed, "all_reduce", counted)
+        with pytest.raises(TrainingInterrupted):
+            trainer.fit()
+    finally:
+        torch.distributed.destroy_process_group()
+    assert trainer.iteration == 10  # the log interval after the signal
+    assert set(at) == {5, 10}, at  # nothing between log intervals
+
+
+# -- the dense-CRF pool -------------------------------------------------------------------
+def test_the_crf_pool_spawns_its_workers(monkeypatch):
+    monkeypatch.setattr(injected_faults, "PARENT_ONLY", True)
+    with crf_pool(1) as pool:
+        assert pool.submit(injected_faults.parent_only).result(timeout=120) is False
+
+
+@pytest.mark.parametrize("env, workers", [
+    ({}, 8),
+    ({"RANK": "1", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}, 2),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "7", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+      "SLURM_TASKS_PER_NODE": "4,3(x1)"}, 2),
+    ({"RANK": "0", "WORLD_SIZE": "16", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "16"}, 1),
+])
+def test_crf_workers_divide_the_cores_among_the_ranks_of_a_node(monkeypatch, env, workers):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID",
+                "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_TASKS_PER_NODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert default_workers() == workers
+
+
+@pytest.mark.parametrize("spec, node, tasks", [("4(x2)", "1", 4), ("4(x2),3", "2", 3),
+                                               ("2", "0", 2)])
+def test_slurm_tasks_on_this_node(spec, node, tasks):
+    assert slurm_tasks_on_node({"SLURM_TASKS_PER_NODE": spec, "SLURM_NODEID": node}) == tasks

@@ -76,10 +76,11 @@ def test_checkpoints_hold_tensors_and_plain_types(tiny_cfg, tmp_path):
     assert state["iteration"] == 3
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     assert best["iteration"] == 3
-    # the RNG states survive the round trip through plain types
-    set_rng_state(state["rng"])
+    # the RNG states (one entry per rank) survive the round trip through plain types
+    (rng,) = state["rng"]
+    set_rng_state(rng)
     first = (random.random(), np.random.rand(), torch.rand(1))
-    set_rng_state(state["rng"])
+    set_rng_state(rng)
     assert (random.random(), np.random.rand(), torch.rand(1)) == first
 
 

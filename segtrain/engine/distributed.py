@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +26,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # the ranks on this node (they share its cores)
 
     @property
     def is_main(self) -> bool:
@@ -34,13 +37,25 @@ class DistInfo:
         return self.world_size > 1
 
 
+def slurm_tasks_on_node(env: os._Environ | dict) -> int:
+    """This node's task count: SLURM_TASKS_PER_NODE (``4(x2),3``: 4, 4, 3) at SLURM_NODEID."""
+    counts = []
+    for item in env.get("SLURM_TASKS_PER_NODE", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if m:
+            counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = int(env.get("SLURM_NODEID", 0))
+    return counts[node] if node < len(counts) else 1
+
+
 def env_info() -> DistInfo:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                        int(env.get("LOCAL_WORLD_SIZE", 1)))
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                        int(env.get("SLURM_LOCALID", 0)))
+                        int(env.get("SLURM_LOCALID", 0)), slurm_tasks_on_node(env))
     return DistInfo()
 
 
@@ -126,13 +141,31 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any rank (one tiny all-reduce)."""
+def all_reduce_min(value: torch.Tensor) -> torch.Tensor:
+    """The element-wise minimum over the ranks (``value`` itself in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``obj`` of every rank, indexed by rank (``[obj]`` in one process)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def shared_start_time() -> datetime:
+    """Rank 0's clock, on every rank: the start time that names the run folder (each rank's
+    own ``datetime.now()`` can fall in another second). Initialises the process group."""
+    info = init()
+    now = [datetime.now()]
+    if info.enabled:
+        dist.broadcast_object_list(now, src=0)
+    return now[0]
 
 
 def cleanup() -> None:

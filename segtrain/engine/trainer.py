@@ -29,7 +29,12 @@ from tqdm import tqdm
 
 from segtrain.data.loader import train_loader
 from segtrain.engine import checkpoint
-from segtrain.engine.distributed import DistInfo, any_rank
+from segtrain.engine.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_mean,
+    all_reduce_min,
+)
 from segtrain.engine.json_files import write_json
 from segtrain.engine.precision import autocast_dtype, resolve_precision
 from segtrain.errors import ConfigError, UserError, from_worker
@@ -82,6 +87,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def stream_seed(*keys: int) -> int:
+    """A seed for the stream named by ``keys`` (seed, rank, ...): a NumPy SeedSequence, so no
+    two key tuples share a stream (``seed + rank`` would: seed 1 rank 0 = seed 0 rank 1)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -108,9 +119,11 @@ class Trainer:
         precision: fp32 | bf16 | fp16 | auto.
         clip_grad_norm: max gradient norm, or None.
         eval_interval, log_interval, checkpoint_interval: in iterations. Loss terms are
-            summed on the device and read (one host sync) every ``log_interval`` steps,
-            where the mean over the interval is logged; a non-finite loss is caught there
-            or at the next checkpoint or evaluation, whichever comes first.
+            summed on the device and read every ``log_interval`` steps, where the mean over
+            the interval (and the ranks) is logged and, with a host sync, all ranks agree on
+            a non-finite loss on any of them (every rank raises the same error) and on a stop
+            signal; nothing is synchronised between log intervals (a single process checks
+            its own stop flag after every step).
         seed: fixes initialisation, data order and augmentation.
         class_names, palette, ignore_index: for tables and figures.
         config_yaml: the resolved config, stored in checkpoints.
@@ -178,7 +191,12 @@ class Trainer:
     def _bare_model(self) -> nn.Module:
         return getattr(self.model, "module", self.model)
 
-    def state_dict(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _rng_of_every_rank(self) -> list[dict[str, Any]]:
+        """Every rank's RNG states, indexed by rank (a collective: every rank calls it)."""
+        return all_gather_objects(rng_state()) if self.dist.enabled else [rng_state()]
+
+    def state_dict(self, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """``rng``: the RNG states of ranks 0, 1, ... (default: this process's, alone)."""
         return {
             "model": self._bare_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -187,7 +205,7 @@ class Trainer:
             "iteration": self.iteration,
             "best_miou": self.best_miou,
             "history": self.history,
-            "rng": rng or rng_state(),
+            "rng": rng or [rng_state()],
             "config": self.config_yaml,
             "schedule": self.schedule,
         }
@@ -226,12 +244,26 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.best_miou = float(state["best_miou"])
         self.history = list(state.get("history", []))
-        set_rng_state(state["rng"])
+        self._load_rng(state["rng"], source)
         if changed:  # the new base rates and curve from this iteration on
             self.scheduler.base_lrs = base_lrs
             for group, base in zip(self.optimizer.param_groups, base_lrs):
                 group["initial_lr"] = base
                 group["lr"] = base * self.lr_factor(self.iteration)
+
+    def _load_rng(self, states: list[dict[str, Any]] | dict[str, Any], source) -> None:
+        """This rank's RNG states from the checkpoint's list (one dict: a checkpoint of one
+        process, or of a segtrain before per-rank states)."""
+        states = [states] if isinstance(states, dict) else list(states)
+        rank = self.dist.rank
+        if rank < len(states):
+            set_rng_state(states[rank])
+            return
+        # resumed on more ranks than saved: a fresh stream, still a function of seed, rank
+        # and iteration (dropout differs from an uninterrupted run on this many ranks)
+        log.warning("%s holds the RNG states of %d rank(s); rank %d starts a new stream from "
+                    "(seed, rank, iteration)", source or "the checkpoint", len(states), rank)
+        seed_everything(stream_seed(self.seed, rank, self.iteration))
 
     def resume(self, source: str | Path) -> None:
         state = checkpoint.load(source, map_location="cpu")
@@ -239,9 +271,12 @@ class Trainer:
         log.info("resumed from %s at iteration %d", checkpoint.resolve(source), self.iteration)
 
     def save(self, name: str = "last.pt", state: dict[str, Any] | None = None) -> Path | None:
+        """Rank 0 writes ``state`` (default: the full training state, with every rank's RNG
+        states: then every rank must call it)."""
+        rng = self._rng_of_every_rank() if state is None else None
         if not self.dist.is_main:
             return None
-        return checkpoint.save_atomic(state or self.state_dict(),
+        return checkpoint.save_atomic(state or self.state_dict(rng),
                                       self.run_dir / "checkpoints" / name)
 
     # -- loop ----------------------------------------------------------------------------
@@ -307,7 +342,8 @@ class Trainer:
                    f"not finite"
         else:
             try:
-                self.save("last.pt", self.state_dict(rng=self._rng_done))
+                # no collective here (another rank may be gone): this rank's RNG states only
+                self.save("last.pt", self.state_dict(rng=[self._rng_done]))
                 note = f"saved {last} at iteration {self.iteration} (the last completed " \
                        f"step): resume with trainer.resume={self.run_dir}"
             except Exception as save_err:  # noqa: BLE001 - report the first error
@@ -367,6 +403,7 @@ class Trainer:
                 if self.iteration % self.log_interval == 0 or last:
                     rate = done_since_log / max(time.perf_counter() - tic, 1e-9)
                     terms = self._read_terms(done_since_log)
+                    self._check_finite(weights=False, terms=terms)
                     bar.set_postfix(loss=f"{terms['total']:.4f}",
                                     lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                     refresh=False)
@@ -379,7 +416,11 @@ class Trainer:
                 if self.iteration % self.checkpoint_interval == 0 or last:
                     self._check_finite(weights=True)
                     self.save("last.pt")
-                if self._should_stop():
+                if not self.dist.enabled:
+                    # one process: a host flag, no sync; several ranks agree on it at the
+                    # log, evaluation and checkpoint points (_check_finite), sync-free between
+                    self._stopped = self._stop_signal is not None
+                if self._stopped:
                     self.save("last.pt")
                     if self.dist.is_main:
                         log.warning("%s: saved checkpoints/last.pt at iteration %d; resume "
@@ -389,15 +430,6 @@ class Trainer:
                                     self.run_dir)
                     break
         return metrics
-
-    def _should_stop(self) -> bool:
-        """All ranks stop after the same step, whichever of them got the signal (SLURM may
-        deliver it to the tasks during different steps)."""
-        stop = self._stop_signal is not None
-        if self.dist.enabled:
-            stop = any_rank(stop, self.device)
-        self._stopped = stop
-        return stop
 
     def _step(self, batches) -> None:
         """One optimizer step; adds its loss terms to ``self._sums`` without a host sync."""
@@ -430,11 +462,12 @@ class Trainer:
         self.scheduler.step()
 
     def _read_terms(self, steps: int) -> dict[str, float]:
-        """Mean loss terms over the last ``steps`` steps: the one host sync of a log interval."""
+        """Mean loss terms over the last ``steps`` steps and over the ranks: the one host sync
+        of a log interval (one all-reduce of every term under DDP)."""
         if not self._sums:
             return {}
-        values = torch.stack(list(self._sums.values())).tolist()  # one transfer for all terms
-        terms = {k: v / steps for k, v in zip(self._sums, values)}
+        values = all_reduce_mean(torch.stack(list(self._sums.values())))
+        terms = {k: v / steps for k, v in zip(self._sums, values.tolist())}
         self._sums = {}
         return terms
 
@@ -453,24 +486,41 @@ class Trainer:
     def _weights_finite(self) -> bool:
         return bool(self._weights_finite_flag())
 
-    def _check_finite(self, weights: bool) -> None:
-        """Raise NonFiniteLossError if a loss since the last check (or the weights, when
-        ``weights``) is not finite; one host sync."""
-        bad_iter = self._bad_iter
+    # the codes of _agree: a non-finite loss at step i is i (the earliest wins)
+    _FINITE, _WEIGHTS_NOT_FINITE = 2**62, 2**62 - 1
+
+    def _agree(self, weights: bool) -> tuple[int, bool]:
+        """What every rank decides together: the earliest non-finite step on any rank (or
+        _WEIGHTS_NOT_FINITE, or _FINITE) and whether any rank received a stop signal. One
+        all-reduce (min) of two integers under DDP, one host sync."""
+        bad = torch.where(self._bad_iter >= 0, self._bad_iter, self._FINITE)
         if weights:
-            # -2: the losses were finite but the weights are not
-            flag = self._weights_finite_flag().to(bad_iter.device)
-            bad_iter = torch.where((bad_iter < 0) & ~flag, -2, bad_iter)
-        bad = int(bad_iter)
-        if bad == -2:
-            self._non_finite(self._read_terms(1), "weights")
-        elif bad >= 0:
-            self._non_finite(self._read_terms(1), "loss", at=bad + 1)
+            flag = self._weights_finite_flag().to(bad.device)
+            bad = torch.where((bad == self._FINITE) & ~flag, self._WEIGHTS_NOT_FINITE, bad)
+        stop = torch.full((), -int(self._stop_signal is not None), device=bad.device)
+        code, stop = all_reduce_min(torch.stack([bad, stop.to(bad.dtype)])).tolist()
+        return code, stop < 0
+
+    def _check_finite(self, weights: bool, terms: dict[str, float] | None = None) -> None:
+        """Raise NonFiniteLossError on every rank if a loss since the start on any rank (or
+        the weights, when ``weights``) is not finite. Several ranks also agree here whether
+        to stop after this step (a stop signal on any of them)."""
+        code, stop = self._agree(weights)
+        if self.dist.enabled:
+            self._stopped = stop
+        if code == self._WEIGHTS_NOT_FINITE:
+            self._non_finite(self._read_terms(1) if terms is None else terms, "weights")
+        elif code != self._FINITE:
+            self._non_finite(self._read_terms(1) if terms is None else terms, "loss",
+                             at=code + 1)
 
     def _non_finite(self, terms: dict, what: str = "loss", at: int | None = None) -> None:
+        """Every rank calls it together (the ranks agreed in _agree) and raises the same
+        error; rank 0 keeps the last finite state."""
         values = {k: float(v) for k, v in terms.items()}
         last = self.run_dir / "checkpoints" / "last.pt"
-        if self._weights_finite():
+        finite = bool(all_reduce_min(self._weights_finite_flag().long()))  # same on all ranks
+        if finite:
             self.save("last.pt")  # the weights after the last good step
             kept = f"The state after iteration {self.iteration} is saved in {last}."
         elif last.is_file():

@@ -82,7 +82,12 @@ def crf_labels(crf: DenseCRF, rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def default_workers() -> int:
-    """Every core this process may run on (the affinity mask where there is one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """This rank's share of the cores this process may run on (the affinity mask where there
+    is one): the cores divided among the ranks of this node (torchrun's LOCAL_WORLD_SIZE,
+    SLURM's tasks on this node), at least one, so 8 ranks on a node start cores/8 processes
+    each, not cores each."""
+    from segtrain.engine.distributed import env_info
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count() or 1
+    return max(1, cores // env_info().local_world_size)

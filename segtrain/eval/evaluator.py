@@ -49,10 +49,11 @@ def check_output_stride(model: nn.Module, output_stride: int | None) -> None:
 
 
 def crf_pool(workers: int) -> ProcessPoolExecutor:
-    """Processes for the CRF; forked where possible (no re-import of torch per worker)."""
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    """Processes for the CRF, spawned: a fork after CUDA/NCCL initialisation (the trainer's
+    periodic evaluation, torchrun) copies their threads and locks in an unusable state. Each
+    worker imports segtrain.eval.crf once (about a second), against the CRF's ~1 s per image."""
+    return ProcessPoolExecutor(max_workers=workers,
+                               mp_context=multiprocessing.get_context("spawn"))
 
 
 class Evaluator:
@@ -65,7 +66,8 @@ class Evaluator:
         crf: optional ``DenseCRF`` applied to the softmax before the argmax.
         mean, std: the dataset normalisation (to recover RGB for the CRF).
         num_samples: how many (image, gt, prediction) triples to keep for figures.
-        crf_workers: processes for the CRF; None: every core; 0: in this process.
+        crf_workers: processes for the CRF; None: this rank's share of the node's cores;
+            0: in this process.
         output_stride: evaluate at this output stride (None: as trained).
     """
 
