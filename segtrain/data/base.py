@@ -240,7 +240,7 @@ def to_item(image: np.ndarray, mask: np.ndarray, meta: dict[str, Any],
     mask_t = torch.from_numpy(np.ascontiguousarray(mask, np.int64))
     item = {"image": image_t, "mask": mask_t, "meta": meta}
     if rgb is not None:
-        item["rgb"] = torch.from_numpy(np.ascontiguousarray(rgb, np.uint8))
+        item["rgb"] = torch.from_numpy(np.require(rgb, np.uint8, ("C", "W")))  # PIL: read-only
     return item
 
 
