@@ -16,8 +16,8 @@ from segtrain import app
 from segtrain.engine.distributed import DistInfo
 from segtrain.errors import ConfigError
 from segtrain.eval.inference import Predictor
-from segtrain.losses.ce import CrossEntropyLoss
 from segtrain.evaluate import evaluate
+from segtrain.losses.ce import CrossEntropyLoss
 from segtrain.models.msc import MultiScaleInputs
 from tests.conftest import CONF_DIR
 
