@@ -9,8 +9,9 @@ search range w1 in [3:6], theta_alpha in [30:10:100], theta_beta in [3:6], the d
     python scripts/crf_search.py run=outputs/<run> 'eval.predictor.scales=[0.25,0.375,0.5]'
 
 The run's model predicts the first ``--num-images`` val images once with the eval config's
-predictor (``--eval``, default ``msc_crf``, honouring its ``output_stride``); the softmax
-probabilities and RGB images are kept in memory, and each grid point only re-runs the CRF,
+predictor (``--eval``, default ``msc_crf``, honouring its ``output_stride`` and
+``precision``); the softmax probabilities and the images as read from disk (the ones
+``segtrain.evaluate`` gives the CRF) are kept in memory, and each grid point only re-runs the CRF,
 in ``--workers`` processes (default: every core). The iterations and the smoothness kernel
 come from the eval config. Prints mIoU per grid point (and without CRF), then the best
 values as YAML to paste into an eval config (conf/eval/<name>.yaml). A grid point's mIoU is
@@ -35,10 +36,10 @@ from omegaconf import OmegaConf
 from segtrain import app
 from segtrain.data.loader import eval_loader
 from segtrain.errors import ConfigError, UserError
-from segtrain.eval.crf import DenseCRF, crf_labels, default_workers, denormalise
+from segtrain.eval.crf import DenseCRF, crf_labels, default_workers, softmax_probs
 from segtrain.eval.evaluator import check_output_stride, crf_pool
 from segtrain.eval.metrics import scores_from_matrix
-from segtrain.evaluate import RunError, build_model, load_run
+from segtrain.evaluate import RunError, build_model, load_run, precision_dtype
 
 # DeepLab v2 Sec. 4.1's search range (coarse grid)
 BI_W = [3.0, 4.0, 5.0, 6.0]
@@ -98,15 +99,18 @@ def predict_subset(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     if output_stride is not None:
         model.set_output_stride(int(output_stride))
     predictor = instantiate(run_cfg.eval.predictor)
+    app.check_single_pyramid((run_cfg.model.get("msc") or {}).get("train_scales"), predictor)
+    amp = precision_dtype(run_cfg.eval.precision, device)
     cache: dict[str, Any] = {"probs": [], "rgb": [], "mask": []}
     with torch.no_grad():
         for i, batch in enumerate(eval_loader(val_set, num_workers=0)):
             if i == args.num_images:
                 break
             image = batch["image"].to(device)
-            logits = predictor(model, image)
-            cache["probs"].append(logits.float().softmax(1).cpu().numpy()[0])
-            cache["rgb"].append(denormalise(image[0], val_set.mean, val_set.std))
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = predictor(model, image)
+            cache["probs"].append(softmax_probs(logits)[0])
+            cache["rgb"].append(batch["rgb"][0].numpy())
             cache["mask"].append(batch["mask"][0].numpy())
     cache["num_classes"] = run_cfg.dataset.num_classes
     cache["ignore_index"] = run_cfg.dataset.ignore_index

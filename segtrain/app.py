@@ -71,6 +71,11 @@ def _build_split(cfg: DictConfig, split: str) -> Any:
     if ds.num_classes != cfg.dataset.num_classes:
         raise ConfigError(f"dataset.num_classes={cfg.dataset.num_classes} but the {split} "
                          f"dataset {type(ds).__name__} has {ds.num_classes} classes")
+    if ds.ignore_index != cfg.dataset.ignore_index or ds.ignore_index < ds.num_classes:
+        raise ConfigError(f"dataset.ignore_index={cfg.dataset.ignore_index}: the {split} "
+                         f"dataset {type(ds).__name__} labels void pixels {ds.ignore_index}; "
+                         f"expected dataset.{split}.ignore_index=${{dataset.ignore_index}} and "
+                         f"a value outside its classes 0..{ds.num_classes - 1}")
     return ds
 
 
@@ -79,7 +84,11 @@ def build_train_set(cfg: DictConfig) -> Any:
 
 
 def build_val_set(cfg: DictConfig) -> Any:
-    return _build_split(cfg, "val")
+    """The evaluation set; its items carry the image as read (``"rgb"``) for the CRF and
+    the figures."""
+    ds = _build_split(cfg, "val")
+    ds.keep_rgb = True
+    return ds
 
 
 def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
@@ -192,15 +201,31 @@ def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimize
 
 def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
                     show_progress: bool = False) -> Evaluator:
-    """``cfg.eval``: predictor, optional dense CRF (in ``eval.crf_workers`` processes) and
-    ``eval.output_stride`` (null: as trained)."""
+    """``cfg.eval``: predictor, optional dense CRF (in ``eval.crf_workers`` processes),
+    ``eval.output_stride`` (null: as trained) and ``eval.precision``."""
+    predictor = instantiate(cfg.eval.predictor)
+    check_single_pyramid((cfg.model.get("msc") or {}).get("train_scales"), predictor)
     crf = instantiate(cfg.eval.crf) if cfg.eval.get("crf") else None
     return Evaluator(eval_loader(val_set, cfg.trainer.num_workers, dist.rank, dist.world_size),
                      cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
-                     instantiate(cfg.eval.predictor), crf, val_set.mean, val_set.std,
-                     num_samples=cfg.eval.num_samples, show_progress=show_progress,
-                     crf_workers=cfg.eval.get("crf_workers"),
-                     output_stride=cfg.eval.get("output_stride"))
+                     predictor, crf, num_samples=cfg.eval.num_samples,
+                     show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"),
+                     output_stride=cfg.eval.get("output_stride"), precision=cfg.eval.precision)
+
+
+def check_single_pyramid(train_scales, predictor) -> None:
+    """A network trained with ``model.msc.train_scales`` already runs and max-fuses its
+    pyramid in every forward pass (DeepLab v2 MSC: its test is eval=whole); a multi-scale
+    predictor on top would run the whole pyramid at each of its scales."""
+    if train_scales is None or len(predictor.scales) == 1:
+        return
+    scales, pyramid = list(train_scales), list(predictor.scales)
+    raise ConfigError(
+        f"model.msc.train_scales={scales} already fuses these scales inside the network, so "
+        f"eval.predictor.scales={pyramid} would run the pyramid twice "
+        f"({len(scales) * len(pyramid)} forward passes per image); evaluate with "
+        f"eval.predictor.scales=[1.0] (eval=whole, or e.g. eval=msc_crf "
+        f"eval.predictor.scales=[1.0])")
 
 
 def palette_of(dataset, num_classes: int):

@@ -171,7 +171,8 @@ def build_model(run_cfg: DictConfig, state: dict[str, Any], device: torch.device
 
 
 def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    return autocast_dtype(resolve_precision(precision, device))
+    """The autocast dtype of ``eval.precision`` on ``device`` (None: fp32)."""
+    return autocast_dtype(resolve_precision(precision, device, key="eval.precision"))
 
 
 # -- evaluation ----------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def evaluate(cfg: DictConfig, eval_name: str,
     log.info("evaluating %s on %s/%s (%d images), eval=%s, device %s", run_dir,
              run_cfg.dataset.name, getattr(val_set, "split", "val"), len(val_set), eval_name,
              device)
-    scores = evaluator.run(model, device, precision_dtype(cfg.precision, device))
+    scores = evaluator.run(model, device)  # at eval.precision, as the trainer's evaluation
     distributed.cleanup()
     result = {
         "run": str(run_dir), "checkpoint": str(path), "iteration": state.get("iteration"),

@@ -18,7 +18,9 @@ files in its layout and label space (``segtrain/submission.py``), ready to be zi
 
 The image goes through the run's validation transforms (its normalisation), then the
 ``eval`` predictor (whole image by default; ``eval=msc`` / ``slide`` / ``msc_crf`` work as in
-``segtrain.evaluate``) at the image's own size.
+``segtrain.evaluate``) at the image's own size, at ``eval.precision``. The dense CRF gets
+the image as read, exactly as in ``segtrain.evaluate``, so both give the same label map for
+the same image and checkpoint.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from segtrain import app
-from segtrain.app import palette_of, pick_device
+from segtrain.app import check_single_pyramid, palette_of, pick_device
 from segtrain.data.base import read_image
 from segtrain.data.transforms import compose
 from segtrain.errors import UserError, user_errors
+from segtrain.eval.crf import crf_labels, softmax_probs
 from segtrain.eval.evaluator import check_output_stride
 from segtrain.evaluate import build_model, load_run, precision_dtype
 from segtrain.viz import colorize, overlay
@@ -103,9 +106,10 @@ def predict(cfg: DictConfig) -> list[Path]:
     if output_stride is not None:
         model.set_output_stride(int(output_stride))
     predictor = instantiate(run_cfg.eval.predictor)
+    check_single_pyramid((run_cfg.model.get("msc") or {}).get("train_scales"), predictor)
     crf = instantiate(run_cfg.eval.crf) if run_cfg.eval.get("crf") else None
     transforms = compose(instantiate(run_cfg.dataset.val_transforms))
-    amp = precision_dtype(cfg.precision, device)
+    amp = precision_dtype(run_cfg.eval.precision, device)
     num_classes, ignore = int(run_cfg.dataset.num_classes), int(run_cfg.dataset.ignore_index)
     # the palette is a class attribute of the dataset module: no need to build the dataset
     # (whose files may not be on this machine); COCO's is per instance, and palette_of
@@ -128,9 +132,8 @@ def predict(cfg: DictConfig) -> list[Path]:
             logits = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear",
                                    align_corners=False)
         if crf is not None:
-            # the CRF's appearance kernel wants the image's own colours, as in Evaluator
-            probs = logits.softmax(1)[0].cpu().numpy()
-            label = crf(rgb, probs).argmax(0)
+            # the image as read and the fp32 softmax, as the Evaluator hands them to the CRF
+            label = crf_labels(crf, rgb, softmax_probs(logits)[0])
         else:
             label = logits.argmax(1)[0].cpu().numpy()
         label = label.astype(np.uint8)

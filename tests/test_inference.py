@@ -194,7 +194,9 @@ class OneHotSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         image = F.one_hot(torch.from_numpy(self.preds[i]), 3).permute(2, 0, 1).float()
-        return {"image": image, "mask": torch.from_numpy(self.masks[i]), "meta": {"index": i}}
+        rgb = (255 * image).byte().permute(1, 2, 0)  # "the image as read", for the figures
+        return {"image": image, "mask": torch.from_numpy(self.masks[i]), "rgb": rgb,
+                "meta": {"index": i}}
 
 
 class Identity(nn.Module):

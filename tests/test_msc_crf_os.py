@@ -24,7 +24,7 @@ from torch import nn
 from segtrain import app
 from segtrain.data.loader import eval_loader
 from segtrain.errors import ConfigError
-from segtrain.eval.crf import DenseCRF, default_workers, denormalise
+from segtrain.eval.crf import DenseCRF, default_workers
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.inference import Predictor
 from segtrain.evaluate import evaluate
@@ -224,16 +224,12 @@ def test_dense_crf_calls_pydensecrf_with_stds_weights_and_the_original_image(mon
     monkeypatch.setattr(dcrf, "DenseCRF2D", RecordingCRF)
     node = compose_config(["eval=msc_crf"]).eval.crf
     crf = instantiate(node)
-    # an image normalised as the CamVid pipeline does, recovered for the CRF
-    mean, std = [0.4119, 0.4251, 0.4327], [0.3071, 0.3116, 0.3072]
+    # an image as PIL decodes it: read-only
     rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    x = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - torch.tensor(mean).view(3, 1, 1)) \
-        / torch.tensor(std).view(3, 1, 1)
-    recovered = denormalise(x, mean, std)
-    assert np.array_equal(recovered, rgb)
-    recovered.setflags(write=False)
+    read = rgb.copy()
+    read.setflags(write=False)
     probs = np.full((3, 5, 7), 1 / 3, np.float32)
-    crf(recovered, probs)
+    crf(read, probs)
     calls = dict((c[0], c[1:]) for c in RecordingCRF.calls)
     assert calls["init"] == (7, 5, 3)  # width, height, labels
     unary = calls["unary"][0]
@@ -276,8 +272,9 @@ def _v3() -> DeepLabV3:
 def _eval_set(n: int = 2, size: int = 40):
     rng = np.random.default_rng(4)
     return [{"image": torch.from_numpy(rng.standard_normal((3, size, size)).astype(np.float32)),
-             "mask": torch.from_numpy(rng.integers(0, 3, (size, size))), "meta": {}}
-            for _ in range(n)]
+             "mask": torch.from_numpy(rng.integers(0, 3, (size, size))),
+             "rgb": torch.from_numpy(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
+             "meta": {}} for _ in range(n)]
 
 
 def test_eval_output_stride_8_changes_geometry_not_weights_and_restores_16():
@@ -341,8 +338,11 @@ def _crf_set():
         rgb += rng.normal(0, 0.25, rgb.shape).astype(np.float32)
         mask = np.zeros((h, w), np.int64)
         mask[:, w // 2:] = 1
-        image = torch.from_numpy(((np.clip(rgb, 0, 1) - 0.5) / 0.25).transpose(2, 0, 1).copy())
-        items.append({"image": image, "mask": torch.from_numpy(mask), "meta": {}})
+        rgb = np.clip(rgb, 0, 1)
+        image = torch.from_numpy(((rgb - 0.5) / 0.25).transpose(2, 0, 1).copy())
+        read = torch.from_numpy(np.rint(255 * rgb).astype(np.uint8))  # the image as read
+        items.append({"image": image, "mask": torch.from_numpy(mask), "rgb": read,
+                      "meta": {}})
     return items
 
 
@@ -351,11 +351,11 @@ def test_parallel_crf_equals_the_serial_path_bit_for_bit():
     loader = eval_loader(_crf_set(), num_workers=0)
     runs = {}
     for workers in (0, 2, None):
-        ev = Evaluator(loader, 3, 255, ["a", "b", "c"], Predictor(), crf, (0.5,) * 3,
-                       (0.25,) * 3, num_samples=5, crf_workers=workers)
+        ev = Evaluator(loader, 3, 255, ["a", "b", "c"], Predictor(), crf, num_samples=5,
+                       crf_workers=workers)
         runs[workers] = (ev.run(Noisy(), torch.device("cpu")), ev.samples)
-    plain = Evaluator(loader, 3, 255, ["a", "b", "c"], Predictor(), None, (0.5,) * 3,
-                      (0.25,) * 3).run(Noisy(), torch.device("cpu"))
+    plain = Evaluator(loader, 3, 255, ["a", "b", "c"], Predictor(), None).run(
+        Noisy(), torch.device("cpu"))
     serial_scores, serial_samples = runs[0]
     assert serial_scores["confusion_matrix"] != plain["confusion_matrix"]  # the CRF acts
     for workers in (2, None):

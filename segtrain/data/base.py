@@ -1,7 +1,13 @@
 """The dataset contract shared by every dataset module.
 
 An item is ``{"image": float32 CxHxW normalised, "mask": int64 HxW, "meta": {...}}`` with
-labels in ``0..num_classes-1`` plus one ``ignore_index`` (255). A dataset module subclasses
+labels in ``0..num_classes-1`` plus one ``ignore_index`` (``dataset.ignore_index``, passed to
+every dataset's constructor; 255 where a dataset is built by hand). A dataset whose
+``keep_rgb`` is set (the evaluation set: ``segtrain.app.build_val_set``) adds ``"rgb"``: the
+RGB channels of the image as read from disk, uint8 HxWx3, through the same geometric
+transforms as the mask, so the dense CRF and the sample figures see exactly that image (no
+un-normalisation, whatever ``dataset.mean``/``std`` are: raw pixels, RGB-D stacks). A dataset
+module subclasses
 ``SegmentationDataset`` and implements ``__len__`` and ``load(index)``, which returns the
 raw image (uint8 HxWx3, or float32 HxWxC on a 0..255 scale when extra channels such as
 depth are stacked) and the mask already mapped to train ids (uint8/int HxW).
@@ -24,7 +30,7 @@ from torch.utils.data import Dataset
 
 from segtrain.errors import UserError
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # the constructors' default; a run passes dataset.ignore_index
 
 
 class DatasetError(UserError):
@@ -134,20 +140,32 @@ def require_nonempty(items: Sequence[Any], name: str, split: str, where: str) ->
 class SegmentationDataset(Dataset):
     """Base class: applies the albumentations pipeline and checks the label range.
 
-    Subclasses set ``class_names``, ``palette`` (Nx3 uint8), ``mean`` and ``std`` (0..1 RGB)
-    and implement ``__len__`` and ``load``.
+    Subclasses set ``class_names`` and ``palette`` (Nx3 uint8), map their void labels to
+    ``self.ignore_index``, and implement ``__len__`` and ``load``. The normalisation is not a
+    property of the dataset class: it is ``dataset.mean``/``std`` of the config, applied by
+    the transform pipeline.
+
+    Args:
+        transforms: the albumentations pipeline (``segtrain.data.transforms.compose``).
+        ignore_index: the label of pixels that count nowhere (``dataset.ignore_index``); a
+            uint8 value (masks are stored as uint8) that is no class id.
     """
 
     class_names: Sequence[str] = ()
     palette: np.ndarray = np.zeros((0, 3), np.uint8)
-    mean: Sequence[float] = (0.485, 0.456, 0.406)
-    std: Sequence[float] = (0.229, 0.224, 0.225)
-    ignore_index: int = IGNORE_INDEX
     #: a short name used in messages and cache file names
     name: str = "dataset"
+    #: items also carry "rgb", the image as read (see the module docstring)
+    keep_rgb: bool = False
 
-    def __init__(self, transforms: Callable[..., dict] | None = None) -> None:
+    def __init__(self, transforms: Callable[..., dict] | None = None,
+                 ignore_index: int = IGNORE_INDEX) -> None:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or \
+                not 0 <= ignore_index <= 255:
+            raise DatasetError(f"{self.name}: dataset.ignore_index={ignore_index!r}: expected "
+                               f"an integer in 0..255 that is no class id (masks are uint8)")
         self.transforms = transforms
+        self.ignore_index = ignore_index
 
     @property
     def num_classes(self) -> int:
@@ -189,13 +207,29 @@ class SegmentationDataset(Dataset):
             )
         self.check_labels(mask, source)
         meta = {**meta, "index": index, "orig_size": tuple(mask.shape[:2])}
+        rgb = raw_rgb(image) if self.keep_rgb else None
         if self.transforms is not None:
-            out = self.transforms(image=image, mask=mask)
+            if rgb is None:
+                out = self.transforms(image=image, mask=mask)
+            else:
+                # the image as read follows every geometric transform as a second mask
+                # (nearest neighbour, no colour or normalisation step touches it)
+                self.transforms.add_targets({"rgb": "mask"})
+                out = self.transforms(image=image, mask=mask, rgb=rgb)
+                rgb = out["rgb"]
             image, mask = out["image"], out["mask"]
-        return to_item(image, mask, meta)
+        return to_item(image, mask, meta, rgb)
 
 
-def to_item(image: np.ndarray, mask: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
+def raw_rgb(image: np.ndarray) -> np.ndarray:
+    """The RGB channels of an image as ``load`` returns it, as uint8 HxWx3 (an RGB-D stack
+    holds the RGB values unchanged as float32 0..255)."""
+    rgb = image[..., :3]
+    return np.ascontiguousarray(rgb if rgb.dtype == np.uint8 else np.rint(rgb).astype(np.uint8))
+
+
+def to_item(image: np.ndarray, mask: np.ndarray, meta: dict[str, Any],
+            rgb: np.ndarray | None = None) -> dict[str, Any]:
     """Convert HxWxC float image and HxW mask to the tensors of the dataset contract."""
     if image.dtype == np.uint8:
         raise DatasetError(
@@ -204,7 +238,10 @@ def to_item(image: np.ndarray, mask: np.ndarray, meta: dict[str, Any]) -> dict[s
         )
     image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32))
     mask_t = torch.from_numpy(np.ascontiguousarray(mask, np.int64))
-    return {"image": image_t, "mask": mask_t, "meta": meta}
+    item = {"image": image_t, "mask": mask_t, "meta": meta}
+    if rgb is not None:
+        item["rgb"] = torch.from_numpy(np.require(rgb, np.uint8, ("C", "W")))  # PIL: read-only
+    return item
 
 
 def voc_colormap(n: int = 256) -> np.ndarray:

@@ -56,13 +56,11 @@ class CamVid(SegmentationDataset):
 
     class_names = CLASS_NAMES
     palette = PALETTE
-    # Computed over the 367 train images (scripts/dataset_stats.py prints them).
-    mean = (0.4119, 0.4251, 0.4327)
-    std = (0.3071, 0.3116, 0.3072)
     name = "camvid"
 
-    def __init__(self, root: str | Path, split: str = "train", transforms=None) -> None:
-        super().__init__(transforms)
+    def __init__(self, root: str | Path, split: str = "train", transforms=None,
+                 ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__(transforms, ignore_index)
         if split not in SPLITS:
             raise DatasetError(f"camvid: unknown split '{split}', expected one of {SPLITS}")
         self.root = require_root(root, "camvid", LAYOUT, HOW_TO_GET)
@@ -71,7 +69,7 @@ class CamVid(SegmentationDataset):
         self.samples: list[tuple[Path, Path]] = []
         for part in parts:
             self.samples += self._list(part)
-        self._lut = make_lut({**{i: i for i in range(VOID)}, VOID: IGNORE_INDEX})
+        self._lut = make_lut({**{i: i for i in range(VOID)}, VOID: self.ignore_index})
 
     def _list(self, part: str) -> list[tuple[Path, Path]]:
         list_file = self.root / f"{part}.txt"

@@ -64,13 +64,11 @@ class Cityscapes(SegmentationDataset):
 
     class_names = CLASS_NAMES
     palette = PALETTE
-    # ImageNet statistics (pretrained backbones), as in DeepLab v3 and PSPNet.
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
     name = "cityscapes"
 
-    def __init__(self, root: str | Path, split: str = "train", transforms=None) -> None:
-        super().__init__(transforms)
+    def __init__(self, root: str | Path, split: str = "train", transforms=None,
+                 ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__(transforms, ignore_index)
         if split not in SPLITS:
             raise DatasetError(f"cityscapes: unknown split '{split}', expected one of {SPLITS}")
         self.root = require_root(root, "cityscapes", LAYOUT, HOW_TO_GET)
@@ -84,8 +82,11 @@ class Cityscapes(SegmentationDataset):
             found = sorted(image_dir.glob("*/*_leftImg8bit.png"))
             require_nonempty(found, "cityscapes", part, f"{image_dir}/<city>/*_leftImg8bit.png")
             self.images += found
-        self._id_lut = make_lut(LABEL_ID_TO_TRAIN_ID)
-        self._train_id_lut = make_lut({**{i: i for i in range(19)}, IGNORE_INDEX: IGNORE_INDEX})
+        # the tables' ignored ids (and labelTrainIds' 255) become dataset.ignore_index
+        self._id_lut = make_lut({raw: self.ignore_index if train == IGNORE_INDEX else train
+                                 for raw, train in LABEL_ID_TO_TRAIN_ID.items()})
+        self._train_id_lut = make_lut({**{i: i for i in range(19)},
+                                       IGNORE_INDEX: self.ignore_index})
 
     def __len__(self) -> int:
         return len(self.images)

@@ -98,15 +98,13 @@ def category_map(classes: str) -> tuple[dict[int, int], tuple[str, ...]]:
 class COCOSegmentation(SegmentationDataset):
     """COCO 2017 train (118,287 images) / val (5,000) as semantic segmentation."""
 
-    # ImageNet statistics (pretrained backbones).
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
     name = "coco"
 
     def __init__(self, root: str | Path, split: str = "train", classes: str = "voc",
                  cache: bool = False, cache_dir: str | Path | None = None,
-                 min_area: float | None = None, transforms=None) -> None:
-        super().__init__(transforms)
+                 min_area: float | None = None, transforms=None,
+                 ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__(transforms, ignore_index)
         if split not in SPLITS:
             raise DatasetError(f"coco: unknown split '{split}', expected one of {SPLITS}")
         self.cat_to_train, self.class_names = category_map(classes)
@@ -132,7 +130,9 @@ class COCOSegmentation(SegmentationDataset):
         self.cache_dir = None
         if cache:
             base = Path(cache_dir) if cache_dir else default_cache_dir(self.root)
-            self.cache_dir = base / f"{split}2017_{classes}"
+            # crowds are written as the ignore index: another index, another folder
+            suffix = "" if self.ignore_index == IGNORE_INDEX else f"_ignore{self.ignore_index}"
+            self.cache_dir = base / f"{split}2017_{classes}{suffix}"
             self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def kept_area(self, image_id: int) -> float:
@@ -173,7 +173,7 @@ class COCOSegmentation(SegmentationDataset):
         instances = sorted((a for a in anns if not a.get("iscrowd", 0)),
                            key=lambda a: -float(a.get("area", 0.0)))
         for ann in crowd:
-            mask[self._ann_mask(ann) > 0] = IGNORE_INDEX
+            mask[self._ann_mask(ann) > 0] = self.ignore_index
         for ann in instances:
             mask[self._ann_mask(ann) > 0] = self.cat_to_train[ann["category_id"]]
         return mask

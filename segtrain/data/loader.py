@@ -79,12 +79,15 @@ class SeededAugmentation(Dataset):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images and masks; keep ``meta`` as a list of dicts."""
-    return {
+    """Stack images, masks (and the images as read, ``rgb``); keep ``meta`` as a list."""
+    batch = {
         "image": torch.stack([it["image"] for it in items]),
         "mask": torch.stack([it["mask"] for it in items]),
         "meta": [it["meta"] for it in items],
     }
+    if all("rgb" in it for it in items):
+        batch["rgb"] = torch.stack([it["rgb"] for it in items])
+    return batch
 
 
 def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,

@@ -68,14 +68,11 @@ class SUNRGBD(SegmentationDataset):
 
     class_names = CLASS_NAMES
     palette = PALETTE
-    # ImageNet statistics for RGB (pretrained backbones).
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
     name = "sunrgbd"
 
     def __init__(self, root: str | Path, split: str = "train", use_depth: bool = False,
-                 transforms=None) -> None:
-        super().__init__(transforms)
+                 transforms=None, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__(transforms, ignore_index)
         if split not in SPLITS:
             raise DatasetError(f"sunrgbd: unknown split '{split}', expected one of {SPLITS}")
         self.root = require_root(root, "sunrgbd", LAYOUT, HOW_TO_GET)
@@ -93,7 +90,7 @@ class SUNRGBD(SegmentationDataset):
             raise DatasetError(f"sunrgbd: dataset.use_depth=true but the depth folder "
                                f"{self.depth_dir} does not exist. Expected layout: {LAYOUT}. "
                                f"{HOW_TO_GET}")
-        self._lut = make_lut({0: IGNORE_INDEX, **{i: i - 1 for i in range(1, 38)}})
+        self._lut = make_lut({0: self.ignore_index, **{i: i - 1 for i in range(1, 38)}})
 
     @property
     def in_channels(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from segtrain.data.base import SegmentationDataset
+from segtrain.data.base import IGNORE_INDEX, SegmentationDataset
 
 CLASS_NAMES = ("background", "disk", "square", "triangle", "ring", "cross")
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25],
@@ -122,12 +122,11 @@ class SyntheticShapes(SegmentationDataset):
 
     class_names = CLASS_NAMES
     palette = PALETTE
-    mean = (0.5, 0.5, 0.5)
-    std = (0.25, 0.25, 0.25)
 
     def __init__(self, split: str, num_samples: int, image_size: int, max_shapes: int = 3,
-                 seed: int = 0, transforms: Callable[..., dict] | None = None) -> None:
-        super().__init__(transforms)
+                 seed: int = 0, transforms: Callable[..., dict] | None = None,
+                 ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__(transforms, ignore_index)
         if split not in _SPLIT_OFFSET:
             raise ValueError(f"synthetic split must be one of {sorted(_SPLIT_OFFSET)}, "
                              f"got {split!r}")

@@ -40,6 +40,7 @@ CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
                "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 PALETTE = voc_colormap(21)
+BORDER = 255  # the raw label of the object borders in SegmentationClass
 SPLITS = ("train", "val", "trainval", "train_aug")
 
 LAYOUT = ("VOCdevkit/VOC2012/JPEGImages/<id>.jpg, VOCdevkit/VOC2012/SegmentationClass/<id>.png, "
@@ -71,12 +72,11 @@ class VOCSegmentation(SegmentationDataset):
     class_names = CLASS_NAMES
     palette = PALETTE
     # ImageNet statistics: every VOC model starts from an ImageNet backbone.
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
     name = "voc"
 
-    def __init__(self, root: str | Path, split: str = "train", transforms=None) -> None:
-        super().__init__(transforms)
+    def __init__(self, root: str | Path, split: str = "train", transforms=None,
+                 ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__(transforms, ignore_index)
         if split not in SPLITS:
             raise DatasetError(f"voc: unknown split '{split}', expected one of {SPLITS}")
         self.root = find_voc_root(root)
@@ -93,7 +93,7 @@ class VOCSegmentation(SegmentationDataset):
         if not self.label_dir.is_dir():
             raise DatasetError(f"voc: label folder not found: {self.label_dir}. Expected "
                                f"layout: {LAYOUT}. {HOW_TO_GET}")
-        self._lut = make_lut({**{i: i for i in range(21)}, IGNORE_INDEX: IGNORE_INDEX})
+        self._lut = make_lut({**{i: i for i in range(21)}, BORDER: self.ignore_index})
 
     def _aug_ids(self) -> list[str]:
         for rel in AUG_LISTS:

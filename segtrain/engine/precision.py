@@ -10,10 +10,12 @@ from segtrain.errors import ConfigError
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA that supports it (else fp16), fp32 on CPU."""
+def resolve_precision(precision: str, device: torch.device,
+                      key: str = "trainer.precision") -> str:
+    """``auto``: bf16 on CUDA that supports it (else fp16), fp32 on CPU. ``key`` names the
+    config key in the error (trainer.precision, eval.precision)."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"trainer.precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ConfigError(f"{key} must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
     if device.type == "cuda":

@@ -550,7 +550,9 @@ class Trainer:
         self.writer.add_scalar("train/iters_per_s", rate, self.iteration)
 
     def evaluate(self) -> dict[str, Any]:
-        scores = self.evaluator.run(self.model, self.device, self.amp_dtype)
+        # at eval.precision (fp32 by default), not the training autocast: the scores that
+        # pick best.pt and fill metrics.json are those segtrain.evaluate reproduces
+        scores = self.evaluator.run(self.model, self.device)
         if not self.dist.is_main:
             return scores
         summary = {k: scores[k] for k in ("miou", "pixel_acc", "mean_acc", "fwiou")}

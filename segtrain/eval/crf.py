@@ -8,9 +8,10 @@ compat)`` and ``addPairwiseBilateral(sxy, srgb, rgbim, compat)`` divide the pixe
 coordinates by ``sxy`` and the colour values by ``srgb`` (so both are standard deviations,
 theta_gamma / theta_alpha in pixels and theta_beta in 0..255 colour units), and a number as
 ``compat`` is a Potts compatibility of that weight (w2 / w1). The image must be an HxWx3
-uint8, C-contiguous and writable buffer (a non-const memoryview) in the original colour scale,
-which ``denormalise`` recovers from the dataset's normalisation; the unary must be a
-C-contiguous float32 (K, H*W) array.
+uint8, C-contiguous and writable buffer (a non-const memoryview) in the original colour scale:
+the image as read from disk, which the evaluation set carries as ``"rgb"`` (nothing inverts
+the normalisation, so raw-pixel and RGB-D runs give the CRF their real colours too); the
+unary must be a C-contiguous float32 (K, H*W) array.
 
 The parameter values live in the eval configs (conf/eval/msc_crf.yaml: the released DeepLab
 v2 ResNet-101 values; conf/eval/crf_v1.yaml: DeepLab v1 LargeFOV). ``crf_labels`` is the
@@ -69,16 +70,16 @@ class DenseCRF:
         return np.asarray(q, dtype=np.float32).reshape(k, h, w)
 
 
-def denormalise(image: torch.Tensor, mean, std) -> np.ndarray:
-    """Invert the dataset normalisation of a CxHxW tensor to uint8 HxWx3 (RGB channels)."""
-    x = image[:3].detach().cpu().float()
-    x = x * torch.as_tensor(std[:3]).view(3, 1, 1) + torch.as_tensor(mean[:3]).view(3, 1, 1)
-    return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-
-
 def crf_labels(crf: DenseCRF, rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """The CRF's label map (H x W int64) of one image: the unit of work of a CRF process."""
+    """The CRF's label map (H x W int64) of one image: the unit of work of a CRF process.
+    ``rgb``: the image as read (uint8 HxWx3); ``probs``: the fp32 softmax (KxHxW)."""
     return crf(rgb, probs).argmax(0)
+
+
+def softmax_probs(logits: torch.Tensor) -> np.ndarray:
+    """The CRF's input probabilities of a batch of logits (N,K,H,W): fp32 softmax on the
+    host; ``segtrain.evaluate``, ``segtrain.predict`` and scripts/crf_search.py share it."""
+    return logits.float().softmax(1).cpu().numpy()
 
 
 def default_workers() -> int:

@@ -6,6 +6,13 @@ The dense CRF runs on the CPU, one image per task, in ``crf_workers`` processes 
 model computes the next images; results are collected in the loader's order, so scores and
 sample figures are identical to the serial path (``crf_workers=0``).
 
+The forward passes run at ``precision`` (``eval.precision``, fp32 unless asked otherwise),
+whatever precision the model trains at: the trainer's periodic evaluation, which picks
+best.pt and writes metrics.json, scores exactly what ``segtrain.evaluate`` scores.
+
+The CRF and the sample figures get the image as read from disk (the batch's ``"rgb"``), never
+an un-normalised copy of the network input.
+
 ``output_stride`` re-dilates a network that supports it (DeepLab v3/v3+:
 ``set_output_stride``) for the evaluation and restores the training stride afterwards
 (DeepLab v3 Sec. 4.2: train at output stride 16, evaluate at 8).
@@ -25,8 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segtrain.engine.precision import autocast_dtype, resolve_precision
 from segtrain.errors import ConfigError
-from segtrain.eval.crf import DenseCRF, crf_labels, default_workers, denormalise
+from segtrain.eval.crf import DenseCRF, crf_labels, default_workers, softmax_probs
 from segtrain.eval.inference import Predictor
 from segtrain.eval.metrics import ConfusionMatrix
 
@@ -64,25 +72,30 @@ class Evaluator:
         num_classes, ignore_index, class_names: of the dataset.
         predictor: how logits are produced (whole / slide / multi-scale / flip).
         crf: optional ``DenseCRF`` applied to the softmax before the argmax.
-        mean, std: the dataset normalisation (to recover RGB for the CRF).
         num_samples: how many (image, gt, prediction) triples to keep for figures.
         crf_workers: processes for the CRF; None: this rank's share of the node's cores;
             0: in this process.
         output_stride: evaluate at this output stride (None: as trained).
+        precision: ``eval.precision``: fp32 | bf16 | fp16 | auto, the autocast of the
+            forward passes (fusion and CRF inputs are fp32 in every case).
+
+    The loader's batches carry ``"rgb"`` (the image as read) when there is a CRF or
+    ``num_samples > 0``.
     """
 
     def __init__(self, loader: DataLoader, num_classes: int, ignore_index: int,
                  class_names: Sequence[str], predictor: Predictor,
-                 crf: DenseCRF | None = None, mean: Sequence[float] = (0.0, 0.0, 0.0),
-                 std: Sequence[float] = (1.0, 1.0, 1.0), num_samples: int = 4,
+                 crf: DenseCRF | None = None, num_samples: int = 4,
                  show_progress: bool = False, crf_workers: int | None = None,
-                 output_stride: int | None = None) -> None:
+                 output_stride: int | None = None, precision: str = "fp32") -> None:
         if crf_workers is not None and (int(crf_workers) != crf_workers or crf_workers < 0):
             raise ConfigError(f"eval.crf_workers must be null (every core), 0 (no extra "
                               f"process) or a positive integer, got {crf_workers!r}")
         self.loader, self.num_classes, self.ignore_index = loader, num_classes, ignore_index
         self.class_names, self.predictor, self.crf = list(class_names), predictor, crf
-        self.mean, self.std, self.num_samples = list(mean), list(std), num_samples
+        self.num_samples = num_samples
+        resolve_precision(precision, torch.device("cpu"), key="eval.precision")  # checked now
+        self.precision = precision
         self.show_progress = show_progress
         self.crf_workers = default_workers() if crf_workers is None else int(crf_workers)
         self.output_stride = output_stride
@@ -93,9 +106,9 @@ class Evaluator:
         check_output_stride(model, self.output_stride)
 
     @torch.no_grad()
-    def run(self, model: nn.Module, device: torch.device,
-            autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    def run(self, model: nn.Module, device: torch.device) -> dict[str, Any]:
         self.check_model(model)
+        amp = autocast_dtype(resolve_precision(self.precision, device, key="eval.precision"))
         was_training = model.training
         trained_stride = getattr(_bare(model), "output_stride", None)
         pool = None
@@ -105,7 +118,7 @@ class Evaluator:
                 _bare(model).set_output_stride(int(self.output_stride))
             if self.crf is not None and self.crf_workers > 0:
                 pool = crf_pool(self.crf_workers)
-            scores = self._run(model, device, autocast_dtype, pool)
+            scores = self._run(model, device, amp, pool)
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
@@ -125,13 +138,15 @@ class Evaluator:
         for batch in batches:
             image = batch["image"].to(device, non_blocking=True)
             target = batch["mask"].to(device, non_blocking=True)
+            rgb = self._rgb(batch)
             with torch.autocast(device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
                 logits = self.predictor(model, image)
+            logits = logits.float()
             if self.crf is None:
-                pending.append((image, target, logits.argmax(1)))
+                pending.append((rgb, target, logits.argmax(1)))
             else:
-                pending.append((image, target, self._crf_submit(image, logits, pool)))
+                pending.append((rgb, target, self._crf_submit(rgb, logits, pool)))
             # count what is done; with a pool, wait only when too much is queued
             while pending and (pool is None or len(pending) > max_pending
                                or all(f.done() for f in pending[0][2])):
@@ -143,27 +158,35 @@ class Evaluator:
         scores["confusion_matrix"] = cm.matrix.cpu().tolist()
         return scores
 
-    def _crf_submit(self, image: torch.Tensor, logits: torch.Tensor,
+    def _rgb(self, batch: dict[str, Any]) -> np.ndarray | None:
+        """The batch's images as read (uint8 NxHxWx3), where the CRF or figures need them."""
+        if self.crf is None and len(self.samples) >= self.num_samples:
+            return None
+        if "rgb" not in batch:
+            raise ValueError("the evaluation loader's items carry no 'rgb' (the image as read, "
+                             "uint8 HxWx3), which the dense CRF and the sample figures need: "
+                             "set keep_rgb on the dataset (segtrain.app.build_val_set does)")
+        return batch["rgb"].numpy()
+
+    def _crf_submit(self, rgb: np.ndarray, logits: torch.Tensor,
                     pool: ProcessPoolExecutor | None) -> list[Future]:
-        """One CRF job per image: float32 probabilities and the uint8 RGB image."""
-        probs = logits.float().softmax(1).cpu().numpy()
+        """One CRF job per image: float32 probabilities and the uint8 image as read."""
+        probs = softmax_probs(logits)
         jobs = []
-        for i in range(image.shape[0]):
-            rgb = denormalise(image[i], self.mean, self.std)
+        for i in range(rgb.shape[0]):
             if pool is None:
                 done: Future = Future()
-                done.set_result(crf_labels(self.crf, rgb, probs[i]))
+                done.set_result(crf_labels(self.crf, rgb[i], probs[i]))
                 jobs.append(done)
             else:
-                jobs.append(pool.submit(crf_labels, self.crf, rgb, probs[i]))
+                jobs.append(pool.submit(crf_labels, self.crf, rgb[i], probs[i]))
         return jobs
 
-    def _count(self, cm: ConfusionMatrix, image: torch.Tensor, target: torch.Tensor,
+    def _count(self, cm: ConfusionMatrix, rgb: np.ndarray | None, target: torch.Tensor,
                pred: torch.Tensor | list[Future]) -> None:
         if isinstance(pred, list):
             pred = torch.from_numpy(np.stack([f.result() for f in pred])).to(target.device)
         cm.update(pred, target)
         if len(self.samples) < self.num_samples:
-            self.samples.append({"image": denormalise(image[0], self.mean, self.std),
-                                 "mask": target[0].cpu().numpy(),
+            self.samples.append({"image": rgb[0], "mask": target[0].cpu().numpy(),
                                  "pred": pred[0].cpu().numpy()})

@@ -7,6 +7,10 @@
   brought back to the original size and fused by ``max`` (DeepLab v2 Sec. 4.1, "MSC ...
   we take the maximum response across scales") or ``mean``.
 - ``flip``: the horizontally flipped prediction is flipped back and averaged in.
+
+Every network output is cast to fp32 before it is summed, averaged, resized or max-fused,
+so a forward pass under bf16/fp16 autocast (``eval.precision``) rounds only the network's
+own computation, never the fusion.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class Predictor:
 
     def _forward(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         if self.mode == "whole":
-            return model(image)["out"]
+            return model(image)["out"].float()
         return self._slide(model, image)
 
     def _slide(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
@@ -68,10 +72,10 @@ class Predictor:
         count = torch.zeros(1, 1, H, W, device=image.device)
         for y in rows:
             for x in cols:
-                out = model(image[:, :, y:y + ch, x:x + cw])["out"]
+                out = model(image[:, :, y:y + ch, x:x + cw])["out"].float()
                 if logits is None:
                     logits = torch.zeros(n, out.shape[1], H, W, device=image.device,
-                                         dtype=out.dtype)
+                                         dtype=torch.float32)
                 logits[:, :, y:y + ch, x:x + cw] += out
                 count[:, :, y:y + ch, x:x + cw] += 1
         return (logits / count)[:, :, :h, :w]
@@ -89,7 +93,7 @@ class Predictor:
         for s in self.scales:
             x = image if s == 1.0 else F.interpolate(
                 image, scale_factor=s, mode="bilinear", align_corners=False)
-            logits = self._single_scale(model, x).float()
+            logits = self._single_scale(model, x)
             if logits.shape[-2:] != size:
                 logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             if fused is None:

@@ -2,8 +2,9 @@
 2017, Sec. 4.1 "Multi-scale inputs", and the released ResNet-101 MSC prototxts): one network
 with shared weights runs on the input resized by each scale (1, 0.75, 0.5 in the paper);
 the outputs are bilinearly resized to the 1.0 scale's resolution and fused by taking the
-maximum per position and class. The training loss is the sum of the cross-entropy of each
-scale's output and of the fused output (``segtrain.losses.ce``).
+maximum per position and class, in fp32 (under bf16/fp16 autocast too). The training loss
+is the sum of the cross-entropy of each scale's output and of the fused output
+(``segtrain.losses.ce``).
 
 Outputs of ``MultiScaleInputs(model, scales)``, in training and in evaluation alike:
 
@@ -71,6 +72,7 @@ class MultiScaleInputs(nn.Module):
             for s in self.scales:
                 logits = outputs[s][key]
                 result[scale_key(key, s)] = logits
+                logits = logits.float()
                 if logits.shape[-2:] != size:
                     logits = F.interpolate(logits, size=size, mode="bilinear",
                                            align_corners=False)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segtrain.errors import ConfigError
 from segtrain.models.backbones.pretrained import load_pretrained
 from segtrain.models.modules.conv import SeparableConv2d
 
@@ -186,10 +187,11 @@ def xception65(output_stride: int = 32, pretrained: str | None = None,
                multi_grid: Sequence[int] | None = None, in_channels: int = 3) -> Xception:
     """Aligned Xception-65; ``pretrained`` is a path or URL in this module's key layout."""
     if pretrained == "imagenet":
-        raise ValueError(
-            "torchvision publishes no Xception-65 checkpoint; pass a path or URL to ImageNet "
-            "weights in segtrain's layout (converted from tensorflow/models deeplab "
-            "xception_65), or pretrained=null"
-        )
+        raise ConfigError(
+            "model.pretrained=imagenet: segtrain cannot obtain Xception-65 ImageNet weights "
+            "(they exist only as the TensorFlow checkpoint xception_65 of tensorflow/models "
+            "research/deeplab); provide them converted to segtrain's Xception keys as "
+            "model.pretrained=<path or URL>, or use model.backbone=resnet101 or "
+            "model.pretrained=null")
     model = Xception(output_stride, multi_grid, in_channels=in_channels)
     return load_pretrained(model, pretrained)
