@@ -333,10 +333,14 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 )
 # experiments that train on whole images have no crop in their pipeline: the input their
 # paper trains on instead (FCN Sec. 4: whole PASCAL images, 500x375 the usual size, see
-# conf/experiment/fcn32s_voc.yaml; U-Net Fig. 1: a 572x572 input tile)
+# conf/experiment/fcn32s_voc.yaml; SegNet: whole 360x480 CamVid frames; U-Net Fig. 1: a
+# 572x572 input tile)
 WHOLE_IMAGE_INPUT = {"fcn32s_voc": (375, 500), "fcn16s_voc": (375, 500),
-                     "fcn8s_voc": (375, 500), "unet": (572, 572)}
+                     "fcn8s_voc": (375, 500), "segnet_basic_camvid": (360, 480),
+                     "unet": (572, 572)}
 ZOO_PRECISION = "bf16"  # trainer.precision=auto on a GPU with bf16
+# the model of the precision rows (tests swap in a small backbone to keep the dry run short)
+PRECISION_MODEL = ["model=deeplabv3"]
 
 
 def peak_tflops(device_name: str) -> tuple[str, dict[str, float]] | None:
@@ -431,7 +435,7 @@ def deeplabv3_precisions(plan: CudaPlan, tmp: Path) -> list[dict]:
     """fp32 / bf16 / fp16 training of DeepLab v3 ResNet-101 at plan.size: img/s (segtrain's
     Trainer on batches already on the device), peak memory, model FLOP utilisation."""
     size = (plan.size, plan.size)
-    cfg = config("model=deeplabv3", f"dataset.image_size={plan.size}",
+    cfg = config(*PRECISION_MODEL, f"dataset.image_size={plan.size}",
                  f"trainer.batch_size={plan.batch}")
     batches = random_batches(cfg.dataset.num_classes, 3, size, plan.batch, 4, plan.device)
     flops = train_step_flops(cfg, size)
