@@ -53,6 +53,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -487,10 +488,12 @@ def zoo_config(experiment: str, scale: float) -> tuple[DictConfig, tuple[int, in
     return cfg, size
 
 
-def zoo_throughput(plan: CudaPlan, tmp: Path, experiments: list[str]) -> list[dict]:
+def zoo_throughput(plan: CudaPlan, tmp: Path, experiments: list[str],
+                   progress: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
     """Training img/s (bf16, segtrain's Trainer) of each experiment's model at its paper's
-    input size, batch plan.zoo_batch; a failure (out of memory, ...) is a row, not the end."""
-    rows = []
+    input size, batch plan.zoo_batch; a failure (out of memory, ...) is a row, not the end.
+    ``progress`` gets the rows so far after each one."""
+    rows: list[dict] = []
     for i, experiment in enumerate(experiments):
         row: dict = {"experiment": experiment, "batch": plan.zoo_batch,
                      "precision": ZOO_PRECISION}
@@ -511,7 +514,9 @@ def zoo_throughput(plan: CudaPlan, tmp: Path, experiments: list[str]) -> list[di
         finally:
             batches = None
             _fresh_memory(plan.device)
+            shutil.rmtree(tmp / f"zoo_{i}", ignore_errors=True)  # its checkpoint
         rows.append(row)
+        progress(rows)
     return rows
 
 
@@ -541,10 +546,22 @@ def section_cuda(args, rows: list[list[str]], tmp: Path) -> dict | None:
     global CLOCK
     clock, CLOCK = CLOCK, time.perf_counter  # GPU time is wall time, not this process's CPU
     started = time.perf_counter()
+
+    def results(v3: list[dict], zoo: list[dict], partial: bool) -> dict:
+        return {"environment": env, "dry_run": plan.dry_run, "partial": partial,
+                "plan": dataclasses.asdict(plan) | {"device": str(plan.device)},
+                "deeplabv3": v3, "zoo": zoo, "seconds": time.perf_counter() - started}
+
+    def progress(zoo: list[dict]) -> None:
+        """Results so far into --json: a time limit that ends the bench keeps them."""
+        if args.json:
+            args.json.write_text(json.dumps({"cuda": results(v3, zoo, True)}, indent=1))
+
     try:
         env = cuda_environment(plan.device)
         v3 = deeplabv3_precisions(plan, tmp)
-        zoo = zoo_throughput(plan, tmp, args.zoo or zoo_experiments())
+        progress([])
+        zoo = zoo_throughput(plan, tmp, args.zoo or zoo_experiments(), progress)
     finally:
         CLOCK = clock
     tag = "5 cuda" + (" (dry run, CPU)" if plan.dry_run else "")
@@ -565,9 +582,7 @@ def section_cuda(args, rows: list[list[str]], tmp: Path) -> dict | None:
         memory = "" if r["peak_memory_gib"] is None else f", {r['peak_memory_gib']:.1f} GiB"
         rows.append([tag, f"zoo {r['experiment']}: {r['model']} {size}, batch {r['batch']} "
                      f"{r['precision']}", f"{r['img_s']:.1f} img/s{memory}", "-", "-", ""])
-    return {"environment": env, "dry_run": plan.dry_run, "plan": dataclasses.asdict(plan) | {
-        "device": str(plan.device)}, "deeplabv3": v3, "zoo": zoo,
-        "seconds": time.perf_counter() - started}
+    return results(v3, zoo, False)
 
 
 def main(argv: list[str] | None = None) -> int:

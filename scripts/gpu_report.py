@@ -164,7 +164,9 @@ def _bench_section(bench: dict | None, rc: int | None, seconds: float | None) ->
                     f"{'on' if env['cudnn_allow_tf32'] else 'off'}, for matrix products "
                     f"{'on' if env['matmul_allow_tf32'] else 'off'}, cudnn.benchmark "
                     f"{'on' if env['cudnn_benchmark'] else 'off'}."
-                    + (" Dry run on the CPU: not a timing." if bench.get("dry_run") else "")]
+                    + (" Dry run on the CPU: not a timing." if bench.get("dry_run") else "")
+                    + (" Partial: the bench stopped (time limit or error) after the rows "
+                       "below." if bench.get("partial") else "")]
     v3 = bench.get("deeplabv3") or []
     if v3:
         size = "x".join(map(str, v3[0]["size"]))

@@ -116,6 +116,15 @@ def test_bench_cuda_section_dry_run_on_the_cpu(tmp_path, monkeypatch, one_thread
     assert "5 cuda (dry run, CPU)" in json.loads(out.read_text())["table"]
 
 
+def test_a_failing_zoo_model_is_a_row_and_rows_are_reported_as_they_come(tmp_path):
+    plan = bench.CudaPlan(torch.device("cpu"), 32, 2, 3, 1, 1 / 8, 2, 3)
+    seen = []
+    rows = bench.zoo_throughput(plan, tmp_path, ["no_such_experiment"],
+                                lambda so_far: seen.append(len(so_far)))
+    assert seen == [1] and rows[0]["experiment"] == "no_such_experiment"
+    assert "no_such_experiment" in rows[0]["error"] and "img_s" not in rows[0]
+
+
 @pytest.mark.slow
 def test_bench_cuda_section_dry_run_of_every_zoo_model(tmp_path, one_thread):
     """The flag as gpu_check.sh's bench runs it (DeepLab v3 ResNet-101, every experiment),
@@ -199,6 +208,12 @@ def test_report_says_what_is_missing_when_a_part_timed_out(tmp_path):
     assert "No test report: make test-gpu ended with exit status 124: stopped by its time " \
            "limit in 270 s before pytest wrote it." in page
     assert "No results: the bench ended with exit status 124: stopped by its time limit" in page
+    # the bench writes its rows as it goes: what it measured before the limit is kept
+    partial = {**BENCH["cuda"], "partial": True, "zoo": BENCH["cuda"]["zoo"][:1]}
+    page = gpu_report.render(MACHINE, None, [], partial, 124, 124, 270.0, 170.0, "now")
+    assert "exit status 124: stopped by its time limit in 170 s." in page
+    assert "Partial: the bench stopped (time limit or error) after the rows below." in page
+    assert "| pspnet_voc |" in page and "hanet_cityscapes" not in page
 
 
 def test_report_main_writes_the_page_on_a_cpu_machine(tmp_path):
