@@ -31,9 +31,10 @@
    training step per image (forward + backward, counted by ``FlopCounterMode``) times
    images/s over the GPU's dense peak for that precision (``PEAK_TFLOPS``). Then the
    training images/s (bf16) of every experiment config's model at its paper's crop, batch
-   ``--zoo-batch``. Fixed step counts bound the time: on one H100 about 2-3 minutes,
-   most of it building the 19 models. ``--cuda-dry-run`` runs this same code on the CPU at
-   tiny sizes (32x32, zoo inputs / 8), as the tests do; ``--json`` writes its results for
+   ``--zoo-batch``. Fixed step counts bound the time (expected, not yet measured: a
+   few minutes on one H100, most of it building the 19 models on the CPU).
+   ``--cuda-dry-run`` runs this same code on the CPU at tiny sizes (32x32, zoo inputs / 8),
+   as the tests do; ``--json`` writes its results (row by row) for
    ``scripts/gpu_report.py``.
 
 Clock: by default each timing is the process's CPU time (``time.process_time``) with one
