@@ -475,10 +475,15 @@ def paper_input(cfg: DictConfig, experiment: str) -> tuple[int, int]:
                      f"and no entry in WHOLE_IMAGE_INPUT (scripts/bench.py)")
 
 
-def zoo_config(experiment: str, scale: float) -> tuple[DictConfig, tuple[int, int]]:
-    """The experiment's config without downloads (``model.pretrained=null``) and its input
-    size times ``scale``; a prior grid (CPNet) follows the input, as the paper sizes it."""
+def zoo_config(experiment: str, scale: float) -> tuple[DictConfig, tuple[int, int], str]:
+    """The experiment's config without downloads (``model.pretrained=null``), its input
+    size times ``scale`` and a note of what was changed; a prior grid (CPNet) follows the
+    input, as the paper sizes it. Frozen BatchNorm (DeepLab v2) is trained instead: its
+    statistics are the ImageNet model's, and with random weights the activations of 100
+    layers without normalisation overflow (conf/model/deeplabv2.yaml: from scratch,
+    BatchNorm must learn)."""
     cfg = config(f"experiment={experiment}")
+    note = ""
     h, w = paper_input(cfg, experiment)
     size = (max(32, round(h * scale)), max(32, round(w * scale)))
     if "pretrained" in cfg.model:
@@ -486,7 +491,10 @@ def zoo_config(experiment: str, scale: float) -> tuple[DictConfig, tuple[int, in
     if "prior_size" in cfg.model:
         stride = int(cfg.model.output_stride)
         cfg.model.prior_size = [-(-size[0] // stride), -(-size[1] // stride)]
-    return cfg, size
+    if cfg.model.get("freeze_bn"):
+        cfg.model.freeze_bn = False
+        note = "BatchNorm trained (frozen needs the ImageNet weights)"
+    return cfg, size, note
 
 
 def zoo_throughput(plan: CudaPlan, tmp: Path, experiments: list[str],
@@ -499,9 +507,9 @@ def zoo_throughput(plan: CudaPlan, tmp: Path, experiments: list[str],
         row: dict = {"experiment": experiment, "batch": plan.zoo_batch,
                      "precision": ZOO_PRECISION}
         try:
-            cfg, size = zoo_config(experiment, plan.zoo_scale)
+            cfg, size, note = zoo_config(experiment, plan.zoo_scale)
             row.update(model=str(cfg.model._target_).rsplit(".", 1)[-1],
-                       backbone=cfg.model.get("backbone"), size=list(size))
+                       backbone=cfg.model.get("backbone"), size=list(size), note=note)
             _fresh_memory(plan.device)
             batches = random_batches(cfg.dataset.num_classes,
                                      int(cfg.model.get("in_channels") or 3), size,
@@ -582,7 +590,8 @@ def section_cuda(args, rows: list[list[str]], tmp: Path) -> dict | None:
             continue
         memory = "" if r["peak_memory_gib"] is None else f", {r['peak_memory_gib']:.1f} GiB"
         rows.append([tag, f"zoo {r['experiment']}: {r['model']} {size}, batch {r['batch']} "
-                     f"{r['precision']}", f"{r['img_s']:.1f} img/s{memory}", "-", "-", ""])
+                     f"{r['precision']}", f"{r['img_s']:.1f} img/s{memory}", "-", "-",
+                     r.get("note", "")])
     return results(v3, zoo, False)
 
 

@@ -195,7 +195,7 @@ def _bench_section(bench: dict | None, rc: int | None, seconds: float | None) ->
             [[r["experiment"], r.get("model", "?"), r.get("backbone") or "-",
               "x".join(map(str, r.get("size", []))) or "?", str(r["batch"]), r["precision"],
               _num(r.get("img_s"), ".1f"), _num(r.get("peak_memory_gib"), ".1f"),
-              r.get("error", "")] for r in zoo])
+              r.get("error") or r.get("note", "")] for r in zoo])
     return lines
 
 

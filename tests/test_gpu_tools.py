@@ -141,8 +141,10 @@ def test_every_experiment_has_a_paper_input_size():
     assert sizes["deeplabv3_voc"] == (513, 513) and sizes["pspnet_cityscapes"] == (713, 713)
     assert sizes["cpnet_cityscapes"] == (512, 512) and sizes["unet"] == (572, 572)
     assert sizes["fcn8s_voc"] == (375, 500) and bench.zoo_config("fcn8s_voc", 1 / 8)[1] == (47, 62)
-    cfg, _ = bench.zoo_config("cpnet_cityscapes", 1.0)
+    cfg, _, _ = bench.zoo_config("cpnet_cityscapes", 1.0)
     assert list(cfg.model.prior_size) == [64, 64]  # the paper's grid at its crop
+    cfg, _, note = bench.zoo_config("deeplabv2_voc", 1.0)
+    assert cfg.model.freeze_bn is False and "BatchNorm trained" in note
 
 
 # -- docs/gpu.md ------------------------------------------------------------------------------
