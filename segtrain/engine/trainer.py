@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from segtrain.data.loader import train_loader
@@ -40,6 +41,7 @@ from segtrain.engine.precision import autocast_dtype, resolve_precision
 from segtrain.errors import ConfigError, UserError, from_worker
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.metrics import format_table
+from segtrain.models.base import bare
 from segtrain.viz import comparison_strip
 
 log = logging.getLogger("segtrain")
@@ -189,7 +191,7 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------
     @property
     def _bare_model(self) -> nn.Module:
-        return getattr(self.model, "module", self.model)
+        return bare(self.model)
 
     def _rng_of_every_rank(self) -> list[dict[str, Any]]:
         """Every rank's RNG states, indexed by rank (a collective: every rank calls it)."""
@@ -440,7 +442,7 @@ class Trainer:
             image = batch["image"].to(self.device, non_blocking=True,
                                       memory_format=self.memory_format)
             batch["mask"] = batch["mask"].to(self.device, non_blocking=True)
-            sync = micro == self.iter_size - 1 or not hasattr(self.model, "no_sync")
+            sync = micro == self.iter_size - 1 or not isinstance(self.model, DDP)
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self._autocast():
                     outputs = self.train_model(image)
