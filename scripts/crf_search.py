@@ -36,7 +36,14 @@ from omegaconf import OmegaConf
 from segtrain import app
 from segtrain.data.loader import eval_loader
 from segtrain.errors import ConfigError, UserError
-from segtrain.eval.crf import DenseCRF, crf_labels, default_workers, softmax_probs
+from segtrain.eval.crf import (
+    DenseCRF,
+    default_workers,
+    label_confusion,
+    search_point_confusion,
+    set_search_cache,
+    softmax_probs,
+)
 from segtrain.eval.evaluator import check_output_stride, crf_pool
 from segtrain.eval.metrics import scores_from_matrix
 from segtrain.evaluate import RunError, build_model, load_run, precision_dtype
@@ -46,8 +53,6 @@ BI_W = [3.0, 4.0, 5.0, 6.0]
 BI_XY_STD = [30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0]
 BI_RGB_STD = [3.0, 4.0, 5.0, 6.0]
 
-# the cached predictions, set before the worker processes fork (they inherit it)
-_CACHE: dict[str, Any] = {}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -117,37 +122,20 @@ def predict_subset(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     return cache, run_cfg
 
 
-def _matrix(labels: np.ndarray, mask: np.ndarray, n: int, ignore_index: int) -> np.ndarray:
-    keep = mask != ignore_index
-    return np.bincount(n * mask[keep].astype(np.int64) + labels[keep].astype(np.int64),
-                       minlength=n * n).reshape(n, n)
-
-
-def _crf_matrix(job: tuple[int, DenseCRF, int]) -> tuple[int, np.ndarray]:
-    """One grid point on one cached image -> (point, its confusion matrix)."""
-    point, crf, i = job
-    labels = crf_labels(crf, _CACHE["rgb"][i], _CACHE["probs"][i])
-    return point, _matrix(labels, _CACHE["mask"][i], _CACHE["num_classes"],
-                          _CACHE["ignore_index"])
-
-
 def search(cache: dict[str, Any], base: dict[str, Any], grid: list[dict[str, float]],
            workers: int) -> tuple[float, list[float]]:
     """mIoU without CRF and at every grid point (``base`` holds the fixed CRF values)."""
     n, ignore = cache["num_classes"], cache["ignore_index"]
-    plain = sum(_matrix(p.argmax(0), m, n, ignore) for p, m in zip(cache["probs"], cache["mask"]))
+    plain = sum(label_confusion(p.argmax(0), m, n, ignore)
+                for p, m in zip(cache["probs"], cache["mask"]))
     crfs = [DenseCRF(**{**base, **point}) for point in grid]
     jobs = [(k, crf, i) for k, crf in enumerate(crfs) for i in range(len(cache["probs"]))]
     matrices = [np.zeros((n, n), np.int64) for _ in grid]
-    _CACHE.clear()
-    _CACHE.update(cache)
-    try:
-        with crf_pool(workers) as pool:
-            chunk = max(1, len(jobs) // (8 * workers))
-            for k, matrix in pool.map(_crf_matrix, jobs, chunksize=chunk):
-                matrices[k] += matrix
-    finally:
-        _CACHE.clear()
+    # spawned workers: the cache travels once per worker, through the pool's initializer
+    with crf_pool(workers, set_search_cache, (cache,)) as pool:
+        chunk = max(1, len(jobs) // (8 * workers))
+        for k, matrix in pool.map(search_point_confusion, jobs, chunksize=chunk):
+            matrices[k] += matrix
     miou = lambda m: scores_from_matrix(torch.from_numpy(m))["miou"]  # noqa: E731
     return miou(plain), [miou(m) for m in matrices]
 

@@ -53,12 +53,15 @@ def check_output_stride(model: nn.Module, output_stride: int | None) -> None:
             f"use eval.output_stride=null")
 
 
-def crf_pool(workers: int) -> ProcessPoolExecutor:
+def crf_pool(workers: int, initializer=None, initargs: tuple = ()) -> ProcessPoolExecutor:
     """Processes for the CRF, spawned: a fork after CUDA/NCCL initialisation (the trainer's
     periodic evaluation, torchrun) copies their threads and locks in an unusable state. Each
-    worker imports segtrain.eval.crf once (about a second), against the CRF's ~1 s per image."""
+    worker imports segtrain.eval.crf once (about a second), against the CRF's ~1 s per image.
+    A spawned worker inherits nothing: what it needs comes through ``initializer(*initargs)``
+    (pickled once per worker) or with each job."""
     return ProcessPoolExecutor(max_workers=workers,
-                               mp_context=multiprocessing.get_context("spawn"))
+                               mp_context=multiprocessing.get_context("spawn"),
+                               initializer=initializer, initargs=initargs)
 
 
 class Evaluator:
