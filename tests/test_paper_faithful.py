@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from segtrain import config_schema
 from segtrain.engine import checkpoint
 from segtrain.errors import ConfigError
 from segtrain.losses.ce import CrossEntropyLoss
@@ -197,7 +198,7 @@ def test_fcn16s_from_a_fcn32s_checkpoint_predicts_what_the_32s_scores_say(tmp_pa
     # saved as the trainer saves: checkpoints/last.pt of a run folder, under "model"
     checkpoint.save_atomic({"model": fcn32.state_dict(), "iteration": 7},
                            tmp_path / "run32" / "checkpoints" / "last.pt")
-    cfg = tiny_cfg("model=fcn16s", f"+model.init_from={tmp_path / 'run32'}")
+    cfg = tiny_cfg("model=fcn16s", f"model.init_from={tmp_path / 'run32'}")
     fcn16 = build_model(cfg, initialise=True).eval()
     fcn32.eval()
     own32 = fcn32.state_dict()
@@ -256,7 +257,12 @@ def test_fcn_experiments_use_the_reference_solver(tmp_path):
         assert cfg.trainer.max_iters == 100_000
         assert instantiate(cfg.lr)(max_iters=100_000)(99_999) == 1.0  # "fixed"
         # staged: 16s and 8s must name the net they start from
-        assert OmegaConf.is_missing(cfg.model, "init_from") == (stride != 32)
+        if stride == 32:
+            config_schema.check(cfg)
+        else:
+            with pytest.raises(ConfigError, match=f"^model.init_from must be set to the "
+                                                  f"trained FCN-{2 * stride}s run"):
+                config_schema.check(cfg)
 
 
 # ---- SegNet-Basic input LRN --------------------------------------------------------------
