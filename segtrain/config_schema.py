@@ -41,15 +41,16 @@ OUTPUT_STRIDES = (8, 16, 32)
 
 def spec(low: float | None = None, high: float | None = None, *, open_low: bool = False,
          open_high: bool = False, choices: tuple | None = None, optional: bool = False,
-         pattern: str | None = None, empty_ok: bool = False, allowed: str | None = None):
+         pattern: str | None = None, empty_ok: bool = False, allowed: str | None = None,
+         length: int | None = None):
     """A schema field: ``low``/``high`` bound a number (inclusive unless ``open_*``),
     ``choices`` lists the allowed values, ``pattern`` a regular expression a string must
     match (``allowed`` says it in words), ``optional`` lets the key be absent, ``empty_ok`` a
-    list be empty."""
+    list be empty, ``length`` fixes a list's length."""
     return field(metadata={"low": low, "high": high, "open_low": open_low,
                            "open_high": open_high, "choices": choices,
                            "optional": optional, "pattern": pattern,
-                           "empty_ok": empty_ok, "allowed": allowed})
+                           "empty_ok": empty_ok, "allowed": allowed, "length": length})
 
 
 def required(what: str = "", *, _node_: Any = None) -> Any:
@@ -114,6 +115,19 @@ class ModelSchema:
 
 
 @dataclass
+class AugmentSchema:
+    """The knobs of ``segtrain.data.transforms.train_augmentation``."""
+    scales: list[float] | None = spec(0, open_low=True)
+    continuous_scale: bool = spec()
+    rotate: float = spec(0, 180)
+    elastic_std: float = spec(0)
+    blur: float = spec(0, 1)
+    crop_size: list[int] | None = spec(1, length=2)
+    hflip: float = spec(0, 1)
+    color_jitter: float = spec(0, 1)
+
+
+@dataclass
 class DatasetSchema:
     name: str = spec()
     num_classes: int = spec(1)
@@ -121,7 +135,8 @@ class DatasetSchema:
     num_workers: int = spec(0)
     mean: list[float] = spec(0, 1)
     std: list[float] = spec(0, open_low=True)
-    crop_size: list[int] | None = spec(1, optional=True)
+    crop_size: list[int] | None = spec(1, optional=True, length=2)
+    augment: AugmentSchema = spec(optional=True)  # absent where a dataset lists its own steps
 
 
 @dataclass
@@ -192,8 +207,10 @@ def _check_value(key: str, value: Any, kind: Any, meta: dict) -> None:
         item = get_args(kind)[0]
         if isinstance(value, (str, Mapping)) or not isinstance(value, Sequence) or \
                 (not value and not meta["empty_ok"]) or \
+                (meta["length"] is not None and len(value) != meta["length"]) or \
                 not all(_fits(v, item, meta) for v in value):
-            raise ConfigError(f"{key}={_show(value)}: expected {_describe(kind, meta)}")
+            raise ConfigError(f"{key}={_show(value)}: expected {_describe(kind, meta)}"
+                              f"{' or null' if nullable else ''}")
         return
     if not _fits(value, kind, meta):
         raise ConfigError(f"{key}={_show(value)}: expected {_describe(kind, meta)}"
@@ -229,6 +246,8 @@ def _describe(kind: Any, meta: dict) -> str:
     if get_origin(kind) is list:
         item = get_args(kind)[0]
         size = "a list" if meta["empty_ok"] else "a non-empty list"
+        if meta["length"] is not None:
+            size = f"a list of {meta['length']}"
         return f"{size}, each {_describe(item, meta)}"
     if isinstance(kind, type) and hasattr(kind, "__dataclass_fields__"):
         return f"a group of keys ({', '.join(f.name for f in fields(kind))})"

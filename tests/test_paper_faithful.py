@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from segtrain import config_schema
+from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint
 from segtrain.errors import ConfigError
 from segtrain.losses.ce import CrossEntropyLoss
@@ -138,8 +139,10 @@ def test_deeplabv1_voc_experiment_is_the_released_solver(tmp_path):
     assert [factor(i) for i in (0, 1999, 2000, 3999, 4000, 5999)] == \
         pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     # no scale augmentation in v1: crops of the image as it is, mirrored
-    targets = [t._target_.rsplit(".", 1)[-1] for t in cfg.dataset.train_transforms]
-    assert "RandomScaleChoice" not in targets and "RandomCrop" in targets
+    steps = compose(instantiate(cfg.dataset.train_transforms)).transforms
+    names = [type(t).__name__ for t in steps]
+    assert "RandomScaleChoice" not in names and "RandomCrop" in names and \
+        "HorizontalFlip" in names
 
 
 # ---- DeepLab v2 on VGG-16: the head ablation ---------------------------------------------
