@@ -14,9 +14,10 @@ A field marked ``optional`` may be absent (a key only some options of a group ha
 other field must be present, so a key the code reads always exists in the configs.
 
 A key an experiment cannot run without, although the group gives it a default (FCN-16s
-starts from a trained FCN-32s: ``model.init_from``), is ``${segtrain.required:what}``: a
+starts from a trained FCN-32s: ``model.init_from``), is ``${segtrain.required:}``: a plain
 ``???`` there would not replace the default (OmegaConf keeps a value when merging ``???``
-onto it), while this interpolation fails at the check unless the command line sets the key.
+onto it), while this interpolation resolves to ``???``, which the check refuses unless the
+command line sets the key.
 Groups whose options differ widely (``model``, ``loss``) are checked on the keys they
 share; their constructors check the rest.
 """
@@ -53,14 +54,9 @@ def spec(low: float | None = None, high: float | None = None, *, open_low: bool 
                            "empty_ok": empty_ok, "allowed": allowed, "length": length})
 
 
-def required(what: str = "", *, _node_: Any = None) -> Any:
-    """The ``segtrain.required`` resolver: resolving it means nobody set the key."""
-    key = _node_._get_full_key(None) if _node_ is not None else "a required key"
-    raise ConfigError(f"{key} must be set{f' to {what}' if what else ''}: add "
-                      f"{key}=... to the command line")
-
-
-OmegaConf.register_new_resolver("segtrain.required", required, replace=True)
+UNSET = "???"
+# ${segtrain.required:}: an unset value that survives the merge onto a group's default
+OmegaConf.register_new_resolver("segtrain.required", lambda: UNSET, replace=True)
 
 
 @dataclass
@@ -176,16 +172,18 @@ def check(tree: Mapping[str, Any], schema: type = RunSchema, prefix: str = "") -
             if f.metadata["optional"]:
                 continue
             raise ConfigError(f"{key} is missing from the config: expected "
-                              f"{_describe(hints[f.name], f.metadata)}")
+                              f"{_expected(hints[f.name], f.metadata)}")
         try:
             value = tree[f.name]
         except MissingMandatoryValue:
-            raise ConfigError(f"{key}=??? must be set (e.g. on the command line, {key}=...): "
-                              f"expected {_describe(hints[f.name], f.metadata)}") from None
+            value = UNSET
         except InterpolationResolutionError as err:
             message = str(err).splitlines()[0].split("resolving interpolation: ", 1)[-1]
             raise ConfigError(message if message.startswith(key) else
                               f"{key}: {message}") from None
+        if value == UNSET:
+            raise ConfigError(f"{key}=??? must be set (e.g. on the command line, {key}=...): "
+                              f"expected {_expected(hints[f.name], f.metadata)}")
         _check_value(key, value, hints[f.name], f.metadata)
 
 
@@ -266,6 +264,11 @@ def _describe(kind: Any, meta: dict) -> str:
     if high is not None:
         return f"{text} {'<' if meta['open_high'] else '<='} {high}"
     return text
+
+
+def _expected(kind: Any, meta: dict) -> str:
+    nullable = _is_union(kind) and type(None) in get_args(kind)
+    return _describe(kind, meta) + (" or null" if nullable else "")
 
 
 def _is_union(kind: Any) -> bool:

@@ -263,8 +263,7 @@ def test_fcn_experiments_use_the_reference_solver(tmp_path):
         if stride == 32:
             config_schema.check(cfg)
         else:
-            with pytest.raises(ConfigError, match=f"^model.init_from must be set to the "
-                                                  f"trained FCN-{2 * stride}s run"):
+            with pytest.raises(ConfigError, match=r"^model.init_from=\?\?\? must be set"):
                 config_schema.check(cfg)
 
 
