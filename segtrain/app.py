@@ -16,6 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from segtrain import config_schema
 from segtrain.data.loader import eval_loader
 from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint, distributed
@@ -98,7 +99,8 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
 
     ``model.msc.train_scales`` (set for every model in conf/config.yaml, null = off) wraps
     the network in ``MultiScaleInputs`` (DeepLab v2's multi-scale inputs, max fusion).
-    ``initialise``: apply ``model.init_from`` (a run folder or .pt; null = off), copying the
+    ``initialise``: apply ``model.init_from`` (a run folder or .pt; null = off, the default
+    of conf/config.yaml; run folders saved before that key existed lack it), copying the
     matching weights of that checkpoint into the network (FCN's staged training, 32s -> 16s
     -> 8s); training does, evaluation and prediction load the run's own checkpoint instead.
     """
@@ -199,7 +201,7 @@ def param_groups(cfg: DictConfig, model: torch.nn.Module) -> list[dict]:
 def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimizer:
     """Each group's lr and weight decay are the base values times its multipliers."""
     base_lr = float(cfg.optim.lr)
-    base_wd = float(cfg.optim.get("weight_decay", 0.0))
+    base_wd = float(cfg.optim.weight_decay)
     param_groups = [{**g, "lr": base_lr * g.get("lr_mult", 1.0),
                      "weight_decay": base_wd * g.get("weight_decay_mult", 1.0)} for g in groups]
     return instantiate(cfg.optim)(param_groups)
@@ -252,6 +254,7 @@ def resume_source(resume: str | None, run_dir: Path) -> str | Path | None:
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Build everything from ``cfg`` and train; returns the final validation scores."""
+    config_schema.check(cfg)  # a wrong type or range: one line naming the key, nothing built
     run_dir = Path(run_dir)
     dist = distributed.init()
     seed_everything(cfg.seed + dist.rank, cfg.trainer.deterministic)
@@ -286,12 +289,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     t = cfg.trainer
     batch_size = t.batch_size
-    if t.get("global_batch_size") is not None:
+    if t.global_batch_size is not None:
         batch_size = per_rank_batch(int(t.global_batch_size), dist.world_size, t.iter_size)
     effective = batch_size * t.iter_size * dist.world_size
     log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)%s",
              effective, batch_size, t.iter_size, dist.world_size,
-             "" if t.get("global_batch_size") is None else
+             "" if t.global_batch_size is None else
              f" (trainer.global_batch_size={t.global_batch_size}; trainer.batch_size unused)")
     # what a resumed run must share with the checkpoint, or its poly curve bends
     schedule = {"trainer.max_iters": int(t.max_iters),
@@ -307,7 +310,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         ignore_index=cfg.dataset.ignore_index,
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist,
         compile=t.compile, channels_last=t.channels_last, schedule=schedule,
-        allow_schedule_change=bool(t.get("resume_allow_schedule_change", False)))
+        allow_schedule_change=bool(t.resume_allow_schedule_change))
     source = resume_source(t.resume, run_dir)
     if source is not None:
         trainer.resume(source)

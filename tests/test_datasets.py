@@ -148,10 +148,10 @@ def test_train_pipeline_keeps_image_and_mask_aligned(name, tmp_path):
     else:
         make_sunrgbd(tmp_path, train=2, test=0, height=72, width=96, block=12)
     overrides = [f"dataset.root={tmp_path}", "dataset.crop_size=[60,80]",
-                 "dataset.color_jitter=0.0"]
+                 "dataset.augment.color_jitter=0.0"]
     if name == "sunrgbd":
         overrides += ["dataset.use_depth=true",
-                      "dataset.train_transforms.0.scales=[0.5,2.0]"]
+                      "dataset.augment.scales=[0.5,2.0]"]
     cfg = dataset_cfg(name, *overrides)
     ds = build(cfg, "train")
     mean = np.array(list(cfg.mean), np.float32) * 255

@@ -59,7 +59,7 @@ def test_bf16_run_reports_what_evaluate_reports(tiny_cfg, tmp_path, one_thread, 
 
 
 def test_eval_precision_is_checked_and_names_its_key(tiny_cfg, tmp_path):
-    with pytest.raises(ConfigError, match="eval.precision must be one of"):
+    with pytest.raises(ConfigError, match="eval.precision='fp8': expected one of fp32, bf16"):
         app.train(tiny_cfg("eval.precision=fp8"), tmp_path)
 
 

@@ -202,7 +202,8 @@ def test_a_sweep_with_one_bad_job_runs_the_others_and_reports_the_failed_one(tmp
     assert proc.returncode == 1
     assert "fp8" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert json.loads((tmp_path / "0" / "metrics.json").read_text())["finished"] is True
-    assert "trainer.precision must be one of" in (tmp_path / "1" / "train.log").read_text()
+    assert "trainer.precision='fp8': expected one of" in \
+        (tmp_path / "1" / "train.log").read_text()
 
 
 # -- a data error mid-run ----------------------------------------------------------------

@@ -17,6 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from segtrain import config_schema
+from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint
 from segtrain.errors import ConfigError
 from segtrain.losses.ce import CrossEntropyLoss
@@ -137,8 +139,10 @@ def test_deeplabv1_voc_experiment_is_the_released_solver(tmp_path):
     assert [factor(i) for i in (0, 1999, 2000, 3999, 4000, 5999)] == \
         pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     # no scale augmentation in v1: crops of the image as it is, mirrored
-    targets = [t._target_.rsplit(".", 1)[-1] for t in cfg.dataset.train_transforms]
-    assert "RandomScaleChoice" not in targets and "RandomCrop" in targets
+    steps = compose(instantiate(cfg.dataset.train_transforms)).transforms
+    names = [type(t).__name__ for t in steps]
+    assert "RandomScaleChoice" not in names and "RandomCrop" in names and \
+        "HorizontalFlip" in names
 
 
 # ---- DeepLab v2 on VGG-16: the head ablation ---------------------------------------------
@@ -197,7 +201,7 @@ def test_fcn16s_from_a_fcn32s_checkpoint_predicts_what_the_32s_scores_say(tmp_pa
     # saved as the trainer saves: checkpoints/last.pt of a run folder, under "model"
     checkpoint.save_atomic({"model": fcn32.state_dict(), "iteration": 7},
                            tmp_path / "run32" / "checkpoints" / "last.pt")
-    cfg = tiny_cfg("model=fcn16s", f"+model.init_from={tmp_path / 'run32'}")
+    cfg = tiny_cfg("model=fcn16s", f"model.init_from={tmp_path / 'run32'}")
     fcn16 = build_model(cfg, initialise=True).eval()
     fcn32.eval()
     own32 = fcn32.state_dict()
@@ -256,7 +260,11 @@ def test_fcn_experiments_use_the_reference_solver(tmp_path):
         assert cfg.trainer.max_iters == 100_000
         assert instantiate(cfg.lr)(max_iters=100_000)(99_999) == 1.0  # "fixed"
         # staged: 16s and 8s must name the net they start from
-        assert OmegaConf.is_missing(cfg.model, "init_from") == (stride != 32)
+        if stride == 32:
+            config_schema.check(cfg)
+        else:
+            with pytest.raises(ConfigError, match=r"^model.init_from=\?\?\? must be set"):
+                config_schema.check(cfg)
 
 
 # ---- SegNet-Basic input LRN --------------------------------------------------------------

@@ -2,6 +2,11 @@
 
 ``dataset.train_transforms`` / ``val_transforms`` are lists of ``_target_`` entries (any
 albumentations transform, or one defined here); ``compose`` wraps them in ``A.Compose``.
+The training list holds by default one entry, ``${dataset.augment}``: the standard pipeline
+of ``train_augmentation``, whose named knobs (scale range, rotation, elastic deformation,
+blur, crop, flip, colour jitter) are what the papers vary, so an experiment overrides one
+value (``dataset.augment.scales: [0.5, 2.0]``); a list of its own replaces the pipeline, and
+can hold ``${dataset.augment}`` among other steps.
 Masks always follow the image with nearest-neighbour interpolation, and padding fills the
 image with the dataset mean and the mask with the ignore index, so padded pixels neither
 shift the input statistics nor count in the loss.
@@ -24,9 +29,73 @@ from segtrain.data.base import IGNORE_INDEX
 from segtrain.errors import ConfigError
 
 
-def compose(steps: Sequence[A.BasicTransform] | None) -> A.Compose:
-    """Compose instantiated transforms into one image+mask pipeline."""
-    return A.Compose(list(steps or []))
+def compose(steps: Sequence[A.BasicTransform | Sequence[A.BasicTransform]] | None) -> A.Compose:
+    """Compose instantiated transforms into one image+mask pipeline; a step that is itself a
+    list (the standard pipeline, ``train_augmentation``) is spliced in, so every transform
+    keeps its own position, hence its own random stream (``seed_independently``)."""
+    flat: list[A.BasicTransform] = []
+    for step in steps or []:
+        # instantiate hands a nested list back as a ListConfig, hence no isinstance(list)
+        single = isinstance(step, (A.BasicTransform, A.BaseCompose))
+        flat.extend([step] if single else list(step))
+    return A.Compose(flat)
+
+
+def train_augmentation(*, mean: Sequence[float], std: Sequence[float], ignore_index: int,
+                       scales: Sequence[float] | None, continuous_scale: bool, rotate: float,
+                       elastic_std: float, blur: float, crop_size: Sequence[int] | None,
+                       hflip: float, color_jitter: float, elastic_grid: int = 3,
+                       blur_kernel: int = 5, extra_mean: Sequence[float] = (),
+                       extra_std: Sequence[float] = ()) -> list[A.BasicTransform]:
+    """The standard training pipeline, in the order the reference codes apply it (DeepLab's
+    and semseg's data layers): random scale, rotation, elastic deformation, Gaussian blur,
+    pad with the mean + random crop, left-right flip, colour jitter, normalisation. A knob
+    at its "off" value leaves its step out.
+
+    Args:
+        mean, std: normalisation statistics (0..1), also the padding fill; ``extra_mean`` /
+            ``extra_std`` those of channels after the RGB ones (depth).
+        ignore_index: the mask value of padded and rotated-in pixels.
+        scales: resize factors (a set, or ``[lo, hi]`` with ``continuous_scale``); None: off.
+        rotate: maximum rotation in degrees, uniform in [-rotate, rotate]; 0: off.
+        elastic_std: U-Net's grid deformation (``GridElastic``), std in pixels; 0: off.
+        blur: probability of a ``blur_kernel`` x ``blur_kernel`` Gaussian blur; 0: off.
+        crop_size: [height, width] of the random crop; None: whole images.
+        hflip: probability of a left-right flip; 0: off.
+        color_jitter: probability of ``RGBColorJitter``; 0: off.
+    """
+    # types and ranges of the knobs: segtrain.config_schema.AugmentSchema, checked at start-up
+    steps: list[A.BasicTransform] = []
+    if scales is not None:
+        try:
+            steps.append(RandomScaleChoice(scales, continuous_scale))
+        except ValueError as err:
+            raise ConfigError(f"dataset.augment.scales={list(scales)}: {err}") from None
+    if rotate > 0:
+        steps.append(A.Rotate(limit=float(rotate), border_mode=cv2.BORDER_CONSTANT,
+                              fill_mask=int(ignore_index), p=1.0))
+    if elastic_std > 0:
+        steps.append(GridElastic(elastic_grid, elastic_std, p=1.0))
+    if blur > 0:
+        # semseg's cv2.GaussianBlur(image, (k, k), 0) takes OpenCV's sigma for a k-tap kernel;
+        # albumentations 2.x has no such rule: its sigma_limit=0 divides by zero (NaN kernel)
+        # and returns a black image
+        sigma = 0.3 * ((blur_kernel - 1) * 0.5 - 1) + 0.8
+        steps.append(A.GaussianBlur(blur_limit=(blur_kernel, blur_kernel),
+                                    sigma_limit=(sigma, sigma), p=float(blur)))
+    if crop_size is not None:
+        height, width = (int(c) for c in crop_size)
+        steps.append(pad_with_mean(height, width, mean, ignore_index, extra_mean))
+        steps.append(A.RandomCrop(height=height, width=width))
+    if hflip > 0:
+        steps.append(A.HorizontalFlip(p=float(hflip)))
+    if color_jitter > 0:
+        steps.append(RGBColorJitter(p=float(color_jitter)))
+    if extra_mean or extra_std:
+        steps.append(Normalize(mean, std, extra_mean, extra_std))
+    else:
+        steps.append(A.Normalize(mean=list(mean), std=list(std)))
+    return steps
 
 
 def seed_independently(pipeline: A.BaseCompose | A.BasicTransform, seed: int, position: int,
