@@ -283,7 +283,8 @@ def _pid_writing(log_file: Path) -> int | None:
     return None
 
 
-def test_a_preempted_sweep_job_is_requeued_and_ends_with_uninterrupted_weights(tmp_path):
+def test_a_preempted_sweep_job_is_requeued_and_ends_with_uninterrupted_weights(tmp_path,
+                                                                               one_thread):
     sweep = tmp_path / "sweep"
     overrides = [*TINY, "trainer.resume=auto", "trainer.max_iters=8",
                  "trainer.checkpoint_interval=1", "trainer.eval_interval=4",
@@ -313,7 +314,9 @@ def test_a_preempted_sweep_job_is_requeued_and_ends_with_uninterrupted_weights(t
         if proc.poll() is None:
             proc.kill()
     elapsed = time.perf_counter() - tic
-    # the uninterrupted job: the same config, in this process
+    # the uninterrupted job: the same config, in this process, with the job's one intra-op
+    # thread (ENV's OMP_NUM_THREADS=1): a float sum split over 2 threads rounds differently
+    assert torch.get_num_threads() == 1
     reference = train(compose_config(overrides), tmp_path / "reference")
     assert signalled_at is not None and signalled_at < 8, "the job was not signalled midway"
     assert proc.returncode == 0, out
