@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # PyTorch's CPU index. A machine with an NVIDIA driver gets the default (CUDA) wheel.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install test test-slow lint train bench clean
+.PHONY: install test test-gpu test-slow lint train bench clean
 
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
@@ -30,6 +30,12 @@ $(BIN)/python:
 
 test:
 	$(BIN)/python -m pytest -q
+
+# the tests marked cuda (tests/test_gpu.py): each skips cleanly where CUDA is absent;
+# scripts/gpu_check.sh runs this, then the bench's CUDA section, and writes docs/gpu.md
+GPU_TEST_ARGS ?=
+test-gpu:
+	$(BIN)/python -m pytest -m cuda -v -rs $(GPU_TEST_ARGS)
 
 test-slow:
 	$(BIN)/python -m pytest -m slow

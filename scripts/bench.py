@@ -25,9 +25,18 @@
    (sum of squared scales, doubled by flipping; window area over image area). The CRF runs
    serially (``eval.crf_workers=0``) and in 2 worker processes, both timed by the wall clock.
 4. knobs: trainer.channels_last and trainer.compile, each as a ratio to the default trainer.
-5. cuda (only with a CUDA device): fp32 / bf16 / fp16 training of DeepLab v3 ResNet-101 at
-   512x512: images/s, peak memory, and model FLOP utilisation (3 x forward FLOPs per image
-   against the GPU's dense peak for that precision).
+5. cuda (only with a CUDA device; ``--skip train data eval knobs`` for this section alone):
+   fp32 / bf16 / fp16 training of DeepLab v3 ResNet-101 at 512x512, batch ``--cuda-batch``:
+   images/s of segtrain's Trainer on batches already on the GPU, peak memory
+   (``torch.cuda.max_memory_allocated``), and model FLOP utilisation: the FLOPs of one
+   training step per image (forward + backward, counted by ``FlopCounterMode``) times
+   images/s over the GPU's dense peak for that precision (``PEAK_TFLOPS``). Then the
+   training images/s (bf16) of every experiment config's model at its paper's crop, batch
+   ``--zoo-batch``. Fixed step counts bound the time (expected, not yet measured: a
+   few minutes on one H100, most of it building the 19 models on the CPU).
+   ``--cuda-dry-run`` runs this same code on the CPU at tiny sizes (32x32, zoo inputs / 8),
+   as the tests do; ``--json`` writes its results (row by row) for
+   ``scripts/gpu_report.py``.
 
 Clock: by default each timing is the process's CPU time (``time.process_time``) with one
 thread, which other jobs on a shared machine barely disturb, while wall time there swings with
@@ -40,10 +49,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import io
 import itertools
+import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -57,26 +69,19 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from benchmark_models import count_macs  # noqa: E402
+from segtrain import app
+from segtrain.data.loader import train_loader
+from segtrain.engine.callbacks.checkpoints import Checkpoints
+from segtrain.engine.callbacks.run_log import RunLog
+from segtrain.engine.distributed import DistInfo
+from segtrain.engine.precision import autocast_dtype
+from segtrain.engine.trainer import Trainer
 
-from segtrain import app  # noqa: E402
-from segtrain.data.loader import train_loader  # noqa: E402
-from segtrain.engine.callbacks.checkpoints import Checkpoints  # noqa: E402
-from segtrain.engine.callbacks.run_log import RunLog  # noqa: E402
-from segtrain.engine.distributed import DistInfo  # noqa: E402
-from segtrain.engine.precision import autocast_dtype  # noqa: E402
-from segtrain.engine.trainer import Trainer  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CAMVID = REPO.parent / "shared" / "data" / "camvid"
 MODELS = {"default (DeepLab v2 ResNet-18)": [],
           "DeepLab v3+ MobileNetV2": ["model=deeplabv3plus", "model.backbone=mobilenetv2"]}
-# dense peak FLOP/s by device name and precision (vendor data sheets, SXM parts); fp32 means
-# PyTorch's default of TF32 tensor cores for convolutions
-PEAK = {"H100": {"fp32": 494e12, "bf16": 989e12, "fp16": 989e12},
-        "H200": {"fp32": 494e12, "bf16": 989e12, "fp16": 989e12},
-        "A100": {"fp32": 156e12, "bf16": 312e12, "fp16": 312e12}}
 
 
 def config(*overrides: str) -> DictConfig:
@@ -306,37 +311,281 @@ def section_knobs(args, rows: list[list[str]], tmp: Path, baseline: dict[str, fl
                      f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"])
 
 
-def section_cuda(args, rows: list[list[str]], tmp: Path) -> None:
+# -- section 5: CUDA ---------------------------------------------------------------------------
+# Dense peak FLOP/s per device name, the first pattern the name contains wins (so "H100 PCIe"
+# before "H100"). Source: NVIDIA's data sheets (H100 Tensor Core GPU datasheet, H200 product
+# brief, A100 datasheet), whose tensor-core figures are quoted with 2:4 sparsity; the dense
+# peak is half of them (H100/H200 SXM: bf16 1979 -> 989 TFLOP/s, TF32 989 -> 494). "fp32"
+# is TF32 tensor-core math, PyTorch's default for convolutions
+# (torch.backends.cudnn.allow_tf32 = True; the report states the flag).
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"fp32": 378.0, "bf16": 756.0, "fp16": 756.0}),
+    ("H100 NVL", {"fp32": 417.5, "bf16": 835.5, "fp16": 835.5}),
+    ("H200 NVL", {"fp32": 417.5, "bf16": 835.5, "fp16": 835.5}),
+    ("H100", {"fp32": 494.5, "bf16": 989.5, "fp16": 989.5}),  # SXM5: "NVIDIA H100 80GB HBM3"
+    ("H200", {"fp32": 494.5, "bf16": 989.5, "fp16": 989.5}),  # SXM: "NVIDIA H200"
+    ("A100", {"fp32": 156.0, "bf16": 312.0, "fp16": 312.0}),
+)
+# experiments that train on whole images have no crop in their pipeline: the input their
+# paper trains on instead (FCN Sec. 4: whole PASCAL images, 500x375 the usual size, see
+# conf/experiment/fcn32s_voc.yaml; SegNet: whole 360x480 CamVid frames; U-Net Fig. 1: a
+# 572x572 input tile)
+WHOLE_IMAGE_INPUT = {"fcn32s_voc": (375, 500), "fcn16s_voc": (375, 500),
+                     "fcn8s_voc": (375, 500), "segnet_basic_camvid": (360, 480),
+                     "unet": (572, 572)}
+ZOO_PRECISION = "bf16"  # trainer.precision=auto on a GPU with bf16
+# the model of the precision rows (tests swap in a small backbone to keep the dry run short)
+PRECISION_MODEL = ["model=deeplabv3"]
+
+
+def peak_tflops(device_name: str) -> tuple[str, dict[str, float]] | None:
+    """(matched pattern, dense peak TFLOP/s per precision) of a CUDA device name, or None."""
+    return next(((key, peak) for key, peak in PEAK_TFLOPS if key in device_name), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaPlan:
+    """Sizes of section 5: the real ones on a GPU, tiny ones for the CPU dry run (same code)."""
+
+    device: torch.device
+    size: int        # DeepLab v3 ResNet-101 input side
+    batch: int
+    steps: int       # timed runs: ``warmup`` untimed steps, then the rest
+    warmup: int
+    zoo_scale: float  # each zoo input side times this
+    zoo_batch: int
+    zoo_steps: int
+
+    @property
+    def dry_run(self) -> bool:
+        return self.device.type != "cuda"
+
+
+def cuda_plan(args) -> CudaPlan | None:
+    """The plan for ``args``; None where there is no CUDA device and no ``--cuda-dry-run``."""
+    if args.cuda_dry_run:
+        return CudaPlan(torch.device("cpu"), 32, 2, 3, 1, 1 / 8, 2, 3)
     if not torch.cuda.is_available():
-        rows.append(["5 cuda", "DeepLab v3 R101 512x512", "-", "-", "-",
+        return None
+    return CudaPlan(torch.device("cuda"), 512, args.cuda_batch, args.cuda_steps, 3, 1.0,
+                    args.zoo_batch, args.zoo_steps)
+
+
+def random_batches(num_classes: int, in_channels: int, size: tuple[int, int], batch: int,
+                   count: int, device: torch.device, seed: int = 0) -> list[dict]:
+    """``count`` batches on ``device`` (no host copy inside the timed loop): normal images
+    and label maps of random classes in 16x16 blocks (a pixel-wise random map would make
+    per-region costs, e.g. U-Net's weight map, unlike real labels)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    batches = []
+    for _ in range(count):
+        blocks = torch.randint(0, num_classes, (batch, 1, -(-h // 16), -(-w // 16)), generator=g)
+        mask = F.interpolate(blocks.float(), scale_factor=16, mode="nearest")[:, 0, :h, :w]
+        batches.append({"image": torch.randn(batch, in_channels, h, w, generator=g).to(device),
+                        "mask": mask.long().to(device)})
+    return batches
+
+
+def train_step_flops(cfg: DictConfig, size: tuple[int, int]) -> float:
+    """FLOPs of one training step per image: forward, loss and backward, counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (no compute): every
+    convolution and matrix product and their backward kernels (gradients of inputs and
+    weights); normalisation, activations, pooling and interpolation are not counted. The
+    first convolution computes no input gradient, so this is slightly below 3 x forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(cfg.seed)
+    model = app.build_model(cfg).to("meta").train()
+    loss_fn = instantiate(cfg.loss, class_weights=None).to("meta")
+    in_channels = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+    batch = 2  # BatchNorm in training mode needs two values per channel (1x1 pooled maps)
+    image = torch.empty(batch, in_channels, *size, device="meta")
+    mask = torch.zeros(batch, *size, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_fn(model(image), {"image": image, "mask": mask})["total"].backward()
+    return counter.get_total_flops() / batch
+
+
+def _peak_memory_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def _fresh_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:120] if text else ''}"
+
+
+def deeplabv3_precisions(plan: CudaPlan, tmp: Path) -> list[dict]:
+    """fp32 / bf16 / fp16 training of DeepLab v3 ResNet-101 at plan.size: img/s (segtrain's
+    Trainer on batches already on the device), peak memory, model FLOP utilisation."""
+    size = (plan.size, plan.size)
+    cfg = config(*PRECISION_MODEL, f"dataset.image_size={plan.size}",
+                 f"trainer.batch_size={plan.batch}")
+    batches = random_batches(cfg.dataset.num_classes, 3, size, plan.batch, 4, plan.device)
+    flops = train_step_flops(cfg, size)
+    name = torch.cuda.get_device_name(plan.device) if not plan.dry_run else "cpu (dry run)"
+    peak = peak_tflops(name)
+    results = []
+    for precision in ("fp32", "bf16", "fp16"):
+        _fresh_memory(plan.device)
+        rate = trainer_loop(cfg, batches, plan.steps, plan.warmup, plan.device,
+                            tmp / f"cuda_{precision}", precision=precision)
+        tflops = peak[1][precision] if peak else None
+        results.append({
+            "precision": precision, "size": list(size), "batch": plan.batch,
+            "steps": plan.steps, "warmup": plan.warmup, "img_s": rate,
+            "peak_memory_gib": _peak_memory_gib(plan.device),
+            "step_gflop_per_image": flops / 1e9, "peak_tflops": tflops,
+            "mfu": rate * flops / (tflops * 1e12) if tflops else None})
+    return results
+
+
+def zoo_experiments() -> list[str]:
+    """Every experiment config (conf/experiment/*.yaml): the zoo at its papers' settings."""
+    return sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def paper_input(cfg: DictConfig, experiment: str) -> tuple[int, int]:
+    """(height, width) the experiment trains on: the RandomCrop of its training pipeline,
+    else its whole-image input (``WHOLE_IMAGE_INPUT``)."""
+    for step in cfg.dataset.get("train_transforms") or []:
+        if str(step.get("_target_", "")).endswith("RandomCrop"):
+            return int(step.height), int(step.width)
+    if experiment in WHOLE_IMAGE_INPUT:
+        return WHOLE_IMAGE_INPUT[experiment]
+    raise ValueError(f"experiment={experiment} has no RandomCrop in dataset.train_transforms "
+                     f"and no entry in WHOLE_IMAGE_INPUT (scripts/bench.py)")
+
+
+def zoo_config(experiment: str, scale: float) -> tuple[DictConfig, tuple[int, int], str]:
+    """The experiment's config without downloads (``model.pretrained=null``), its input
+    size times ``scale`` and a note of what was changed; a prior grid (CPNet) follows the
+    input, as the paper sizes it. Frozen BatchNorm (DeepLab v2) is trained instead: its
+    statistics are the ImageNet model's, and with random weights the activations of 100
+    layers without normalisation overflow (conf/model/deeplabv2.yaml: from scratch,
+    BatchNorm must learn)."""
+    cfg = config(f"experiment={experiment}")
+    note = ""
+    h, w = paper_input(cfg, experiment)
+    size = (max(32, round(h * scale)), max(32, round(w * scale)))
+    if "pretrained" in cfg.model:
+        cfg.model.pretrained = None
+    if "prior_size" in cfg.model:
+        stride = int(cfg.model.output_stride)
+        cfg.model.prior_size = [-(-size[0] // stride), -(-size[1] // stride)]
+    if cfg.model.get("freeze_bn"):
+        cfg.model.freeze_bn = False
+        note = "BatchNorm trained (frozen needs the ImageNet weights)"
+    return cfg, size, note
+
+
+def zoo_throughput(plan: CudaPlan, tmp: Path, experiments: list[str],
+                   progress: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Training img/s (bf16, segtrain's Trainer) of each experiment's model at its paper's
+    input size, batch plan.zoo_batch; a failure (out of memory, ...) is a row, not the end.
+    ``progress`` gets the rows so far after each one."""
+    rows: list[dict] = []
+    for i, experiment in enumerate(experiments):
+        row: dict = {"experiment": experiment, "batch": plan.zoo_batch,
+                     "precision": ZOO_PRECISION}
+        try:
+            cfg, size, note = zoo_config(experiment, plan.zoo_scale)
+            row.update(model=str(cfg.model._target_).rsplit(".", 1)[-1],
+                       backbone=cfg.model.get("backbone"), size=list(size), note=note)
+            _fresh_memory(plan.device)
+            batches = random_batches(cfg.dataset.num_classes,
+                                     int(cfg.model.get("in_channels") or 3), size,
+                                     plan.zoo_batch, 2, plan.device)
+            row["img_s"] = trainer_loop(cfg, batches, plan.zoo_steps, min(3, plan.zoo_steps - 2),
+                                        plan.device, tmp / f"zoo_{i}", precision=ZOO_PRECISION)
+            row["peak_memory_gib"] = _peak_memory_gib(plan.device)
+        except Exception as exc:  # noqa: BLE001 - one model's failure must not end the table
+            row["error"] = _first_line(exc)
+        finally:
+            batches = None
+            _fresh_memory(plan.device)
+            shutil.rmtree(tmp / f"zoo_{i}", ignore_errors=True)  # its checkpoint
+        rows.append(row)
+        progress(rows)
+    return rows
+
+
+def cuda_environment(device: torch.device) -> dict:
+    """What the timings depend on: device, versions, math flags."""
+    env = {"device": "cpu (dry run)", "torch": torch.__version__,
+           "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+           "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+           "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device=props.name, memory_gib=props.total_memory / 2**30,
+                   capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version(), device_count=torch.cuda.device_count())
+        match = peak_tflops(props.name)
+        env["peak_tflops"] = {"pattern": match[0], **match[1]} if match else None
+    return env
+
+
+def section_cuda(args, rows: list[list[str]], tmp: Path) -> dict | None:
+    """Section 5 (see the module docstring); returns its results for ``--json``."""
+    plan = cuda_plan(args)
+    if plan is None:
+        rows.append(["5 cuda", "DeepLab v3 R101 512x512, zoo", "-", "-", "-",
                      "skipped: no CUDA device"])
-        return
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
-    peak = next((p for key, p in PEAK.items() if key in name), None)
-    cfg = config("model=deeplabv3", "dataset.image_size=512", "trainer.device=cuda",
-                 f"trainer.batch_size={args.cuda_batch}")
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-               for b in memory_batches(cfg, 4)]
-    flops = 3 * 2 * count_macs(app.build_model(cfg), 512)  # forward + backward, per image
-    results = {}
+        return None
     global CLOCK
     clock, CLOCK = CLOCK, time.perf_counter  # GPU time is wall time, not this process's CPU
+    started = time.perf_counter()
+
+    def results(v3: list[dict], zoo: list[dict], partial: bool) -> dict:
+        return {"environment": env, "dry_run": plan.dry_run, "partial": partial,
+                "plan": dataclasses.asdict(plan) | {"device": str(plan.device)},
+                "deeplabv3": v3, "zoo": zoo, "seconds": time.perf_counter() - started}
+
+    def progress(zoo: list[dict]) -> None:
+        """Results so far into --json: a time limit that ends the bench keeps them."""
+        if args.json:
+            args.json.write_text(json.dumps({"cuda": results(v3, zoo, True)}, indent=1))
+
     try:
-        for precision in ("fp32", "bf16", "fp16"):
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            rate = trainer_loop(cfg, batches, args.cuda_steps, 3, device,
-                                tmp / f"cuda_{precision}", precision=precision)
-            memory = torch.cuda.max_memory_allocated(device) / 2**30
-            results[precision] = rate
-            mfu = f"{rate * flops / peak[precision]:.1%}" if peak else "n/a (unknown peak)"
-            rows.append(["5 cuda", f"{name}: DeepLab v3 R101 512x512 {precision}, "
-                         f"batch {args.cuda_batch}", f"{rate:.1f} img/s, {memory:.1f} GiB",
-                         f"{rate / results['fp32']:.2f}", "vs fp32", f"MFU {mfu}"])
+        env = cuda_environment(plan.device)
+        v3 = deeplabv3_precisions(plan, tmp)
+        progress([])
+        zoo = zoo_throughput(plan, tmp, args.zoo or zoo_experiments(), progress)
     finally:
         CLOCK = clock
+    tag = "5 cuda" + (" (dry run, CPU)" if plan.dry_run else "")
+    fp32 = v3[0]["img_s"]
+    for r in v3:
+        memory = "" if r["peak_memory_gib"] is None else f", {r['peak_memory_gib']:.1f} GiB"
+        mfu = "n/a (unknown peak)" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        rows.append([tag, f"{env['device']}: DeepLab v3 R101 {r['size'][0]}x{r['size'][1]} "
+                     f"{r['precision']}, batch {r['batch']}", f"{r['img_s']:.1f} img/s{memory}",
+                     f"{r['img_s'] / fp32:.2f}", "vs fp32",
+                     f"MFU {mfu} ({r['step_gflop_per_image']:.0f} GFLOP/img per step)"])
+    for r in zoo:
+        size = "x".join(map(str, r.get("size", []))) or "?"
+        if "error" in r:
+            rows.append([tag, f"zoo {r['experiment']} {size}", "-", "-", "-",
+                         f"failed: {r['error']}"])
+            continue
+        memory = "" if r["peak_memory_gib"] is None else f", {r['peak_memory_gib']:.1f} GiB"
+        rows.append([tag, f"zoo {r['experiment']}: {r['model']} {size}, batch {r['batch']} "
+                     f"{r['precision']}", f"{r['img_s']:.1f} img/s{memory}", "-", "-",
+                     r.get("note", "")])
+    return results(v3, zoo, False)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -350,10 +599,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-batches", type=int, default=6, help="loader batches timed")
     parser.add_argument("--camvid", type=Path, default=CAMVID, help="CamVid root")
     parser.add_argument("--cuda-batch", type=int, default=8)
-    parser.add_argument("--cuda-steps", type=int, default=20)
+    parser.add_argument("--cuda-steps", type=int, default=20,
+                        help="steps per precision (3 untimed)")
+    parser.add_argument("--zoo-batch", type=int, default=4)
+    parser.add_argument("--zoo-steps", type=int, default=8,
+                        help="steps per zoo model (3 untimed)")
+    parser.add_argument("--zoo", nargs="*", default=None,
+                        help="experiment configs of the zoo rows (default: all)")
+    parser.add_argument("--cuda-dry-run", action="store_true",
+                        help="section 5's code on the CPU at tiny sizes (a check, not a timing)")
     parser.add_argument("--skip", nargs="*", default=[],
                         choices=["train", "data", "eval", "knobs", "cuda"])
     parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
+    parser.add_argument("--json", type=Path, help="write section 5's results (JSON) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     global CLOCK
@@ -370,8 +628,7 @@ def main(argv: list[str] | None = None) -> int:
             section_eval(args, rows)
         if "knobs" not in args.skip:
             section_knobs(args, rows, tmp, baseline)
-        if "cuda" not in args.skip:
-            section_cuda(args, rows, tmp)
+        cuda = section_cuda(args, rows, tmp) if "cuda" not in args.skip else None
     header = ["section", "case", "measured", "ratio", "target / ideal", "note"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -384,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.out:
         args.out.write_text(table + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"cuda": cuda, "table": table}, indent=1) + "\n")
     return 0
 
 

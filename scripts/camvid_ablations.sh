@@ -18,9 +18,9 @@ PY=${PYTHON:-python}
 cd "$(dirname "$0")/.."
 
 inference() {
-    local run=$1 scales='eval.predictor.scales=[0.25,0.375,0.5]'
-    $PY -m segtrain.evaluate run="$run" eval=whole
-    $PY -m segtrain.evaluate run="$run" eval=whole eval.output_stride=8
+    local run=$1 scales='eval.predictor.scales=[0.25,0.375,0.5]' one='eval.predictor.scales=[0.5]'
+    $PY -m segtrain.evaluate run="$run" eval=whole "$one"
+    $PY -m segtrain.evaluate run="$run" eval=whole eval.output_stride=8 "$one"
     $PY -m segtrain.evaluate run="$run" eval=msc "$scales"
     $PY -m segtrain.evaluate run="$run" eval=msc_flip "$scales"
     $PY -m segtrain.evaluate run="$run" eval=msc_crf "$scales"          # DeepLab v2's values

@@ -30,6 +30,7 @@ from segtrain.engine.rng import seed_everything, stream_seed
 from segtrain.engine.trainer import Trainer
 from segtrain.errors import ConfigError, UserError
 from segtrain.eval.evaluator import Evaluator
+from segtrain.models.base import SegmentationModel
 from segtrain.models.init_from import init_from
 from segtrain.models.param_groups import ParamMults
 from segtrain.viz import default_palette
@@ -114,6 +115,9 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
     source = node.pop("init_from", None)
     node.pop("param_mults", None)  # the optimizer's (param_mults below), not the network's
     model = instantiate(node, **overrides)
+    if not isinstance(model, SegmentationModel):
+        raise ConfigError(f"model._target_={node['_target_']} is not a "
+                          f"segtrain.models.base.SegmentationModel (the model contract)")
     if initialise and source not in (None, ""):
         init_from(model, source)
     scales = msc.get("train_scales")
@@ -136,9 +140,11 @@ def _model_class(path: Path) -> type:
 
 
 def models_that_fit(required: frozenset[str]) -> list[str]:
-    """conf/model options whose class declares (``OUTPUT_KEYS``) every key in ``required``."""
-    return [path.stem for path in sorted((CONF_DIR / "model").glob("*.yaml"))
-            if required <= getattr(_model_class(path), "OUTPUT_KEYS", frozenset())]
+    """conf/model options whose class can return (``TRAIN_KEYS``) every key in ``required``."""
+    classes = {path.stem: _model_class(path)
+               for path in sorted((CONF_DIR / "model").glob("*.yaml"))}
+    return [name for name, cls in classes.items()
+            if issubclass(cls, SegmentationModel) and required <= cls.TRAIN_KEYS]
 
 
 def _choice(cfg: DictConfig, group: str) -> str:
@@ -153,8 +159,8 @@ def _choice(cfg: DictConfig, group: str) -> str:
 
 
 def check_outputs(cfg: DictConfig, model: torch.nn.Module, loss_fn: Any) -> None:
-    """Refuse at start-up a loss that needs outputs the model does not declare."""
-    missing = loss_fn.required_keys - model.output_keys
+    """Refuse at start-up a loss that needs outputs the model does not return in training."""
+    missing = loss_fn.required_keys - model.train_keys
     if missing:
         fit = models_that_fit(loss_fn.required_keys)
         raise ConfigError(

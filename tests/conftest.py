@@ -72,3 +72,13 @@ def slurm_sbatch_script(overrides: list[str], folder: Path, monkeypatch) -> str:
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
                                   if k not in ("max_num_timeout", "submitit_folder")})
     return executor._executor._make_submission_file_text("python -m x", "uid")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` (``make test-gpu``) skip cleanly where CUDA is absent."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

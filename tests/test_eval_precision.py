@@ -18,6 +18,7 @@ from segtrain.errors import ConfigError
 from segtrain.eval.inference import Predictor
 from segtrain.evaluate import evaluate
 from segtrain.losses.ce import CrossEntropyLoss
+from segtrain.models.base import SegmentationModel
 from segtrain.models.msc import MultiScaleInputs
 from tests.conftest import CONF_DIR
 
@@ -62,15 +63,17 @@ def test_eval_precision_is_checked_and_names_its_key(tiny_cfg, tmp_path):
         app.train(tiny_cfg("eval.precision=fp8"), tmp_path)
 
 
-class HalfLogits(torch.nn.Module):
+class HalfLogits(SegmentationModel):
     """bf16 logits of a fixed pattern, as a network under bf16 autocast returns them."""
 
-    output_keys = frozenset({"out"})
+    TRAIN_KEYS = frozenset({"out", "out_lowres"})
 
     def forward(self, x):
         h, w = x.shape[-2:]
         ramp = torch.arange(h * w, dtype=torch.float32).view(1, 1, h, w) / 7.0 + 1000.0
         out = torch.cat([ramp, -ramp, ramp / 3], 1).expand(x.shape[0], -1, -1, -1)
+        if not self.training:
+            return {"out": out.to(torch.bfloat16)}
         return {"out": out.to(torch.bfloat16), "out_lowres": out.to(torch.bfloat16)}
 
 

@@ -265,7 +265,7 @@ def test_a_stopped_run_is_marked_unfinished_and_reports_no_score(tiny_cfg, tmp_p
 class _FakeHydraConfig:
     @staticmethod
     def get():
-        return OmegaConf.create({"runtime": {"output_dir": "."}})
+        return OmegaConf.create({"runtime": {"output_dir": "."}, "sweeper": {}})
 
 
 # -- preemption end to end through the submitit local launcher ---------------------------

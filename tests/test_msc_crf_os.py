@@ -122,7 +122,7 @@ def test_msc_and_label_stride_train_through_the_app(tmp_path):
 # -- label_stride ----------------------------------------------------------------------------
 def test_label_stride_uses_the_stride8_logits_and_shrunk_labels():
     torch.manual_seed(2)
-    model = DeepLabV2(4, "resnet18", 8, "aspp_s", RATES).eval()
+    model = DeepLabV2(4, "resnet18", 8, "aspp_s", RATES).train()  # out_lowres: training only
     image = torch.randn(2, 3, 65, 49)  # 65 = 8 * 8 + 1 (the 321 -> 41 geometry), 49 = 6 * 8 + 1
     mask = torch.randint(0, 4, (2, 65, 49))
     with torch.no_grad():
@@ -150,12 +150,12 @@ def test_label_stride_errors_name_the_key():
     with pytest.raises(ConfigError, match="loss.label_stride=8 needs the logits before"):
         CrossEntropyLoss(label_stride=8)({"out": torch.zeros(1, 3, 32, 32)}, {"mask": mask})
     # an output-stride-16 model with label_stride 8
-    model = DeepLabV3(3, "resnet18", 16, None, [6, 12, 18], 0.1, None).eval()
+    model = DeepLabV3(3, "resnet18", 16, None, [6, 12, 18], 0.1, None).train()
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 32, 32))
+        out = model(torch.randn(2, 3, 32, 32))  # 2 images: training-mode BatchNorm
     assert out["out_lowres"].shape[-2:] == (2, 2)
     with pytest.raises(ConfigError, match=r"loss.label_stride=8: .* shrink to \(4, 4\)"):
-        CrossEntropyLoss(label_stride=8)(out, {"mask": mask})
+        CrossEntropyLoss(label_stride=8)(out, {"mask": mask.expand(2, -1, -1)})
     with pytest.raises(ConfigError, match="loss.label_stride must be"):
         CrossEntropyLoss(label_stride=0)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from segtrain.engine import checkpoint, distributed, finite
 from segtrain.engine.callbacks.base import Callback, Evaluation
@@ -27,6 +28,7 @@ from segtrain.engine.finite import NonFiniteLossError
 from segtrain.engine.precision import autocast_dtype, resolve_precision
 from segtrain.engine.rng import load_rank_state, rng_state, set_rng_state
 from segtrain.errors import ConfigError, UserError, from_worker
+from segtrain.models.base import bare
 
 __all__ = ["NonFiniteLossError", "ScheduleChanged", "Trainer", "TrainingInterrupted",
            "set_rng_state"]
@@ -58,7 +60,7 @@ class Trainer:
             stop request on any of them, in one host sync; none in between.
         seed: seeds the streams of ranks a resumed run has and its checkpoint has not.
         callbacks: called in this order at each hook (``segtrain.engine.callbacks.base``).
-        config_yaml: the resolved config, stored in checkpoints. dist: the distributed position.
+        config_yaml: the resolved config, stored in checkpoints. dist: the rank's position.
         compile: train through ``torch.compile(model)`` (evaluation uses the eager model).
         channels_last: NHWC memory format for the model and its input batches.
         schedule: plain values that fix the learning-rate curve, stored in checkpoints; a
@@ -98,14 +100,13 @@ class Trainer:
         self._stopped = False  # the loop stopped early (a request here or on another rank)
         # the RNG states after the last completed step (None: none since the start or resume)
         self.rng_after_step: dict[str, Any] | None = None
-        # loss terms summed on the device since the last log, and the first iteration whose
-        # loss was not finite (-1: none); both are read only at the agreed check points
+        # loss terms summed on the device, the first non-finite step (-1: none): read at checks
         self._sums: dict[str, torch.Tensor] = {}
         self._bad_iter = torch.full((), -1, dtype=torch.long, device=device)
 
     @property
     def bare_model(self) -> nn.Module:
-        return getattr(self.model, "module", self.model)
+        return bare(self.model)
 
     def due(self, interval: int) -> bool:
         """Whether an every-``interval`` action is due now (always at the last iteration)."""
@@ -167,8 +168,7 @@ class Trainer:
                 group["lr"] = base * self.lr_factor(self.iteration)
 
     def save(self, name: str = "last.pt", state: dict[str, Any] | None = None) -> Path | None:
-        """Rank 0 writes ``state`` (default: the full training state, with every rank's RNG
-        states: then every rank must call it)."""
+        """Rank 0 writes ``state``; without one, the training state (every rank calls it)."""
         rng = None if state is not None else \
             distributed.all_gather_objects(rng_state()) if self.dist.enabled else [rng_state()]
         if not self.dist.is_main:
@@ -241,7 +241,7 @@ class Trainer:
             image = batch["image"].to(self.device, non_blocking=True,
                                       memory_format=self.memory_format)
             batch["mask"] = batch["mask"].to(self.device, non_blocking=True)
-            sync = micro == self.iter_size - 1 or not hasattr(self.model, "no_sync")
+            sync = micro == self.iter_size - 1 or not isinstance(self.model, DDP)
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with torch.autocast(self.device.type, self.amp_dtype,
                                     enabled=self.amp_dtype is not None):

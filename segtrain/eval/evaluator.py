@@ -13,9 +13,10 @@ best.pt and writes metrics.json, scores exactly what ``segtrain.evaluate`` score
 The CRF and the sample figures get the image as read from disk (the batch's ``"rgb"``), never
 an un-normalised copy of the network input.
 
-``output_stride`` re-dilates a network that supports it (DeepLab v3/v3+:
-``set_output_stride``) for the evaluation and restores the training stride afterwards
-(DeepLab v3 Sec. 4.2: train at output stride 16, evaluate at 8).
+``output_stride`` re-dilates a network that supports it (``CAN_SET_OUTPUT_STRIDE`` of the
+model contract, ``segtrain.models.base``: DeepLab v3/v3+) for the evaluation and restores
+the training stride afterwards (DeepLab v3 Sec. 4.2: train at output stride 16, evaluate
+at 8).
 """
 
 from __future__ import annotations
@@ -37,23 +38,19 @@ from segtrain.errors import ConfigError
 from segtrain.eval.crf import DenseCRF, crf_labels, default_workers, softmax_probs
 from segtrain.eval.inference import Predictor
 from segtrain.eval.metrics import ConfusionMatrix
-
-
-def _bare(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel
+from segtrain.models.base import SegmentationModel, bare
 
 
 def check_output_stride(model: nn.Module, output_stride: int | None) -> None:
-    """``eval.output_stride`` needs a model with ``output_stride`` and ``set_output_stride``."""
+    """``eval.output_stride`` needs a model that declares ``CAN_SET_OUTPUT_STRIDE``."""
     if output_stride is None:
         return
-    bare = _bare(model)
-    if getattr(bare, "output_stride", None) is None or \
-            not callable(getattr(bare, "set_output_stride", None)):
+    net = bare(model)
+    if not isinstance(net, SegmentationModel) or not net.CAN_SET_OUTPUT_STRIDE:
         raise ConfigError(
-            f"eval.output_stride={output_stride}: {type(bare).__name__} cannot change its "
-            f"output stride (only models with set_output_stride, DeepLab v3/v3+, can); use "
-            f"eval.output_stride=null")
+            f"eval.output_stride={output_stride}: {type(net).__name__} cannot change its "
+            f"output stride (only models with CAN_SET_OUTPUT_STRIDE, DeepLab v3/v3+, can); "
+            f"use eval.output_stride=null")
 
 
 def crf_pool(workers: int) -> ProcessPoolExecutor:
@@ -110,12 +107,12 @@ class Evaluator:
         self.check_model(model)
         amp = autocast_dtype(resolve_precision(self.precision, device, key="eval.precision"))
         was_training = model.training
-        trained_stride = getattr(_bare(model), "output_stride", None)
+        trained_stride = None if self.output_stride is None else bare(model).output_stride
         pool = None
         model.eval()
         try:
             if self.output_stride is not None:
-                _bare(model).set_output_stride(int(self.output_stride))
+                bare(model).set_output_stride(int(self.output_stride))
             if self.crf is not None and self.crf_workers > 0:
                 pool = crf_pool(self.crf_workers)
             scores = self._run(model, device, amp, pool)
@@ -123,7 +120,7 @@ class Evaluator:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
             if self.output_stride is not None:
-                _bare(model).set_output_stride(trained_stride)
+                bare(model).set_output_stride(trained_stride)
             model.train(was_training)
         return scores
 

@@ -38,13 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from segtrain.models.backbones.build import build_backbone
+from segtrain.models.base import SegmentationModel
 from segtrain.models.modules.context_prior import ContextPriorLayer
 from segtrain.models.modules.conv import ConvBNReLU
 from segtrain.models.modules.heads import FCNHead
 from segtrain.models.param_groups import ParamMults, backbone_head_groups
 
 
-class CPNet(nn.Module):
+class CPNet(SegmentationModel):
     """Dilated backbone -> Context Prior Layer -> 3x3 conv -> classifier; aux head on ``c4``.
 
     Args:
@@ -62,7 +63,7 @@ class CPNet(nn.Module):
         head_lr_mult, head_bias_lr_mult: learning-rate multiples of the new layers.
     """
 
-    OUTPUT_KEYS = frozenset({"out", "prior", "aux"})
+    TRAIN_KEYS = frozenset({"out", "prior", "aux"})
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  prior_channels: int, prior_size: Sequence[int], kernel_size: int,
@@ -83,8 +84,14 @@ class CPNet(nn.Module):
         self.aux_head = None
         if aux_channels:
             self.aux_head = FCNHead(channels["c4"], aux_channels, num_classes, dropout)
-        self.output_keys = frozenset({"out", "prior", "aux"} if aux_channels
-                                     else {"out", "prior"})
+
+    @property
+    def train_keys(self) -> frozenset[str]:
+        return self.TRAIN_KEYS if self.aux_head is not None else frozenset({"out", "prior"})
+
+    @property
+    def output_stride(self) -> int:
+        return self.backbone.output_stride
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         size = image.shape[-2:]

@@ -34,6 +34,7 @@ from torch import nn
 from segtrain.errors import ConfigError
 from segtrain.models.backbones.resnet import ResNet, resnet
 from segtrain.models.backbones.vgg import VGG, vgg16
+from segtrain.models.base import SegmentationModel
 from segtrain.models.param_groups import ParamMults, backbone_head_groups, freeze_batchnorm
 
 
@@ -132,7 +133,7 @@ def _transplant_vgg_fc(backbone: VGG, branch: AtrousBranch) -> None:
         conv7.bias.copy_(fc7.bias[::4])
 
 
-class DeepLab(nn.Module):
+class DeepLab(SegmentationModel):
     """Backbone at output stride 8 followed by the DeepLab v1/v2 classifier head.
 
     Args:
@@ -155,9 +156,8 @@ class DeepLab(nn.Module):
             "pool5a" layer of the released DeepLab v1 LargeFOV prototxt.
     """
 
-    # the keys forward can return (see app.check_outputs); "out_lowres": logits before the
-    # final upsampling, for loss.label_stride
-    OUTPUT_KEYS = frozenset({"out", "out_lowres"})
+    # "out_lowres": the logits before the final upsampling, for loss.label_stride
+    TRAIN_KEYS = frozenset({"out", "out_lowres"})
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int, head: str,
                  head_rates: Mapping[str, Sequence[int]], pretrained: str | None = None,
@@ -165,7 +165,6 @@ class DeepLab(nn.Module):
                  head_bias_lr_mult: float = 20.0, in_channels: int = 3, pool_kernel: int = 2,
                  fc6_avg_pool: bool = False) -> None:
         super().__init__()
-        self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
         self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         if head not in head_rates:
             raise ValueError(f"model.head={head!r} is not one of {sorted(head_rates)}")
@@ -194,8 +193,14 @@ class DeepLab(nn.Module):
         feats = self.backbone.forward_features(image)["c5"]
         logits = self.head(self.pool5a(feats))
         out = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        if not self.training:
+            return {"out": out}
         # out_lowres: the stride-8 logits the Caffe models train on (loss.label_stride)
         return {"out": out, "out_lowres": logits}
+
+    @property
+    def output_stride(self) -> int:
+        return self.backbone.output_stride
 
     def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
         """fc8 (each branch's classifier) weights at ``head_lr_mult`` and biases at

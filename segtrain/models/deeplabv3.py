@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segtrain.models.backbones.build import build_backbone, set_backbone_output_stride
+from segtrain.models.base import SegmentationModel
 from segtrain.models.modules.aspp import ASPP
 from segtrain.models.modules.conv import ConvBNReLU, SeparableConv2d
 from segtrain.models.param_groups import ParamMults, backbone_head_groups, freeze_batchnorm
@@ -54,7 +55,7 @@ def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size, mode="bilinear", align_corners=True)
 
 
-class AtrousEncoder(nn.Module):
+class AtrousEncoder(SegmentationModel):
     """Shared part of v3 and v3+: atrous backbone and ASPP, switchable output stride.
 
     Args:
@@ -71,21 +72,19 @@ class AtrousEncoder(nn.Module):
             employ output stride = 8, and train on ... trainval").
     """
 
-    # the keys forward can return (see app.check_outputs); "out_lowres": logits before the
-    # final upsampling, for loss.label_stride
-    OUTPUT_KEYS = frozenset({"out", "out_lowres"})
+    # "out_lowres": the logits before the final upsampling, for loss.label_stride
+    TRAIN_KEYS = frozenset({"out", "out_lowres"})
+    CAN_SET_OUTPUT_STRIDE = True
     freeze_bn: bool = False
 
     def __init__(self, backbone: str, output_stride: int, multi_grid: Sequence[int] | None,
                  atrous_rates: Sequence[int], aspp_dropout: float, separable: bool,
                  pretrained: str | None, in_channels: int) -> None:
         super().__init__()
-        self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
         self.backbone_name = backbone
         self.multi_grid = tuple(multi_grid) if multi_grid else None
         self.in_channels = in_channels
         self.rates_at_16 = tuple(atrous_rates)
-        self.output_stride = output_stride
         self.backbone = build_backbone(backbone, output_stride, pretrained, self.multi_grid,
                                        in_channels)
         self.aspp = ASPP(self.backbone.feature_channels["c5"], ASPP_CHANNELS,
@@ -97,7 +96,10 @@ class AtrousEncoder(nn.Module):
         set_backbone_output_stride(self.backbone, self.backbone_name, output_stride,
                                    self.multi_grid, self.in_channels)
         self.aspp.set_rates(rates)
-        self.output_stride = output_stride
+
+    @property
+    def output_stride(self) -> int:
+        return self.backbone.output_stride
 
     def _set_freeze_bn(self, freeze_bn: bool) -> None:
         """Called by the subclasses once every layer exists (the decoder's BN included)."""
@@ -154,7 +156,8 @@ class DeepLabV3(AtrousEncoder):
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         c5 = self.backbone.forward_features(image)["c5"]
         logits = self.classifier(self.aspp(c5))  # at the output stride (loss.label_stride)
-        return {"out": _upsample(logits, image.shape[-2:]), "out_lowres": logits}
+        out = _upsample(logits, image.shape[-2:])
+        return {"out": out, "out_lowres": logits} if self.training else {"out": out}
 
     def _new_layers(self) -> list[nn.Module]:
         return [self.aspp, self.classifier]
@@ -204,7 +207,8 @@ class DeepLabV3Plus(AtrousEncoder):
         x = _upsample(self.aspp(feats["c5"]), low.shape[-2:])
         x = self.decoder(torch.cat([x, low], dim=1))
         logits = self.classifier(x)  # at stride 4, the decoder's (loss.label_stride=4)
-        return {"out": _upsample(logits, image.shape[-2:]), "out_lowres": logits}
+        out = _upsample(logits, image.shape[-2:])
+        return {"out": out, "out_lowres": logits} if self.training else {"out": out}
 
     def _new_layers(self) -> list[nn.Module]:
         return [self.aspp, self.reduce, self.decoder, self.classifier]

@@ -141,11 +141,10 @@ class DSRL(DeepLabV3Plus):
         in_channels: input channels (also the channels SISR reconstructs).
         head_lr_mult, head_bias_lr_mult: learning-rate multiples of the new layers.
 
-    Training mode returns ``{"out", "sr", "fa_seg", "fa_sr"}`` (``output_keys``); eval mode
-    returns ``{"out"}``.
+    Training mode returns ``{"out", "sr", "fa_seg", "fa_sr"}``; eval mode ``{"out"}``.
     """
 
-    OUTPUT_KEYS = frozenset({"out", "sr", "fa_seg", "fa_sr"})  # see app.check_outputs
+    TRAIN_KEYS = frozenset({"out", "sr", "fa_seg", "fa_sr"})
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  multi_grid: Sequence[int] | None, atrous_rates: Sequence[int],
@@ -167,7 +166,6 @@ class DSRL(DeepLabV3Plus):
                                 low_level_channels, sr_channels, in_channels, 4 * sr_factor)
         # feature transform: SISR output -> SSSR channels for the affinity (FA) loss
         self.feature_transform = nn.Conv2d(in_channels, num_classes, 1)
-        self.output_keys = self.OUTPUT_KEYS
 
     def low_resolution(self, image: torch.Tensor) -> torch.Tensor:
         """The network input: ``image`` downsampled by ``sr_factor`` (area interpolation)."""

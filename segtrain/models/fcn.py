@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from segtrain.models.backbones.vgg import VGG, vgg16
-from segtrain.models.param_groups import ParamMults, single_group
+from segtrain.models.base import SegmentationModel
 
 # Crop offsets of the reference nets (see the module docstring for the derivation).
 CROP_POOL4 = 5
@@ -72,8 +72,10 @@ def _crop(x: torch.Tensor, offset: int, height: int, width: int) -> torch.Tensor
     return x[:, :, offset:offset + height, offset:offset + width]
 
 
-class FCN(nn.Module):
-    """FCN-32s/16s/8s on VGG-16.
+class FCN(SegmentationModel):
+    """FCN-32s/16s/8s on VGG-16. Every layer learns at the base rate, biases at
+    ``model.param_mults.bias`` (the reference solvers: lr_mult 2, decay_mult 0): the
+    contract's default ``param_groups``.
 
     Args:
         num_classes: number of classes.
@@ -85,12 +87,9 @@ class FCN(nn.Module):
         dropout: dropout probability after fc6 and fc7 (0.5 in VGG and the paper).
     """
 
-    OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
-
     def __init__(self, num_classes: int, stride: int, pretrained: str | None,
                  learnable_upsampling: bool, skip_scaling: bool, dropout: float) -> None:
         super().__init__()
-        self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
         if stride not in CROP_FINAL:
             raise ValueError(f"stride must be 32, 16 or 8, got {stride}")
         self.stride = stride
@@ -149,11 +148,6 @@ class FCN(nn.Module):
             x = x + _crop(self.score_pool3(pool3), CROP_POOL3, x.shape[2], x.shape[3])
         x = self.upscore(x)
         return {"out": _crop(x, CROP_FINAL[self.stride], h, w)}
-
-    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
-        """Every layer at the base rate; biases at ``mults.bias`` (the reference solvers:
-        lr_mult 2, decay_mult 0, conf/model/fcn*.yaml)."""
-        return single_group(self, mults)
 
 
 def fcn32s(num_classes: int, **kwargs) -> FCN:

@@ -96,7 +96,7 @@ class HANet(DeepLabV3Plus):
         head_lr_mult, head_bias_lr_mult: learning-rate multiples of the new layers.
     """
 
-    OUTPUT_KEYS = frozenset({"out", "aux"})  # the keys forward can return (app.check_outputs)
+    TRAIN_KEYS = frozenset({"out", "aux"})
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  multi_grid: Sequence[int] | None, contract_dilation: bool,
@@ -140,7 +140,10 @@ class HANet(DeepLabV3Plus):
             for stage in STAGES if stage in attach})
         self.aux_head = FCNHead(ch["c4"], aux_channels, num_classes, aux_dropout) \
             if aux_channels else None
-        self.output_keys = frozenset({"out", "aux"} if self.aux_head is not None else {"out"})
+
+    @property
+    def train_keys(self) -> frozenset[str]:
+        return self.TRAIN_KEYS if self.aux_head is not None else frozenset({"out"})
 
     def _attend(self, stage: str, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         return self.attention[stage](low, high) if stage in self.attention else high

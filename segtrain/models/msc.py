@@ -6,7 +6,7 @@ maximum per position and class, in fp32 (under bf16/fp16 autocast too). The trai
 is the sum of the cross-entropy of each scale's output and of the fused output
 (``segtrain.losses.ce``).
 
-Outputs of ``MultiScaleInputs(model, scales)``, in training and in evaluation alike:
+Outputs of ``MultiScaleInputs(model, scales)`` in training (its ``train_keys``):
 
 - ``"out"``: the max fusion at the input resolution (what the 1.0 scale gives);
 - ``"out_s<scale>"`` (``out_s1``, ``out_s0.75``, ``out_s0.5``): each scale's ``"out"`` at
@@ -15,6 +15,10 @@ Outputs of ``MultiScaleInputs(model, scales)``, in training and in evaluation al
   ``loss.label_stride``): ``"out_lowres"`` fused at the 1.0 scale's low resolution (the
   released prototxt fuses there) and ``"out_lowres_s<scale>"`` per scale;
 - the model's other outputs (``"aux"``, ...) from the 1.0 scale.
+
+In evaluation, as every model (``segtrain.models.base``), only the fused ``"out"``. The
+wrapper is a ``SegmentationModel`` whose parameter groups and output stride are the wrapped
+network's.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from segtrain.errors import ConfigError
+from segtrain.models.base import SegmentationModel
 from segtrain.models.param_groups import ParamMults
 
 FUSED_KEYS = ("out", "out_lowres")
@@ -36,16 +40,19 @@ def scale_key(key: str, scale: float) -> str:
     return f"{key}_s{scale:g}"
 
 
-class MultiScaleInputs(nn.Module):
+class MultiScaleInputs(SegmentationModel):
     """Wraps ``model`` to run it at several input scales and max-fuse the logits.
 
     Args:
-        model: returns a dict with ``"out"`` (and optionally ``"out_lowres"``).
+        model: the network, a ``SegmentationModel``.
         scales: input scales; must contain 1.0 (the fused outputs are at its resolution).
     """
 
-    def __init__(self, model: nn.Module, scales: Sequence[float]) -> None:
+    def __init__(self, model: SegmentationModel, scales: Sequence[float]) -> None:
         super().__init__()
+        if not isinstance(model, SegmentationModel):
+            raise TypeError(f"MultiScaleInputs wraps a SegmentationModel, got "
+                            f"{type(model).__name__}")
         scales = [float(s) for s in scales]
         if not scales or any(s <= 0 for s in scales) or len(set(scales)) != len(scales):
             raise ConfigError(f"model.msc.train_scales must be distinct positive scales, "
@@ -54,8 +61,12 @@ class MultiScaleInputs(nn.Module):
             raise ConfigError(f"model.msc.train_scales must include 1.0 (the fused output is "
                               f"at the 1.0 scale's resolution), got {scales}")
         self.model, self.scales = model, scales
-        # the wrapped model's keys; the per-scale outputs ("out_s0.5", ...) come on top
-        self.output_keys = model.output_keys
+
+    @property
+    def train_keys(self) -> frozenset[str]:
+        """The network's keys and, for each fused one, one per scale (``out_s0.5``, ...)."""
+        inner = self.model.train_keys
+        return inner | {scale_key(k, s) for k in FUSED_KEYS if k in inner for s in self.scales}
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = {}
@@ -71,7 +82,8 @@ class MultiScaleInputs(nn.Module):
             fused = None
             for s in self.scales:
                 logits = outputs[s][key]
-                result[scale_key(key, s)] = logits
+                if self.training:
+                    result[scale_key(key, s)] = logits
                 logits = logits.float()
                 if logits.shape[-2:] != size:
                     logits = F.interpolate(logits, size=size, mode="bilinear",
@@ -84,11 +96,13 @@ class MultiScaleInputs(nn.Module):
         return self.model.param_groups(mults)
 
     @property
+    def CAN_SET_OUTPUT_STRIDE(self) -> bool:  # the wrapped network's, unlike other models'
+        return self.model.CAN_SET_OUTPUT_STRIDE
+
+    @property
     def output_stride(self) -> int | None:
-        return getattr(self.model, "output_stride", None)
+        return self.model.output_stride
 
     def set_output_stride(self, output_stride: int) -> None:
-        """Re-dilate the wrapped model (``eval.output_stride``); only models that can."""
-        if not hasattr(self.model, "set_output_stride"):
-            raise AttributeError(f"{type(self.model).__name__} has no set_output_stride")
+        """Re-dilate the wrapped network; a ``ConfigError`` where it cannot."""
         self.model.set_output_stride(output_stride)

@@ -18,15 +18,15 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from segtrain.models.backbones.build import build_backbone
+from segtrain.models.base import SegmentationModel
 from segtrain.models.modules.heads import FCNHead
 from segtrain.models.modules.ppm import PyramidPooling
 from segtrain.models.param_groups import ParamMults, backbone_head_groups
 
 
-class PSPNet(nn.Module):
+class PSPNet(SegmentationModel):
     """Dilated backbone -> pyramid pooling -> FCN head; auxiliary head on ``c4``.
 
     Args:
@@ -41,7 +41,7 @@ class PSPNet(nn.Module):
         in_channels: input channels (e.g. 4 for RGB-D).
     """
 
-    OUTPUT_KEYS = frozenset({"out", "aux"})  # the keys forward can return (app.check_outputs)
+    TRAIN_KEYS = frozenset({"out", "aux"})
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  bins: Sequence[int], head_channels: int, aux_channels: int, dropout: float,
@@ -57,8 +57,14 @@ class PSPNet(nn.Module):
         self.aux_head = None
         if aux_channels:
             self.aux_head = FCNHead(channels["c4"], aux_channels, num_classes, dropout)
-        # what forward returns in training mode
-        self.output_keys = frozenset({"out", "aux"} if aux_channels else {"out"})
+
+    @property
+    def train_keys(self) -> frozenset[str]:
+        return self.TRAIN_KEYS if self.aux_head is not None else frozenset({"out"})
+
+    @property
+    def output_stride(self) -> int:
+        return self.backbone.output_stride
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         size = image.shape[-2:]

@@ -39,7 +39,8 @@ from torch import nn
 
 from segtrain.errors import ConfigError
 from segtrain.models.backbones.vgg import VGG, vgg16_bn
-from segtrain.models.param_groups import ParamMults, backbone_head_groups, single_group
+from segtrain.models.base import SegmentationModel
+from segtrain.models.param_groups import ParamMults, backbone_head_groups
 
 # Decoder conv + BN + ReLU widths per stage, deepest first, as in the reference Caffe model;
 # stage 1 then ends with the classifier conv.
@@ -62,7 +63,7 @@ def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, relu: bool,
     return nn.Sequential(*layers)
 
 
-class SegNet(nn.Module):
+class SegNet(SegmentationModel):
     """SegNet with a VGG-16-BN encoder and an index-unpooling decoder.
 
     Args:
@@ -70,12 +71,9 @@ class SegNet(nn.Module):
         pretrained: VGG-16-BN ImageNet checkpoint (path, URL, ``"imagenet"``) or ``None``.
     """
 
-    OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
-
     def __init__(self, num_classes: int, pretrained: str | None, head_lr_mult: float = 1.0,
                  head_bias_lr_mult: float = 1.0) -> None:
         super().__init__()
-        self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
         self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.encoder: VGG = vgg16_bn(output_stride=32, pretrained=pretrained).drop_classifier()
         # encoder stages: the layers between consecutive pools
@@ -123,7 +121,7 @@ class SegNet(nn.Module):
                                     self.head_bias_lr_mult, mults)
 
 
-class SegNetBasic(nn.Module):
+class SegNetBasic(SegmentationModel):
     """SegNet-Basic: ``depth`` encoders/decoders of ``channels`` kxk filters.
 
     Args:
@@ -134,14 +132,13 @@ class SegNetBasic(nn.Module):
         in_channels: input channels.
         input_lrn: ``{size, alpha, beta, k}`` of an ``nn.LocalResponseNorm`` on the input
             (the reference model's "norm" layer), or None.
-    """
 
-    OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
+    Trained from scratch: one role at the base rate (the contract's ``param_groups``).
+    """
 
     def __init__(self, num_classes: int, depth: int, channels: int, kernel_size: int,
                  in_channels: int = 3, input_lrn: Mapping[str, float] | None = None) -> None:
         super().__init__()
-        self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
         self.input_norm: nn.Module = nn.Identity()
         if input_lrn is not None:
             if not {"size", "alpha", "beta"} <= set(input_lrn) <= {"size", "alpha", "beta", "k"}:
@@ -174,7 +171,3 @@ class SegNetBasic(nn.Module):
             indices, size = pooled.pop()
             x = decoder(F.max_unpool2d(x, indices, 2, 2, output_size=size))
         return {"out": self.classifier(x)[:, :, :h, :w]}
-
-    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
-        """Trained from scratch: one role at the base learning rate."""
-        return single_group(self, mults)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segtrain.models.backbones.build import build_backbone
+from segtrain.models.base import SegmentationModel
 from segtrain.models.modules.conv import ConvBNReLU
 from segtrain.models.modules.heads import FCNHead
 from segtrain.models.modules.strip_pooling import MixedPoolingModule, StripPoolingModule
@@ -56,7 +57,7 @@ def insert_strip_pooling(backbone: nn.Module) -> list[nn.Module]:
     return chosen
 
 
-class SPNet(nn.Module):
+class SPNet(SegmentationModel):
     """Dilated ResNet with SPMs -> 1x1 reduction -> two MPMs -> FCN classifier.
 
     Args:
@@ -76,7 +77,7 @@ class SPNet(nn.Module):
         head_lr_mult, head_bias_lr_mult: learning-rate multiples of the head (10 and 10).
     """
 
-    OUTPUT_KEYS = frozenset({"out", "aux"})
+    TRAIN_KEYS = frozenset({"out", "aux"})
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  multi_grid: Sequence[int] | None, backbone_spm: bool, reduce_channels: int,
@@ -97,7 +98,14 @@ class SPNet(nn.Module):
         self.aux_head = None
         if aux_channels:
             self.aux_head = FCNHead(channels["c4"], aux_channels, num_classes, dropout)
-        self.output_keys = frozenset({"out", "aux"} if aux_channels else {"out"})
+
+    @property
+    def train_keys(self) -> frozenset[str]:
+        return self.TRAIN_KEYS if self.aux_head is not None else frozenset({"out"})
+
+    @property
+    def output_stride(self) -> int:
+        return self.backbone.output_stride
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         size = image.shape[-2:]

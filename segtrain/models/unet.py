@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from segtrain.models.param_groups import ParamMults, single_group
+from segtrain.models.base import SegmentationModel
 
 DEPTH = 4  # max-pool downsamplings of the paper's net
 # Valid-mode geometry: with b the bottom feature size, the input is 16b + 124 and the output
@@ -86,7 +86,7 @@ class UpBlock(nn.Module):
         return self.conv(torch.cat([skip, x], dim=1))
 
 
-class UNet(nn.Module):
+class UNet(SegmentationModel):
     """U-Net with four downsamplings.
 
     Args:
@@ -97,14 +97,13 @@ class UNet(nn.Module):
         batch_norm: BatchNorm after every 3x3 conv (not in the paper).
         dropout: dropout probability at the end of the contracting path.
         in_channels: input channels (1 for the paper's grey-scale microscopy).
-    """
 
-    OUTPUT_KEYS = frozenset({"out"})  # the keys forward can return (see app.check_outputs)
+    Trained from scratch: one role at the base rate (the contract's ``param_groups``).
+    """
 
     def __init__(self, num_classes: int, padding: str, base_channels: int, batch_norm: bool,
                  dropout: float, in_channels: int = 3) -> None:
         super().__init__()
-        self.output_keys = self.OUTPUT_KEYS  # what forward returns in training mode
         if padding not in ("valid", "same"):
             raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
         self.padding = padding
@@ -164,7 +163,3 @@ class UNet(nn.Module):
         left, right, x0 = self._pad_amounts(w)
         x = self.forward_tile(mirror_pad(image, top, bottom, left, right))
         return {"out": x[:, :, y0:y0 + h, x0:x0 + w]}
-
-    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
-        """Trained from scratch: one role at the base learning rate."""
-        return single_group(self, mults)

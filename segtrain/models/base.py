@@ -1,0 +1,93 @@
+"""The model contract: what every segtrain network promises the rest of the code.
+
+A model is a ``SegmentationModel`` (an ``nn.Module``) and the loss check, the optimizer,
+the evaluator and the trainer use nothing else of it:
+
+- ``forward(image)`` takes an ``N x C x H x W`` float batch and returns a dict of tensors.
+  ``"out"`` is always there: logits ``N x num_classes x H x W`` at the input resolution.
+  In training mode (``model.train()``) the dict has exactly ``model.train_keys``: ``"out"``
+  and what a loss needs (``"out_lowres"`` logits before the final upsampling for
+  ``loss.label_stride``, ``"aux"`` of an auxiliary head, CPNet's ``"prior"``, DSRL's
+  ``"sr"``, ``"fa_seg"``, ``"fa_sr"``, the MSC wrapper's per-scale ``"out_s<scale>"``). In
+  eval mode it has exactly ``EVAL_KEYS``, ``{"out"}``: inference never pays for what only
+  training uses. ``output_keys`` is the set of the current mode.
+- ``TRAIN_KEYS`` (class constant): every key a model of the class can return in training,
+  its optional heads included. ``app.models_that_fit`` reads it from the classes of
+  ``conf/model`` without building them, to name the models a loss can train.
+  ``train_keys`` (per instance): ``TRAIN_KEYS`` less the outputs of heads this instance was
+  built without (``aux_channels=0``); ``app.check_outputs`` compares it with the loss's
+  ``required_keys`` at start-up.
+- ``param_groups(mults)``: the optimizer groups, every trainable parameter in exactly one
+  (``segtrain.models.param_groups``: role x kind, with ``lr_mult`` and
+  ``weight_decay_mult``). The default is one role at the base rate (a network trained from
+  scratch or at one rate); a network with a pretrained backbone and new layers overrides it
+  with the multipliers of its reference.
+- Output stride: ``output_stride`` is the stride of the backbone's last feature map (the
+  DeepLab v3 definition, the value ``model.output_stride`` and ``eval.output_stride`` name),
+  ``None`` for encoder-decoders that fuse several strides (FCN, SegNet, U-Net). Where
+  ``CAN_SET_OUTPUT_STRIDE`` is true, ``set_output_stride(s)`` re-dilates the network in
+  place with the same parameters (DeepLab v3 Sec. 4.2: train at 16, evaluate at 8);
+  elsewhere it raises ``ConfigError``.
+
+Wrappers: ``bare(model)`` is the ``SegmentationModel`` under ``DistributedDataParallel``
+(or ``DataParallel``); its ``state_dict`` is the one checkpoints hold. The multi-scale
+wrapper (``segtrain.models.msc.MultiScaleInputs``) is itself a ``SegmentationModel``: it
+adds its per-scale keys and delegates groups and output stride to the network it wraps.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from segtrain.errors import ConfigError
+from segtrain.models.param_groups import ParamMults, single_group
+
+
+class SegmentationModel(nn.Module):
+    """Base class of every segtrain network; the module docstring is the contract."""
+
+    #: every key a model of this class can return in training mode
+    TRAIN_KEYS: ClassVar[frozenset[str]] = frozenset({"out"})
+    #: the keys every model returns in eval mode
+    EVAL_KEYS: ClassVar[frozenset[str]] = frozenset({"out"})
+    #: whether ``set_output_stride`` works
+    CAN_SET_OUTPUT_STRIDE: ClassVar[bool] = False
+
+    @property
+    def train_keys(self) -> frozenset[str]:
+        """The keys this instance returns in training mode (``TRAIN_KEYS`` unless it was
+        built without an optional head)."""
+        return self.TRAIN_KEYS
+
+    @property
+    def output_keys(self) -> frozenset[str]:
+        """The keys ``forward`` returns in the current mode."""
+        return self.train_keys if self.training else self.EVAL_KEYS
+
+    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
+        """One role (``all``) at the base rate, split by kind (``single_group``)."""
+        return single_group(self, mults)
+
+    @property
+    def output_stride(self) -> int | None:
+        """The backbone's output stride; ``None``: no single one (encoder-decoders)."""
+        return None
+
+    def set_output_stride(self, output_stride: int) -> None:
+        """Re-dilate in place; only where ``CAN_SET_OUTPUT_STRIDE``."""
+        stride = "no single output stride" if self.output_stride is None \
+            else f"output stride {self.output_stride}"
+        raise ConfigError(f"output stride {output_stride}: {type(self).__name__} cannot change "
+                          f"its output stride (built with {stride}; only models with "
+                          f"CAN_SET_OUTPUT_STRIDE can)")
+
+
+def bare(model: nn.Module) -> nn.Module:
+    """The model under ``DistributedDataParallel`` / ``DataParallel`` (itself otherwise): the
+    ``SegmentationModel`` whose contract and ``state_dict`` the caller wants."""
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
