@@ -214,7 +214,7 @@ def test_a_stop_signal_saves_last_pt_and_gives_the_signal_back(tmp_path, monkeyp
             os.kill(os.getpid(), signal.SIGUSR1)
         return {"total": outputs["out"].mean()}
 
-    with pytest.raises(TrainingInterrupted, match=r"signal 10 received\) at iteration 2"):
+    with pytest.raises(TrainingInterrupted, match="stopped by signal 10 at iteration 2"):
         _trainer(tmp_path, [Preemption()], max_iters=6, loss=loss, log_interval=100).fit()
     assert checkpoint.load(tmp_path)["iteration"] == 2
     assert signal.getsignal(signal.SIGUSR1) is before

@@ -47,8 +47,7 @@ class Trainer:
     Args:
         model: returns ``{"out": logits, ...}``; already on ``device`` (DDP-wrapped if needed).
         loss_fn: ``(outputs, batch) -> {"total": ..., term: ...}``.
-        optimizer: its groups carry the per-group learning rates.
-        lr_factor: iteration -> multiplier of each group's initial rate.
+        optimizer: its groups carry their rates. lr_factor: iteration -> their multiplier.
         batches: ``start -> the endless stream of training micro-batches from number start
             on``; ``fit`` starts it at ``iteration x iter_size``, so a resumed run continues
             the data where it stopped (``segtrain.data.loader.train_loader``).
@@ -118,8 +117,8 @@ class Trainer:
 
     @property
     def stop_cause(self) -> str:
-        return "a stop signal received on another rank" if self._stop_signal is None else \
-            f"signal {self._stop_signal} received"
+        return "a stop signal on another rank" if self._stop_signal is None else \
+            f"signal {self._stop_signal}"
 
     def check_finite(self) -> None:
         """Every rank: raise NonFiniteLossError on all if a loss on any was not finite."""
@@ -201,7 +200,7 @@ class Trainer:
         finally:
             self._call("on_fit_end", status)
         if status == "interrupted":
-            raise TrainingInterrupted(f"stopped ({self.stop_cause}) at iteration {self.iteration}"
+            raise TrainingInterrupted(f"stopped by {self.stop_cause} at iteration {self.iteration}"
                                       f"; resume with trainer.resume={self.run_dir}")
         return {**self.scores, "finished": True}
 
@@ -227,9 +226,10 @@ class Trainer:
             if self._stopped:
                 self.checkpoint()
                 if self.dist.is_main:
-                    log.warning("%s: saved checkpoints/last.pt at iteration %d; "
-                                "resume with trainer.resume=%s", self.stop_cause,
-                                self.iteration, self.run_dir)
+                    log.warning("%s: saved checkpoints/last.pt at iteration %d; resume with "
+                                "trainer.resume=%s", f"signal {self._stop_signal} received"
+                                if self._stop_signal is not None else "another rank received "
+                                "a stop signal", self.iteration, self.run_dir)
                 return
 
     def _step(self, batches: Iterator[dict]) -> None:

@@ -52,7 +52,7 @@ class Preemption(Callback):
             # a submitit job that SLURM preempts is requeued by SLURM itself: ending without
             # a result keeps the waiting launcher waiting for the requeued job's result,
             # instead of recording this unfinished one
-            log.warning("stopped (%s) at iteration %d: exiting without a result; the "
+            log.warning("stopped by %s at iteration %d: exiting without a result; the "
                         "requeued job resumes from last.pt", trainer.stop_cause,
                         trainer.iteration)
             sys.exit(1)
