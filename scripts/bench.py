@@ -6,9 +6,10 @@
 
 1. train: images/s of segtrain's ``Trainer`` against a bare loop written below (forward,
    cross-entropy, backward, AdamW step, poly lr), same model, same in-memory batches, same
-   precision, same threads; for the default model and DeepLab v3+ MobileNetV2. The Trainer's
-   loader is replaced by the very batches the bare loop uses, so the ratio is the loop's own
-   cost (logging, progress bar, non-finite checks, schedule); section 2 measures loading.
+   precision, same threads; for the default model and DeepLab v3+ MobileNetV2. The Trainer
+   gets the very batches the bare loop uses (through its constructor), with the callbacks of
+   a run but the evaluation, so the ratio is the loop's own cost (logging, progress bar,
+   TensorBoard, checkpoints, non-finite checks, schedule); section 2 measures loading.
    Both are timed from the entry of step ``warmup`` to the entry of the last step, with the
    trainer's default log interval inside the window; the two run back to back in each of
    ``--repeats`` rounds and the ratio is the median of the rounds' ratios.
@@ -70,7 +71,8 @@ from omegaconf import DictConfig
 
 from segtrain import app
 from segtrain.data.loader import train_loader
-from segtrain.engine import trainer as trainer_module
+from segtrain.engine.callbacks.checkpoints import Checkpoints
+from segtrain.engine.callbacks.run_log import RunLog
 from segtrain.engine.distributed import DistInfo
 from segtrain.engine.precision import autocast_dtype
 from segtrain.engine.trainer import Trainer
@@ -139,42 +141,33 @@ def bare_loop(cfg: DictConfig, batches: list[dict], steps: int, warmup: int,
 # -- segtrain's trainer ---------------------------------------------------------------------
 def trainer_loop(cfg: DictConfig, batches: list[dict], steps: int, warmup: int,
                  device: torch.device, run_dir: Path, precision: str = "fp32",
-                 train_set=None, **options) -> float:
-    """segtrain's Trainer on the same batches (its loader replaced by them), no evaluator.
-    ``train_set``: what the Trainer is given as its data set (never read: the batches
-    replace its loader); None builds the config's."""
+                 **options) -> float:
+    """segtrain's Trainer on the same batches, with a run's callbacks but no evaluation."""
     model = fresh_model(cfg, device)
     t = cfg.trainer
-    if train_set is None:
-        train_set = app.build_train_set(cfg)
+    stamps: list[float] = []
+
+    def timed(stream):
+        """The batches; a stamp when a step asks for its first (the start of the step)."""
+        for i, batch in enumerate(stream):
+            if i % t.iter_size == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # a stamp marks finished GPU work, not launches
+                stamps.append(CLOCK())
+            yield batch
+
+    callbacks = [Checkpoints(t.checkpoint_interval),
+                 RunLog([str(i) for i in range(cfg.dataset.num_classes)], None,
+                        cfg.dataset.ignore_index, progress=True)]
     trainer = Trainer(
         model, instantiate(cfg.loss, class_weights=None).to(device),
         app.build_optimizer(cfg, app.param_groups(cfg, model)),
-        instantiate(cfg.lr)(max_iters=steps), train_set, None, run_dir,
-        max_iters=steps, batch_size=t.batch_size, num_workers=0, iter_size=t.iter_size,
-        precision=precision, clip_grad_norm=t.clip_grad_norm, eval_interval=t.eval_interval,
-        log_interval=t.log_interval, checkpoint_interval=t.checkpoint_interval, seed=cfg.seed,
-        device=device, class_names=[str(i) for i in range(cfg.dataset.num_classes)],
-        palette=None, ignore_index=cfg.dataset.ignore_index, dist=DistInfo(), **options)
-    stamps: list[float] = []
-    step = trainer._step
-
-    def timed_step(it):
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # a stamp marks finished GPU work, not queued launches
-        stamps.append(CLOCK())
-        step(it)
-
-    trainer._step = timed_step
-    original = trainer_module.train_loader
-    trainer_module.train_loader = lambda *a, **k: itertools.cycle(batches)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # the progress bar stays in the run
-            trainer.fit()
-    finally:
-        trainer_module.train_loader = original
-        if trainer.writer is not None:
-            trainer.writer.close()
+        instantiate(cfg.lr)(max_iters=steps), lambda start: timed(itertools.cycle(batches)),
+        run_dir, max_iters=steps, iter_size=t.iter_size, precision=precision,
+        clip_grad_norm=t.clip_grad_norm, log_interval=t.log_interval, seed=cfg.seed,
+        device=device, callbacks=callbacks, dist=DistInfo(), **options)
+    with contextlib.redirect_stderr(io.StringIO()):  # the progress bar stays in the run
+        trainer.fit()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return images_per_s(stamps, warmup, cfg.trainer.batch_size)
@@ -447,7 +440,7 @@ def deeplabv3_precisions(plan: CudaPlan, tmp: Path) -> list[dict]:
     for precision in ("fp32", "bf16", "fp16"):
         _fresh_memory(plan.device)
         rate = trainer_loop(cfg, batches, plan.steps, plan.warmup, plan.device,
-                            tmp / f"cuda_{precision}", precision=precision, train_set=[])
+                            tmp / f"cuda_{precision}", precision=precision)
         tflops = peak[1][precision] if peak else None
         results.append({
             "precision": precision, "size": list(size), "batch": plan.batch,
@@ -515,8 +508,7 @@ def zoo_throughput(plan: CudaPlan, tmp: Path, experiments: list[str],
                                      int(cfg.model.get("in_channels") or 3), size,
                                      plan.zoo_batch, 2, plan.device)
             row["img_s"] = trainer_loop(cfg, batches, plan.zoo_steps, min(3, plan.zoo_steps - 2),
-                                        plan.device, tmp / f"zoo_{i}", precision=ZOO_PRECISION,
-                                        train_set=[])
+                                        plan.device, tmp / f"zoo_{i}", precision=ZOO_PRECISION)
             row["peak_memory_gib"] = _peak_memory_gib(plan.device)
         except Exception as exc:  # noqa: BLE001 - one model's failure must not end the table
             row["error"] = _first_line(exc)

@@ -23,7 +23,7 @@ from segtrain.engine import checkpoint
 
 
 def plain_rng(rng: dict) -> dict:
-    """The RNG states of an old checkpoint in the format of ``trainer.rng_state``."""
+    """The RNG states of an old checkpoint in the format of ``segtrain.engine.rng.rng_state``."""
     out = dict(rng)
     python = rng.get("python")
     if isinstance(python, tuple):

@@ -5,6 +5,7 @@ other module takes plain arguments.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -17,12 +18,17 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain import config_schema
-from segtrain.data.loader import eval_loader
+from segtrain.data.loader import eval_loader, train_loader
 from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint, distributed
 from segtrain.engine.batch import per_rank_batch
+from segtrain.engine.callbacks.checkpoints import Checkpoints, best_evaluation
+from segtrain.engine.callbacks.evaluation import PeriodicEvaluation
+from segtrain.engine.callbacks.preemption import Preemption
+from segtrain.engine.callbacks.run_log import RunLog
 from segtrain.engine.precision import resolve_precision
-from segtrain.engine.trainer import Trainer, seed_everything, stream_seed
+from segtrain.engine.rng import seed_everything, stream_seed
+from segtrain.engine.trainer import Trainer
 from segtrain.errors import ConfigError, UserError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.models.base import SegmentationModel
@@ -300,24 +306,32 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     schedule = {"trainer.max_iters": int(t.max_iters),
                 "lr": OmegaConf.to_container(cfg.lr, resolve=True),
                 "optim.lr": float(cfg.optim.lr), "images per step": int(effective)}
+    # the endless, resumable sample stream; the trainer starts it at its own iteration
+    batches = functools.partial(train_loader, train_set, batch_size, t.num_workers, cfg.seed,
+                                rank=dist.rank, world_size=dist.world_size,
+                                pin_memory=device.type == "cuda")
+    evaluation = PeriodicEvaluation(evaluator, t.eval_interval)
+    # in this order: last.pt after an evaluation holds it; the preemption exit comes last
+    callbacks = [evaluation, Checkpoints(t.checkpoint_interval),
+                 RunLog(val_set.class_names, palette_of(val_set, cfg.dataset.num_classes),
+                        cfg.dataset.ignore_index),
+                 Preemption()]
     trainer = Trainer(
-        model, loss_fn, optimizer, lr_factor, train_set, evaluator, run_dir,
-        max_iters=t.max_iters, batch_size=batch_size, num_workers=t.num_workers,
+        model, loss_fn, optimizer, lr_factor, batches, run_dir, max_iters=t.max_iters,
         iter_size=t.iter_size, precision=t.precision, clip_grad_norm=t.clip_grad_norm,
-        eval_interval=t.eval_interval, log_interval=t.log_interval,
-        checkpoint_interval=t.checkpoint_interval, seed=cfg.seed, device=device,
-        class_names=val_set.class_names, palette=palette_of(val_set, cfg.dataset.num_classes),
-        ignore_index=cfg.dataset.ignore_index,
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist,
-        compile=t.compile, channels_last=t.channels_last, schedule=schedule,
+        log_interval=t.log_interval, seed=cfg.seed, device=device, callbacks=callbacks,
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, compile=t.compile,
+        channels_last=t.channels_last, schedule=schedule,
         allow_schedule_change=bool(t.resume_allow_schedule_change))
     source = resume_source(t.resume, run_dir)
     if source is not None:
-        trainer.resume(source)
+        trainer.load_state_dict(checkpoint.load(source), checkpoint.resolve(source))
+        log.info("resumed from %s at iteration %d", checkpoint.resolve(source), trainer.iteration)
     metrics = trainer.fit()
-    if dist.is_main and "miou" in metrics:
+    best = best_evaluation(evaluation.history)
+    if dist.is_main and "miou" in metrics and best is not None:
         log.info("final: mIoU %.4f  pixel acc %.4f  (best mIoU %.4f)  run folder %s",
-                 metrics["miou"], metrics["pixel_acc"], trainer.best_miou, run_dir)
+                 metrics["miou"], metrics["pixel_acc"], best["miou"], run_dir)
     distributed.cleanup()
     return metrics
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -97,12 +96,9 @@ def _trainer(tmp_path, max_iters: int, base_lr: float, allow: bool = False) -> T
     opt = torch.optim.SGD(model.parameters(), lr=base_lr)
     schedule = {"trainer.max_iters": max_iters, "optim.lr": base_lr}
     return Trainer(model, lambda o, b: {"total": o["out"].mean()}, opt,
-                   poly(max_iters, 0.9), [], None, tmp_path, max_iters=max_iters,
-                   batch_size=1, num_workers=0, iter_size=1, precision="fp32",
-                   clip_grad_norm=None, eval_interval=10, log_interval=2,
-                   checkpoint_interval=10, seed=0, device=torch.device("cpu"),
-                   class_names=["a", "b"], palette=np.zeros((2, 3), np.uint8),
-                   ignore_index=255, show_progress=False, schedule=schedule,
+                   poly(max_iters, 0.9), lambda start: iter([]), tmp_path,
+                   max_iters=max_iters, iter_size=1, precision="fp32", clip_grad_norm=None,
+                   log_interval=2, seed=0, device=torch.device("cpu"), schedule=schedule,
                    allow_schedule_change=allow)
 
 

@@ -45,7 +45,8 @@ def test_bare_loop_and_trainer_train_on_the_same_batches(tmp_path):
     assert [int(torch.equal(s, batches[i % 3]["image"])) for i, s in enumerate(seen)] == [1] * 5
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert state["iteration"] == 5
-    assert bench.trainer_module.train_loader is bench.train_loader  # the loader is put back
+    # with a run's callbacks: TensorBoard and the train log lines
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
 
 
 def test_paired_ratio_is_the_median_of_the_rounds():

@@ -4,6 +4,7 @@ SLURM node list gives the master address as ``scontrol show hostnames`` would.""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 
 from segtrain.app import build_model
+from segtrain.data.loader import train_loader
 from segtrain.engine.distributed import (
     DistInfo,
     env_info,
@@ -351,13 +353,11 @@ def test_ranks_agree_on_a_stop_signal_only_at_log_intervals(tmp_path, monkeypatc
                 trainer._stop_signal = signal.SIGUSR1
             return {"total": outputs["out"].mean()}
 
+        batches = functools.partial(train_loader, data, 2, 0, 0, rank=0, world_size=2)
         trainer = Trainer(model, loss, torch.optim.SGD(model.parameters(), lr=0.1),
-                          lambda it: 1.0, data, None, tmp_path, max_iters=20, batch_size=2,
-                          num_workers=0, iter_size=1, precision="fp32", clip_grad_norm=None,
-                          eval_interval=100, log_interval=5, checkpoint_interval=100, seed=0,
-                          device=torch.device("cpu"), class_names=["a", "b"],
-                          palette=np.zeros((2, 3), np.uint8), ignore_index=255,
-                          dist=DistInfo(rank=0, world_size=2), show_progress=False)
+                          lambda it: 1.0, batches, tmp_path, max_iters=20, iter_size=1,
+                          precision="fp32", clip_grad_norm=None, log_interval=5, seed=0,
+                          device=torch.device("cpu"), dist=DistInfo(rank=0, world_size=2))
         at, all_reduce = [], torch.distributed.all_reduce
 
         def counted(*args, **kwargs):

@@ -266,7 +266,7 @@ def test_a_stopped_run_is_marked_unfinished_and_reports_no_score(tiny_cfg, tmp_p
 class _FakeHydraConfig:
     @staticmethod
     def get():
-        return OmegaConf.create({"runtime": {"output_dir": "."}})
+        return OmegaConf.create({"runtime": {"output_dir": "."}, "sweeper": {}})
 
 
 # -- preemption end to end through the submitit local launcher ---------------------------
@@ -284,7 +284,8 @@ def _pid_writing(log_file: Path) -> int | None:
     return None
 
 
-def test_a_preempted_sweep_job_is_requeued_and_ends_with_uninterrupted_weights(tmp_path):
+def test_a_preempted_sweep_job_is_requeued_and_ends_with_uninterrupted_weights(tmp_path,
+                                                                               one_thread):
     sweep = tmp_path / "sweep"
     overrides = [*TINY, "trainer.resume=auto", "trainer.max_iters=8",
                  "trainer.checkpoint_interval=1", "trainer.eval_interval=4",
@@ -314,7 +315,9 @@ def test_a_preempted_sweep_job_is_requeued_and_ends_with_uninterrupted_weights(t
         if proc.poll() is None:
             proc.kill()
     elapsed = time.perf_counter() - tic
-    # the uninterrupted job: the same config, in this process
+    # the uninterrupted job: the same config, in this process, with the job's one intra-op
+    # thread (ENV's OMP_NUM_THREADS=1): a float sum split over 2 threads rounds differently
+    assert torch.get_num_threads() == 1
     reference = train(compose_config(overrides), tmp_path / "reference")
     assert signalled_at is not None and signalled_at < 8, "the job was not signalled midway"
     assert proc.returncode == 0, out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import CONF_DIR, compose_config
@@ -142,13 +141,10 @@ def test_bare_finds_the_checkpointed_model_under_ddp(tmp_path: Path):
         assert all(k.startswith("model.") for k in bare(ddp).state_dict())
         # the trainer saves exactly that state
         trainer = Trainer(ddp, lambda o, b: {"total": o["out"].mean()},
-                          torch.optim.SGD(wrapped.parameters(), lr=0.1), lambda it: 1.0, [],
-                          None, tmp_path, max_iters=1, batch_size=1, num_workers=0,
-                          iter_size=1, precision="fp32", clip_grad_norm=None,
-                          eval_interval=10, log_interval=1, checkpoint_interval=10, seed=0,
-                          device=torch.device("cpu"), class_names=["a", "b", "c"],
-                          palette=np.zeros((K, 3), np.uint8), ignore_index=255,
-                          show_progress=False)
+                          torch.optim.SGD(wrapped.parameters(), lr=0.1), lambda it: 1.0,
+                          lambda start: iter([]), tmp_path, max_iters=1, iter_size=1,
+                          precision="fp32", clip_grad_norm=None, log_interval=1, seed=0,
+                          device=torch.device("cpu"))
         assert trainer.state_dict()["model"].keys() == wrapped.state_dict().keys()
     finally:
         torch.distributed.destroy_process_group()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -27,12 +26,10 @@ class Tiny(nn.Module):
 def _trainer(tmp_path, model=None) -> Trainer:
     model = model or Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return Trainer(model, lambda o, b: {"total": o["out"].mean()}, opt, lambda it: 1.0, [],
-                   None, tmp_path, max_iters=4, batch_size=1, num_workers=0, iter_size=1,
-                   precision="fp32", clip_grad_norm=None, eval_interval=10, log_interval=2,
-                   checkpoint_interval=10, seed=0, device=torch.device("cpu"),
-                   class_names=["a", "b"], palette=np.zeros((2, 3), np.uint8), ignore_index=255,
-                   show_progress=False)
+    return Trainer(model, lambda o, b: {"total": o["out"].mean()}, opt, lambda it: 1.0,
+                   lambda start: iter([]), tmp_path, max_iters=4, iter_size=1,
+                   precision="fp32", clip_grad_norm=None, log_interval=2, seed=0,
+                   device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("where", ["conv.weight", "bn.running_var", "scale16"])

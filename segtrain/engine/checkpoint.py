@@ -32,6 +32,10 @@ class CheckpointError(UserError):
     """A checkpoint is missing, unreadable, unsafe or not a segtrain checkpoint."""
 
 
+class ScheduleChanged(UserError):
+    """A resume whose max_iters, schedule, base rate or batch differ from the checkpoint's."""
+
+
 def _temporaries(folder: Path, name: str) -> list[Path]:
     return sorted(folder.glob(f".{name}.*.tmp"))
 
@@ -137,3 +141,27 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str 
             f"checkpoint {source} holds weights of {_model_of(state)}, which do not fit "
             f"{type(model).__name__}: " + "; ".join(p for p in parts if p))
     model.load_state_dict(weights)
+
+
+def check_schedule(saved: dict[str, Any] | None, current: dict[str, Any], allow_change: bool,
+                   source: str | Path) -> bool:
+    """Compare the schedule a checkpoint recorded (``saved``: max_iters, lr schedule, base
+    rate, images per step) with the run's. True when they differ and ``allow_change``
+    (trainer.resume_allow_schedule_change); ``ScheduleChanged`` when they differ and not."""
+    if not current or saved is None:
+        if current:
+            log.warning("checkpoint %s records no schedule (written before segtrain stored "
+                        "it): trainer.max_iters and the lr schedule are not checked against "
+                        "it", source)
+        return False
+    changed = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}"
+               for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if changed and not allow_change:
+        raise ScheduleChanged(
+            f"resume from {source} refused: its schedule differs ({'; '.join(changed)}), "
+            f"which would bend its learning-rate curve; start a new run, or set "
+            f"trainer.resume_allow_schedule_change=true to continue with the new one")
+    if changed:
+        log.warning("resuming %s with a changed schedule (trainer.resume_allow_schedule_"
+                    "change=true): %s", source, "; ".join(changed))
+    return bool(changed)

@@ -1,0 +1,67 @@
+"""The hooks of the training loop. ``segtrain.engine.trainer.Trainer`` calls them on every
+rank, callback by callback in the order of its list, at these points:
+
+    on_fit_start                          once, after a resume, before the first step
+    on_log(terms, rate)                   every log_interval steps (and at the last)
+    on_step_end                           after every optimizer step (and its on_log)
+    on_evaluation(evaluation)             when a callback hands the trainer an Evaluation
+    on_exception(error)                   when the loop raised (not a non-finite loss,
+                                          whose check keeps the last good state itself)
+    on_fit_end(status)                    once: "finished", "interrupted" or "failed"
+
+A hook that writes a file does it on rank 0 only (``trainer.dist.is_main``); a hook that
+calls a collective (``trainer.checkpoint``, ``trainer.check_finite``, an evaluation) does it
+on every rank at the same iteration. ``state_dict`` is merged into the training checkpoint
+(its keys must not collide with the trainer's) and ``load_state_dict`` gets that checkpoint
+back on resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from segtrain.engine.trainer import Trainer
+
+
+@dataclass
+class Evaluation:
+    """The scores of one evaluation at ``iteration`` (every rank), the run's ``history`` of
+    evaluation summaries with this one last, and the (image, gt, prediction) ``samples`` for
+    figures (both on rank 0; empty elsewhere)."""
+
+    iteration: int
+    scores: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Callback:
+    """A no-op for every hook: a callback overrides the ones it needs."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_log(self, trainer: Trainer, terms: dict[str, float], rate: float) -> None:
+        """``terms``: the loss terms' means over the interval and the ranks; ``rate``:
+        iterations per second over the interval."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        pass
+
+    def on_evaluation(self, trainer: Trainer, evaluation: Evaluation) -> None:
+        pass
+
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        """Called on each rank that raised, without collectives (another rank may be gone);
+        the error is raised after; a callback may add a line to a ``UserError``'s message."""
+
+    def on_fit_end(self, trainer: Trainer, status: str) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,78 @@
+"""Checkpoints: ``last.pt`` (the full training state) every ``checkpoint_interval``
+iterations, at the last and after an error (the last completed step), ``best.pt`` (the
+weights) at each evaluation that beats every earlier one; the best-model policy is
+``best_evaluation``."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+from segtrain.engine import checkpoint
+from segtrain.engine.callbacks.base import Callback, Evaluation
+from segtrain.engine.finite import weights_finite_flag
+from segtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from segtrain.engine.trainer import Trainer
+
+log = logging.getLogger("segtrain")
+
+
+def best_evaluation(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best model of a run: the first evaluation with the highest mIoU (an undefined
+    mIoU, NaN, never wins); None before any evaluation."""
+    best, best_miou = None, -math.inf
+    for entry in history:
+        if entry["miou"] > best_miou:
+            best, best_miou = entry, entry["miou"]
+    return best
+
+
+class Checkpoints(Callback):
+    """Writes checkpoints/last.pt every ``interval`` iterations (every rank agrees first that
+    the loss and the weights are finite) and after an error (the state of the last completed
+    step, when its weights are finite: the error says what was kept), and checkpoints/best.pt
+    when an evaluation is the run's best (``best_evaluation``)."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.dist.is_main:
+            # kill -9 during a write leaves .last.pt.*.tmp files: this run owns the folder
+            checkpoint.remove_stale_temporaries(trainer.run_dir / "checkpoints")
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.due(self.interval):
+            trainer.checkpoint()
+
+    def on_evaluation(self, trainer: Trainer, evaluation: Evaluation) -> None:
+        history = evaluation.history
+        if history and best_evaluation(history) is history[-1]:
+            trainer.save("best.pt", {"model": trainer.bare_model.state_dict(),
+                                     "iteration": evaluation.iteration,
+                                     "metrics": history[-1], "config": trainer.config_yaml})
+
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        if trainer.rng_after_step is None:  # no step completed since the start (or resume)
+            return
+        last = trainer.run_dir / "checkpoints" / "last.pt"
+        if not bool(weights_finite_flag(trainer.bare_model)):
+            note = f"last.pt not saved: the weights after iteration {trainer.iteration} are " \
+                   f"not finite"
+        else:
+            try:
+                # no collective here (another rank may be gone): this rank's RNG states only
+                trainer.save("last.pt", trainer.state_dict(rng=[trainer.rng_after_step]))
+                note = f"saved {last} at iteration {trainer.iteration} (the last completed " \
+                       f"step): resume with trainer.resume={trainer.run_dir}"
+            except Exception as save_err:  # noqa: BLE001 - report the first error
+                note = f"could not save last.pt ({save_err})"
+        if trainer.dist.is_main:
+            log.error("training stopped by %s at iteration %d; %s", type(error).__name__,
+                      trainer.iteration, note)
+            if isinstance(error, UserError) and len(error.args) == 1:
+                # the one or two lines the entry point prints
+                error.args = (f"{error.args[0]}\n{note}",)

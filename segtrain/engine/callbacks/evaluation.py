@@ -1,0 +1,46 @@
+"""Periodic evaluation: the evaluator's scores every ``eval_interval`` iterations and at the
+last one, and the run's record of them (``history``, saved in ``last.pt``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from segtrain.engine.callbacks.base import Callback, Evaluation
+from segtrain.eval.evaluator import Evaluator
+
+if TYPE_CHECKING:
+    from segtrain.engine.trainer import Trainer
+
+#: the scores an evaluation keeps in the run's history (and in best.pt)
+SUMMARY_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou")
+
+
+class PeriodicEvaluation(Callback):
+    """Scores the model with ``evaluator`` every ``interval`` iterations and at the last.
+
+    It runs at ``eval.precision`` (fp32 by default), not in the training autocast: the scores
+    that pick best.pt and fill metrics.json are those ``segtrain.evaluate`` reproduces. Before
+    it, every rank agrees that the loss stayed finite (no evaluation of NaN weights).
+    """
+
+    def __init__(self, evaluator: Evaluator, interval: int) -> None:
+        self.evaluator, self.interval = evaluator, interval
+        self.history: list[dict[str, Any]] = []
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if not trainer.due(self.interval):
+            return
+        trainer.check_finite()
+        scores = self.evaluator.run(trainer.model, trainer.device)
+        evaluation = Evaluation(trainer.iteration, scores)
+        if trainer.dist.is_main:
+            self.history.append({**{k: scores[k] for k in SUMMARY_KEYS},
+                                 "iteration": trainer.iteration})
+            evaluation.history, evaluation.samples = self.history, self.evaluator.samples
+        trainer.publish(evaluation)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
