@@ -28,11 +28,14 @@ install: $(BIN)/python
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# pytest-xdist: one worker per core (TEST_WORKERS=0 runs in this process); the 10 slowest
+# tests are printed at the end so a slow newcomer shows up in every run.
+TEST_WORKERS ?= auto
 test:
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=10
 
 test-slow:
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow -n $(TEST_WORKERS) --dist loadscope --durations=10
 
 lint:
 	$(BIN)/ruff check segtrain tests scripts

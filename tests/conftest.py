@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,13 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """Compose ``conf/config.yaml`` with overrides, as ``python -m segtrain`` would."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides or []))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``) each worker process uses one intra-op thread: the
+    workers already fill the cores, and two threads per worker on top of them thrash."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
