@@ -29,8 +29,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from segtrain.cli import user_errors
 from segtrain.engine.json_files import write_json
-from segtrain.errors import ConfigError, UserError, user_errors
+from segtrain.errors import ConfigError, UserError
 from segtrain.evaluate import build_model, load_run
 
 log = logging.getLogger("segtrain")
