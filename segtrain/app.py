@@ -5,7 +5,6 @@ other module takes plain arguments.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -312,7 +311,3 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     distributed.cleanup()
     return metrics
 
-
-def summary(metrics: dict[str, Any]) -> str:
-    keys = ("miou", "pixel_acc", "mean_acc", "fwiou")
-    return json.dumps({k: round(metrics[k], 4) for k in keys if k in metrics})
