@@ -33,7 +33,7 @@ def check_sweep_direction(sweeper: DictConfig) -> None:
                           f"or hydra.sweeper.direction=maximize")
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
         check_sweep_direction(HydraConfig.get().sweeper)

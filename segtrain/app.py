@@ -30,7 +30,7 @@ from segtrain.viz import default_palette
 log = logging.getLogger("segtrain")
 
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # conf/, installed as segtrain/conf
 
 
 def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:

@@ -240,7 +240,7 @@ def evaluate(cfg: DictConfig, eval_name: str,
     return result
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     with user_errors():
         hydra_cfg = HydraConfig.get()

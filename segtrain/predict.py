@@ -158,7 +158,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     return written
 
 
-@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
+@hydra.main(config_path="conf", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         predict(cfg)

@@ -3,6 +3,7 @@ Hydra; ``UserError`` is segtrain's own; the repository names no path outside its
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,36 @@ def test_user_error_is_segtrains_own_exception():
     assert issubclass(ConfigError, ValueError)
     with pytest.raises(UserError, match="trainer.precision"):
         raise ConfigError("trainer.precision=fp8: expected one of fp32, bf16, fp16")
+
+
+def test_configs_are_installed_as_segtrains_data_and_found_from_any_directory(tmp_path):
+    """A regular (non-editable) install: the wheel holds conf/ as segtrain/conf (no top-level
+    ``conf`` package), and ``python -m segtrain`` run elsewhere composes an experiment."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info into it
+    for name in ("segtrain", "conf"):
+        shutil.copytree(REPO / name, source / name, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel")],
+                   cwd=tmp_path, capture_output=True, text=True, check=True)
+    (wheel,) = (tmp_path / "wheel").glob("segtrain-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    configs = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "conf").rglob("*.y*ml"))
+    assert {f"segtrain/{c}" for c in configs} <= set(names)
+    assert {n.split("/")[0] for n in names} == {"segtrain", wheel.name.split("-py3")[0]
+                                                 + ".dist-info"}
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    code = ("import segtrain, sys; from segtrain.__main__ import main; print(segtrain.__file__);"
+            " sys.argv = ['segtrain', 'experiment=deeplabv2_voc', '--cfg', 'job']; main()")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(str(tmp_path / "site" / "segtrain")), proc.stdout
+    assert "segtrain.data.voc.VOCSegmentation" in proc.stdout
