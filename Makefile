@@ -13,7 +13,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing the CUDA build of torch"; \
-		$(BIN)/pip install "torch>=2.1"; \
+		$(BIN)/pip install "torch>=2.5"; \
 	elif $(BIN)/pip download -q --no-index --no-deps -d $(VENV)/.torch-probe "torch==$(TORCH_VERSION)" >/dev/null 2>&1; then \
 		echo "No GPU: installing the local CPU wheel torch==$(TORCH_VERSION)"; \
 		$(BIN)/pip install "torch==$(TORCH_VERSION)"; \
