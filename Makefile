@@ -44,7 +44,7 @@ train:
 	$(BIN)/python -m segtrain
 
 bench:    ## segtrain against a bare PyTorch loop, data, eval modes, CPU knobs (scripts/bench.py)
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py $(if $(CAMVID),--camvid $(CAMVID))
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -12,7 +12,6 @@ from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
-SHARED_CAMVID = REPO.parent / "shared" / "data" / "camvid"
 
 # A training run small enough for a unit test: tiny images, a handful of iterations.
 TINY = [
@@ -50,6 +49,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def real_camvid() -> Path:
+    """The real CamVid as SegNet distributes it (train 367, val 101 images), the one place the
+    tests look for data outside the repository: ``$SEGTRAIN_CAMVID``, else a ``shared/data/
+    camvid`` folder beside the checkout. Tests that need it are skipped where it is absent."""
+    root = Path(os.environ.get("SEGTRAIN_CAMVID") or REPO.parent / "shared" / "data" / "camvid")
+    if not (root / "train").is_dir():
+        pytest.skip(f"no real CamVid at {root} (set SEGTRAIN_CAMVID)")
+    return root
 
 
 @pytest.fixture

@@ -70,3 +70,20 @@ def test_configs_are_installed_as_segtrains_data_and_found_from_any_directory(tm
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(str(tmp_path / "site" / "segtrain")), proc.stdout
     assert "segtrain.data.voc.VOCSegmentation" in proc.stdout
+
+
+def test_the_repository_names_no_path_outside_itself():
+    """Docs, configs and code point inside the repository (the tests find a real CamVid in
+    one conftest fixture); no file names the machine the project was made on."""
+    import re
+
+    outside = re.compile(r"/work/|\.\./shared|shared/data|DESIGN\.md|paper_numbers\.md")
+    files = [REPO / "README.md", REPO / "Makefile", REPO / "pyproject.toml",
+             *(REPO / "docs").glob("*.md"), *(REPO / "conf").rglob("*.y*ml"),
+             *(REPO / "scripts").glob("*.py"), *(REPO / "segtrain").rglob("*.py"),
+             *(p for p in (REPO / "tests").glob("*.py") if p.name not in ("conftest.py", "test_package.py"))]
+    found = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in files
+             for i, line in enumerate(p.read_text().splitlines(), 1) if outside.search(line)]
+    assert not found, "\n".join(found)
+    assert (REPO / "docs" / "architecture.md").is_file()
+    assert "(docs/architecture.md)" in (REPO / "README.md").read_text()
