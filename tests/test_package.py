@@ -81,7 +81,8 @@ def test_the_repository_names_no_path_outside_itself():
     files = [REPO / "README.md", REPO / "Makefile", REPO / "pyproject.toml",
              *(REPO / "docs").glob("*.md"), *(REPO / "conf").rglob("*.y*ml"),
              *(REPO / "scripts").glob("*.py"), *(REPO / "segtrain").rglob("*.py"),
-             *(p for p in (REPO / "tests").glob("*.py") if p.name not in ("conftest.py", "test_package.py"))]
+             *(p for p in (REPO / "tests").glob("*.py")
+               if p.name not in ("conftest.py", "test_package.py"))]
     found = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in files
              for i, line in enumerate(p.read_text().splitlines(), 1) if outside.search(line)]
     assert not found, "\n".join(found)
