@@ -17,8 +17,8 @@
 2. data: CamVid training images/s through segtrain's loader (decode, random scale, crop,
    flip, normalise) with 0, 1 and 2 workers, beside the images/s the CamVid model
    (DeepLab v3+ MobileNetV2 at 360x480) consumes in training: a ratio above 1 means loading
-   keeps up. Skipped with a note when ../shared/data/camvid is absent (--camvid to point
-   elsewhere).
+   keeps up. Skipped with a note unless ``--camvid <root>`` names a CamVid copy
+   (``make bench CAMVID=<root>``).
 3. eval: seconds per image of whole-image, multi-scale (0.5, 0.75, 1, max; ``eval=msc``),
    multi-scale + flip (``eval=msc_flip``), sliding-window and multi-scale + dense CRF
    (``eval=msc_crf``) evaluation, as ratios to whole, beside the ideal ratio of forward FLOPs
@@ -79,7 +79,6 @@ from segtrain.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
-CAMVID = REPO.parent / "shared" / "data" / "camvid"
 MODELS = {"default (DeepLab v2 ResNet-18)": [],
           "DeepLab v3+ MobileNetV2": ["model=deeplabv3plus", "model.backbone=mobilenetv2"]}
 
@@ -214,9 +213,10 @@ def section_train(args, rows: list[list[str]], tmp: Path) -> dict[str, float]:
 
 
 def section_data(args, rows: list[list[str]]) -> None:
-    if not (args.camvid / "train").is_dir():
+    if args.camvid is None or not (args.camvid / "train").is_dir():
         rows.append(["2 data", "CamVid loader", "-", "-", "-",
-                     f"skipped: no CamVid at {args.camvid}"])
+                     "skipped: no --camvid" if args.camvid is None
+                     else f"skipped: no CamVid at {args.camvid}"])
         return
     cfg = config("dataset=camvid", f"dataset.root={args.camvid}", "model=deeplabv3plus",
                  "model.backbone=mobilenetv2", "trainer.batch_size=4")
@@ -597,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5,
                         help="rounds of back-to-back runs; ratios are medians over rounds")
     parser.add_argument("--data-batches", type=int, default=6, help="loader batches timed")
-    parser.add_argument("--camvid", type=Path, default=CAMVID, help="CamVid root")
+    parser.add_argument("--camvid", type=Path, default=None,
+                        help="CamVid root (train/, trainannot/, ...); without it: skipped")
     parser.add_argument("--cuda-batch", type=int, default=8)
     parser.add_argument("--cuda-steps", type=int, default=20,
                         help="steps per precision (3 untimed)")

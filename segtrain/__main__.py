@@ -7,7 +7,8 @@
     torchrun --nproc_per_node=8 -m segtrain dataset=cityscapes model=deeplabv3plus
 
 A user error (``segtrain.errors.UserError``: data, config, checkpoint) ends the command with
-its message on stderr and exit status 1, no traceback (``HYDRA_FULL_ERROR=1`` shows it).
+its message on stderr and exit status 1, no traceback (``segtrain.cli``; ``HYDRA_FULL_ERROR=1``
+shows it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from segtrain.app import train
-from segtrain.errors import ConfigError, user_errors
+from segtrain.cli import user_errors
+from segtrain.errors import ConfigError
 
 
 def check_sweep_direction(sweeper: DictConfig) -> None:
@@ -31,7 +33,7 @@ def check_sweep_direction(sweeper: DictConfig) -> None:
                           f"or hydra.sweeper.direction=maximize")
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
         check_sweep_direction(HydraConfig.get().sweeper)

@@ -6,7 +6,6 @@ other module takes plain arguments.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from segtrain.viz import default_palette
 log = logging.getLogger("segtrain")
 
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # conf/, installed as segtrain/conf
 
 
 def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:
@@ -335,7 +334,3 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     distributed.cleanup()
     return metrics
 
-
-def summary(metrics: dict[str, Any]) -> str:
-    keys = ("miou", "pixel_acc", "mean_acc", "fwiou")
-    return json.dumps({k: round(metrics[k], 4) for k in keys if k in metrics})

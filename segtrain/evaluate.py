@@ -40,10 +40,11 @@ from torch import nn
 
 from segtrain import app
 from segtrain.app import build_evaluator, palette_of, pick_device
+from segtrain.cli import user_errors
 from segtrain.engine import checkpoint, distributed
 from segtrain.engine.json_files import write_json
 from segtrain.engine.precision import autocast_dtype, resolve_precision
-from segtrain.errors import UserError, user_errors
+from segtrain.errors import UserError
 from segtrain.eval.metrics import format_table
 from segtrain.viz import comparison_strip
 
@@ -239,7 +240,7 @@ def evaluate(cfg: DictConfig, eval_name: str,
     return result
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     with user_errors():
         hydra_cfg = HydraConfig.get()

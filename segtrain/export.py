@@ -29,8 +29,9 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from segtrain.cli import user_errors
 from segtrain.engine.json_files import write_json
-from segtrain.errors import ConfigError, UserError, user_errors
+from segtrain.errors import ConfigError, UserError
 from segtrain.evaluate import build_model, load_run
 
 log = logging.getLogger("segtrain")
@@ -151,7 +152,7 @@ def main_export(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(config_path="../conf/export", config_name="export", version_base="1.3")
+@hydra.main(config_path="conf/export", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         main_export(cfg)

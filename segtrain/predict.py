@@ -38,9 +38,10 @@ from PIL import Image
 
 from segtrain import app
 from segtrain.app import check_single_pyramid, palette_of, pick_device
+from segtrain.cli import user_errors
 from segtrain.data.base import read_image
 from segtrain.data.transforms import compose
-from segtrain.errors import UserError, user_errors
+from segtrain.errors import UserError
 from segtrain.eval.crf import crf_labels, softmax_probs
 from segtrain.eval.evaluator import check_output_stride
 from segtrain.evaluate import build_model, load_run, precision_dtype
@@ -157,7 +158,7 @@ def predict(cfg: DictConfig) -> list[Path]:
     return written
 
 
-@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
+@hydra.main(config_path="conf", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         predict(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,6 @@ from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
-SHARED_CAMVID = REPO.parent / "shared" / "data" / "camvid"
 
 # A training run small enough for a unit test: tiny images, a handful of iterations.
 TINY = [
@@ -35,6 +35,13 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides or []))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``) each worker process uses one intra-op thread: the
+    workers already fill the cores, and two threads per worker on top of them thrash."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: on 2 shared cores, two threads per process thrash."""
@@ -42,6 +49,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def real_camvid() -> Path:
+    """The real CamVid as SegNet distributes it (train 367, val 101 images), the one place the
+    tests look for data outside the repository: ``$SEGTRAIN_CAMVID``, else a ``shared/data/
+    camvid`` folder beside the checkout. Tests that need it are skipped where it is absent."""
+    root = Path(os.environ.get("SEGTRAIN_CAMVID") or REPO.parent / "shared" / "data" / "camvid")
+    if not (root / "train").is_dir():
+        pytest.skip(f"no real CamVid at {root} (set SEGTRAIN_CAMVID)")
+    return root
 
 
 @pytest.fixture

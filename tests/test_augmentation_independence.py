@@ -1,4 +1,4 @@
-"""Each transform of a sample draws from its own random stream (DESIGN.md, "Randomness").
+"""Each transform of a sample draws from its own random stream (docs/architecture.md, "Randomness").
 
 albumentations' ``Compose.set_random_seed`` hands one seed to every child transform, which
 made flip, scale and crop offset one draw: in the CamVid pipeline every flipped sample had

@@ -12,7 +12,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from segtrain import app
 from segtrain.app import build_model, build_optimizer
+from segtrain.engine.precision import resolve_precision
 from tests.conftest import CONF_DIR, REPO, compose_config
 
 
@@ -53,12 +55,13 @@ def test_real_dataset_without_root_is_hydras_missing_value_error():
 @pytest.mark.parametrize("name", options("model"))
 def test_model_options_build_and_give_param_groups(name):
     cfg = compose_config([f"model={name}", "dataset.num_classes=3"])
-    assert cfg.model.num_classes == 3
     model = build_model(cfg)
-    groups = model.param_groups()
-    covered = sum(p.numel() for g in groups for p in g["params"])
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert covered == trainable, f"model={name}: param_groups miss parameters"
+    # with the config's own multipliers: every trainable parameter in exactly one group
+    groups = app.param_groups(cfg, model)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(grouped) == len(set(grouped)), f"model={name}: a parameter in two groups"
+    assert set(grouped) == trainable, f"model={name}: param_groups miss parameters"
     if "head_lr_mult" in cfg.model:  # the YAML's multiples reach the optimizer groups
         mults = {g["name"]: g["lr_mult"] for g in groups}
         assert mults["head"] == cfg.model.head_lr_mult, name
@@ -104,9 +107,23 @@ def test_optim_options_build_with_group_multipliers(name):
 
 @pytest.mark.parametrize("name", options("eval"))
 def test_eval_options_build_a_predictor(name):
-    cfg = compose_config([f"eval={name}"])
+    """Every eval option's predictor (scales, fusion, flip, windows) leaves the logits of a
+    constant image as they are (resizing, fusing, flipping or stitching a constant map is
+    the identity), at the image's size, whatever the image size and window layout."""
+    cfg = compose_config([f"eval={name}", "eval.predictor.crop_size=[24,24]",
+                          "eval.predictor.stride=[16,16]"] if "slide" in name
+                         else [f"eval={name}"])
     predictor = instantiate(cfg.eval.predictor)
-    assert predictor.mode in ("whole", "slide")
+    conv = torch.nn.Conv2d(3, 4, 1)
+
+    def model(image):
+        return {"out": conv(image)}
+
+    image = torch.full((1, 3, 37, 53), 0.7)
+    with torch.no_grad():
+        logits = predictor(model, image)
+        assert logits.shape == (1, 4, 37, 53)
+        torch.testing.assert_close(logits, conv(image), rtol=1e-5, atol=1e-5)
     if cfg.eval.crf is not None:
         assert instantiate(cfg.eval.crf).iterations > 0
 
@@ -114,13 +131,20 @@ def test_eval_options_build_a_predictor(name):
 @pytest.mark.parametrize("name", options("trainer"))
 def test_trainer_options_compose(name):
     cfg = compose_config([f"trainer={name}"])
-    assert cfg.trainer.precision in ("fp32", "bf16", "fp16", "auto")
+    # every value resolves, and the precision means an autocast on this CPU
+    OmegaConf.to_container(cfg.trainer, resolve=True, throw_on_missing=True)
+    resolve_precision(cfg.trainer.precision, torch.device("cpu"))
 
 
-def test_deeplabv2_head_choice_composes():
-    for head in ("aspp_s", "aspp_l", "largefov"):
-        cfg = compose_config(["model=deeplabv2", f"model.head={head}"])
-        assert cfg.model.head == head and cfg.model.backbone == "resnet101"
+def test_deeplabv2_head_choice_builds_the_papers_rates():
+    # DeepLab v2 Sec. 3.3 / Fig. 7: ASPP-S rates 2, 4, 8, 12; ASPP-L 6, 12, 18, 24; LargeFOV 12
+    for head, rates in (("aspp_s", [2, 4, 8, 12]), ("aspp_l", [6, 12, 18, 24]),
+                        ("largefov", [12])):
+        cfg = compose_config(["model=deeplabv2_resnet18", f"model.head={head}"])
+        model = build_model(cfg)
+        fc6 = [branch.layers[0] for branch in model.head.branches]
+        assert [conv.dilation for conv in fc6] == [(r, r) for r in rates], head
+        assert [conv.padding for conv in fc6] == [(r, r) for r in rates], head
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

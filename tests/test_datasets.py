@@ -2,7 +2,7 @@
 
 Every loader is checked for item shapes and dtypes, label mapping at specific pixels, split
 lengths, alignment of image and mask through the real YAML pipelines, and each error
-message. CamVid is also checked on the real copy in ../shared/data/camvid when present.
+message. CamVid is also checked on the real copy where there is one (conftest.real_camvid).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from segtrain.data.transforms import compose as compose_transforms
 from segtrain.data.voc import VOCSegmentation
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_CAMVID = Path(__file__).resolve().parents[2] / "shared/data/camvid"
 DATASETS = ("camvid", "voc", "cityscapes", "sunrgbd", "coco")
 
 
@@ -238,16 +237,15 @@ def test_camvid_mismatched_image_and_label_sizes(tmp_path):
         ds[0]
 
 
-@pytest.mark.skipif(not REAL_CAMVID.is_dir(), reason=f"no real CamVid at {REAL_CAMVID}")
-def test_real_camvid_train_split():
-    ds = CamVid(REAL_CAMVID, "train")
+def test_real_camvid_train_split(real_camvid):
+    ds = CamVid(real_camvid, "train")
     assert len(ds) == 367
-    assert len(CamVid(REAL_CAMVID, "val")) == 101
+    assert len(CamVid(real_camvid, "val")) == 101
     values = set()
     for i in range(len(ds)):
         values |= set(np.unique(ds.load_mask(i)[0]).tolist())
     assert values <= set(range(11)) | {255} and 255 in values and len(values) == 12
-    cfg = dataset_cfg("camvid", f"dataset.root={REAL_CAMVID}")
+    cfg = dataset_cfg("camvid", f"dataset.root={real_camvid}")
     check_item(build(cfg, "train")[0], 3, (360, 480))
     check_item(build(cfg, "val")[0], 3, (360, 480))
 
@@ -680,15 +678,14 @@ def test_benchmark_loader_script(tmp_path, capsys):
 # The SegNet-Tutorial's CamVid weights (Models/segnet_train.prototxt, class_weighting).
 SEGNET_WEIGHTS = [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823,
                   6.2478, 7.3614]
-# README of ../shared/data/camvid: train pixel counts of classes 0..11.
+# README of the CamVid copy SegNet distributes: train pixel counts of classes 0..11.
 README_COUNTS = [10682767, 14750079, 623349, 20076880, 2845085, 6166762, 743859, 714595,
                  3719877, 405385, 184967, 2503995]
 # Images of the train split containing each class 0..11 (alexgkendall/caffe-segnet#37).
 IMAGES_WITH_CLASS = [366, 365, 366, 367, 349, 319, 351, 173, 360, 317, 201, 367]
 
 
-@pytest.mark.skipif(not REAL_CAMVID.is_dir(), reason=f"no real CamVid at {REAL_CAMVID}")
-def test_median_frequency_weights_of_real_camvid_match_segnet(tmp_path):
+def test_median_frequency_weights_of_real_camvid_match_segnet(real_camvid, tmp_path):
     """Our counts are the published ones; the weights reproduce SegNet's but for one class.
 
     SegNet's weights come from the 367 train images with the median taken over all 12
@@ -697,7 +694,7 @@ def test_median_frequency_weights_of_real_camvid_match_segnet(tmp_path):
     9.6446 cannot be reproduced from this data (3.53, as others found in
     alexgkendall/caffe-segnet#37); our own weights take the median over the 11 classes.
     """
-    counts = stats.class_pixel_counts(CamVid(REAL_CAMVID, "train"))
+    counts = stats.class_pixel_counts(CamVid(real_camvid, "train"))
     assert counts.pixels.tolist() + [counts.ignored] == README_COUNTS
     assert counts.images.tolist() == IMAGES_WITH_CLASS[:11]
     ours = np.array(stats.median_frequency_weights(counts))
@@ -712,7 +709,7 @@ def test_median_frequency_weights_of_real_camvid_match_segnet(tmp_path):
     np.testing.assert_allclose(ours / segnet_style, ours[0] / segnet_style[0], rtol=1e-9)
     assert np.argsort(ours).tolist() == np.argsort(segnet_style).tolist()
     # train+val does not give the published weights: they come from train alone
-    train_val = stats.class_pixel_counts(CamVid(REAL_CAMVID, "trainval"))
+    train_val = stats.class_pixel_counts(CamVid(real_camvid, "trainval"))
     ours_tv = np.array(stats.median_frequency_weights(train_val))
 
     def spread(weights):  # max/min of weight/published over the 10 reproducible classes

@@ -101,14 +101,6 @@ def test_head_normalisation_follows_the_head_rate_and_the_norm_decay():
     check(cfg, model, opt, model.backbone.bn1.bias, 1, 1)
 
 
-def test_every_model_config_states_its_multipliers_and_covers_its_parameters():
-    from tests.test_config import options
-
-    for name in options("model"):
-        cfg = compose_config([f"model={name}", "dataset.num_classes=3"])
-        assert set(cfg.model.param_mults) == {"bias", "norm_weight", "norm_bias"}, name
-
-
 def test_bad_param_mults_is_a_one_line_error():
     with pytest.raises(ConfigError, match=r"model.param_mults.bias must be \{lr, decay\}"):
         ParamMults.from_mapping({"bias": {"lr": 2}, "norm_weight": {"lr": 1, "decay": 0},

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from segtrain.engine.schedules import build_scheduler, poly, step
+from segtrain.app import train
+from segtrain.engine.schedules import poly, step
 
 
 @pytest.mark.parametrize("it", [0, 1, 17, 500, 999, 1000])
@@ -26,14 +27,30 @@ def test_linear_warmup_multiplies_the_schedule():
     assert f(10) == pytest.approx((1 - 0.1) ** 0.9)
 
 
-def test_scheduler_keeps_group_multipliers():
-    w = torch.nn.Parameter(torch.zeros(1))
-    b = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([{"params": [w], "lr": 0.01}, {"params": [b], "lr": 0.1}], lr=0.01)
-    sched = build_scheduler(opt, poly(10, 0.9))
-    for _ in range(4):
-        opt.step()
-        sched.step()
-    expected = (1 - 4 / 10) ** 0.9
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * expected)
-    assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * expected)
+def test_the_trainer_sets_each_groups_rate_at_each_step(tiny_cfg, tmp_path, monkeypatch):
+    """The rates SGD really applies in a run: base x group multiplier x warm-up x poly, per
+    parameter group and iteration (DeepLab v2 Sec. 4.1; fc8 biases 20x as in its prototxt)."""
+    seen = []
+    real_step = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        seen.append({g["name"]: (g["lr"], g["params"]) for g in self.param_groups})
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    cfg = tiny_cfg("optim=sgd", "optim.lr=0.01", "model.head_lr_mult=10",
+                   "model.head_bias_lr_mult=20", "lr.warmup_iters=2", "lr.warmup_ratio=0.1",
+                   "trainer.max_iters=5", "trainer.eval_interval=5", "trainer.batch_size=1",
+                   "dataset.image_size=16", "dataset.val.num_samples=1")
+    train(cfg, tmp_path)
+    assert len(seen) == 5
+    mults = {"backbone": 1, "backbone_norm_weight": 1, "backbone_norm_bias": 1, "head": 10,
+             "head_bias": 20}
+    for it, groups in enumerate(seen):
+        warmup = 0.1 + 0.9 * it / 2 if it < 2 else 1.0
+        factor = warmup * (1 - it / 5) ** 0.9
+        assert set(groups) == set(mults)
+        for name, (lr, _) in groups.items():
+            assert lr == pytest.approx(0.01 * mults[name] * factor, rel=1e-9), (it, name)
+    # the 20x group holds the classifier biases: one per class in each ASPP branch
+    assert {tuple(p.shape) for p in seen[0]["head_bias"][1]} == {(cfg.dataset.num_classes,)}

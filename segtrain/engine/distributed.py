@@ -128,11 +128,6 @@ def init(backend: str | None = None) -> DistInfo:
     return info
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         value = value.clone()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
-
 
 def _warmup(it: int, warmup_iters: int, warmup_ratio: float) -> float:
     if warmup_iters <= 0 or it >= warmup_iters:
@@ -56,8 +54,3 @@ def constant(max_iters: int, warmup_iters: int = 0,
 
     return factor
 
-
-def build_scheduler(optimizer: torch.optim.Optimizer,
-                    factor: Callable[[int], float]) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over every parameter group (each keeps its own lr multiple)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

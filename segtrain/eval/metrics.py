@@ -21,9 +21,6 @@ class ConfusionMatrix:
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
-    def reset(self) -> None:
-        self.matrix.zero_()
-
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch of predicted and ground-truth label maps (same shape)."""
