@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
+from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -58,6 +60,10 @@ def eval_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     bad = [o for o in overrides if not o.lstrip("+~").startswith("eval.")]
     if bad:
         raise ConfigError(f"overrides {bad}: only eval.<key>=<value> overrides are taken")
+    # inside the user's own Hydra application Hydra is initialised with their config
+    # folder: set it aside (as hydra.initialize itself does) and put it back afterwards
+    users = get_gh_backup()
+    GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(app.CONF_DIR), version_base="1.3"):
             return compose(overrides=[f"+eval={name}", *overrides]).eval
@@ -67,6 +73,8 @@ def eval_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
                           f"{', '.join(options)}") from None
     except HydraException as err:
         raise ConfigError(f"eval={name} with {list(overrides)}: {err}") from None
+    finally:
+        restore_gh_from_backup(users)
 
 
 def as_rgb(image: ImageLike) -> np.ndarray:
