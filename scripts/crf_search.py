@@ -45,8 +45,14 @@ BI_W = [3.0, 4.0, 5.0, 6.0]
 BI_XY_STD = [30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0]
 BI_RGB_STD = [3.0, 4.0, 5.0, 6.0]
 
-# the cached predictions, set before the worker processes fork (they inherit it)
+# the cached predictions in each CRF process, set there by _set_cache (the processes are
+# spawned: they inherit nothing from this one)
 _CACHE: dict[str, Any] = {}
+
+
+def _set_cache(cache: dict[str, Any]) -> None:
+    _CACHE.clear()
+    _CACHE.update(cache)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -126,15 +132,10 @@ def search(cache: dict[str, Any], base: dict[str, Any], grid: list[dict[str, flo
     crfs = [DenseCRF(**{**base, **point}) for point in grid]
     jobs = [(k, crf, i) for k, crf in enumerate(crfs) for i in range(len(cache["probs"]))]
     matrices = [np.zeros((n, n), np.int64) for _ in grid]
-    _CACHE.clear()
-    _CACHE.update(cache)
-    try:
-        with crf_pool(workers) as pool:
-            chunk = max(1, len(jobs) // (8 * workers))
-            for k, matrix in pool.map(_crf_matrix, jobs, chunksize=chunk):
-                matrices[k] += matrix
-    finally:
-        _CACHE.clear()
+    with crf_pool(workers, _set_cache, (cache,)) as pool:
+        chunk = max(1, len(jobs) // (8 * workers))
+        for k, matrix in pool.map(_crf_matrix, jobs, chunksize=chunk):
+            matrices[k] += matrix
     miou = lambda m: scores_from_matrix(torch.from_numpy(m))["miou"]  # noqa: E731
     return miou(plain), [miou(m) for m in matrices]
 

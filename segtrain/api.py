@@ -175,20 +175,9 @@ def _device(name: str | torch.device | None, config: DictConfig) -> torch.device
                           f": CUDA is not available on this machine; pass device='cpu'") from None
 
 
-def load_run(run: str | Path, checkpoint: str = "best", device: str | torch.device | None = None,
-             eval: str | Mapping[str, Any] = "whole", overrides: Sequence[str] = ()) -> Segmenter:
-    """A trained run, ready to predict.
-
-    Args:
-        run: a training run folder, or a checkpoint file (its config is the one stored in
-            it, or the run folder's two levels up).
-        checkpoint: ``best`` (falls back to ``last``), ``last`` or a path to a .pt; for a run
-            folder only.
-        device: ``cpu``, ``cuda``, ``cuda:N``, ``auto`` or a torch.device; None: the run's
-            ``trainer.device``.
-        eval: the default eval option of conf/eval/ (or an eval config node).
-        overrides: ``eval.*`` overrides, e.g. ``["eval.output_stride=8"]``.
-    """
+def read_run(run: str | Path, checkpoint: str = "best") -> tuple[Path, dict, DictConfig]:
+    """(checkpoint file, its state, the run's config) of a run folder or a checkpoint file;
+    see ``load_run``."""
     path = Path(str(run)).expanduser()
     if path.is_file():
         source = path
@@ -202,6 +191,13 @@ def load_run(run: str | Path, checkpoint: str = "best", device: str | torch.devi
     if config.dataset.get("use_depth"):
         raise RunError(f"the run {run_dir or source} was trained on RGB-D input "
                        f"(dataset.use_depth=true); predict takes RGB images only")
+    return source, state, config
+
+
+def segmenter(source: Path, state: dict, config: DictConfig,
+              device: str | torch.device | None = None,
+              eval: str | Mapping[str, Any] = "whole", overrides: Sequence[str] = ()) -> Segmenter:
+    """The ``Segmenter`` of what ``read_run`` returned; see ``load_run``."""
     if isinstance(eval, str):
         eval = eval_config(eval, overrides)
     elif overrides:
@@ -210,3 +206,20 @@ def load_run(run: str | Path, checkpoint: str = "best", device: str | torch.devi
     model = build_model(config, state, device, source=source)
     log.info("checkpoint %s (iteration %s) on %s", source, state.get("iteration", "?"), device)
     return Segmenter(model, config, device, OmegaConf.create(eval), overrides, source)
+
+
+def load_run(run: str | Path, checkpoint: str = "best", device: str | torch.device | None = None,
+             eval: str | Mapping[str, Any] = "whole", overrides: Sequence[str] = ()) -> Segmenter:
+    """A trained run, ready to predict.
+
+    Args:
+        run: a training run folder, or a checkpoint file (its config is the one of the run
+            folder two levels up, else the copy stored in it).
+        checkpoint: ``best`` (falls back to ``last``), ``last`` or a path to a .pt; for a run
+            folder only.
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``auto`` or a torch.device; None: the run's
+            ``trainer.device``.
+        eval: the default eval option of conf/eval/ (or an eval config node).
+        overrides: ``eval.*`` overrides, e.g. ``["eval.output_stride=8"]``.
+    """
+    return segmenter(*read_run(run, checkpoint), device=device, eval=eval, overrides=overrides)

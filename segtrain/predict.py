@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from segtrain import app
-from segtrain.api import load_run
+from segtrain.api import read_run, segmenter
 from segtrain.data.base import read_image
 from segtrain.errors import UserError, user_errors
 from segtrain.viz import colorize, overlay
@@ -82,14 +82,14 @@ def predict(cfg: DictConfig) -> list[Path]:
     """
     # fail on a bad folder before loading anything
     files = list_images(cfg.images, bool(cfg.get("recursive", False)))
-    seg = load_run(cfg.run, checkpoint=str(cfg.checkpoint), device=str(cfg.device),
-                   eval=cfg.eval)
+    source, state, run_cfg = read_run(cfg.run, str(cfg.checkpoint))
     submission = None
     if cfg.get("format"):  # a run or an image name that does not fit stops here
-        submission = app.instantiate(cfg.format, dataset=str(seg.config.dataset.name),
-                                     num_classes=seg.num_classes)
+        submission = app.instantiate(cfg.format, dataset=str(run_cfg.dataset.name),
+                                     num_classes=int(run_cfg.dataset.num_classes))
         for file in files:
             submission.relative_path(file)
+    seg = segmenter(source, state, run_cfg, device=str(cfg.device), eval=cfg.eval)
     names = dict(enumerate(seg.class_names))
 
     out = Path(str(cfg.out)).expanduser()

@@ -26,7 +26,7 @@ import collections
 import logging
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
@@ -44,11 +44,14 @@ from segtrain.eval.metrics import ConfusionMatrix
 log = logging.getLogger("segtrain")
 
 
-def crf_pool(workers: int) -> ProcessPoolExecutor:
+def crf_pool(workers: int, initializer: Callable[..., None] | None = None,
+             initargs: tuple = ()) -> ProcessPoolExecutor:
     """Processes for the CRF, spawned: a fork after CUDA/NCCL initialisation (the trainer's
     periodic evaluation, torchrun) copies their threads and locks in an unusable state. Each
-    worker imports segtrain.eval.crf once (about a second), against the CRF's ~1 s per image."""
-    return ProcessPoolExecutor(max_workers=workers,
+    worker imports segtrain.eval.crf once (about a second), against the CRF's ~1 s per image.
+    A spawned worker inherits no module state: ``initializer(*initargs)`` hands it data."""
+    return ProcessPoolExecutor(max_workers=workers, initializer=initializer,
+                               initargs=initargs,
                                mp_context=multiprocessing.get_context("spawn"))
 
 
