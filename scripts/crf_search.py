@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import pickle
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,14 +48,15 @@ BI_W = [3.0, 4.0, 5.0, 6.0]
 BI_XY_STD = [30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0]
 BI_RGB_STD = [3.0, 4.0, 5.0, 6.0]
 
-# the cached predictions in each CRF process, set there by _set_cache (the processes are
-# spawned: they inherit nothing from this one)
+# the cached predictions in each CRF process, read there by _load_cache from a file this
+# process writes (the processes are spawned: they inherit nothing from this one, and the
+# cache is too large for the pipe that starts them)
 _CACHE: dict[str, Any] = {}
 
 
-def _set_cache(cache: dict[str, Any]) -> None:
-    _CACHE.clear()
-    _CACHE.update(cache)
+def _load_cache(path: str) -> None:
+    with open(path, "rb") as f:
+        _CACHE.update(pickle.load(f))  # noqa: S301 - the file this run just wrote
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -132,10 +136,13 @@ def search(cache: dict[str, Any], base: dict[str, Any], grid: list[dict[str, flo
     crfs = [DenseCRF(**{**base, **point}) for point in grid]
     jobs = [(k, crf, i) for k, crf in enumerate(crfs) for i in range(len(cache["probs"]))]
     matrices = [np.zeros((n, n), np.int64) for _ in grid]
-    with crf_pool(workers, _set_cache, (cache,)) as pool:
-        chunk = max(1, len(jobs) // (8 * workers))
-        for k, matrix in pool.map(_crf_matrix, jobs, chunksize=chunk):
-            matrices[k] += matrix
+    with tempfile.TemporaryDirectory(prefix="crf_search_") as folder:
+        path = Path(folder) / "cache.pkl"
+        path.write_bytes(pickle.dumps(cache, protocol=pickle.HIGHEST_PROTOCOL))
+        with crf_pool(workers, _load_cache, (str(path),)) as pool:
+            chunk = max(1, len(jobs) // (8 * workers))
+            for k, matrix in pool.map(_crf_matrix, jobs, chunksize=chunk):
+                matrices[k] += matrix
     miou = lambda m: scores_from_matrix(torch.from_numpy(m))["miou"]  # noqa: E731
     return miou(plain), [miou(m) for m in matrices]
 
