@@ -39,7 +39,8 @@ from segtrain import app
 from segtrain.api import load_run
 from segtrain.data.loader import eval_loader
 from segtrain.errors import ConfigError, UserError
-from segtrain.eval.crf import DenseCRF, crf_labels, default_workers, softmax_probs
+from segtrain.eval.crf import DenseCRF, default_workers, softmax_probs
+from segtrain.eval.crf_grid import crf_matrix, load_cache, matrix
 from segtrain.eval.evaluator import crf_pool
 from segtrain.eval.metrics import scores_from_matrix
 
@@ -47,17 +48,6 @@ from segtrain.eval.metrics import scores_from_matrix
 BI_W = [3.0, 4.0, 5.0, 6.0]
 BI_XY_STD = [30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0]
 BI_RGB_STD = [3.0, 4.0, 5.0, 6.0]
-
-# the cached predictions in each CRF process, read there by _load_cache from a file this
-# process writes (the processes are spawned: they inherit nothing from this one, and the
-# cache is too large for the pipe that starts them)
-_CACHE: dict[str, Any] = {}
-
-
-def _load_cache(path: str) -> None:
-    with open(path, "rb") as f:
-        _CACHE.update(pickle.load(f))  # noqa: S301 - the file this run just wrote
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -114,35 +104,21 @@ def predict_subset(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     return cache, seg.eval_config
 
 
-def _matrix(labels: np.ndarray, mask: np.ndarray, n: int, ignore_index: int) -> np.ndarray:
-    keep = mask != ignore_index
-    return np.bincount(n * mask[keep].astype(np.int64) + labels[keep].astype(np.int64),
-                       minlength=n * n).reshape(n, n)
-
-
-def _crf_matrix(job: tuple[int, DenseCRF, int]) -> tuple[int, np.ndarray]:
-    """One grid point on one cached image -> (point, its confusion matrix)."""
-    point, crf, i = job
-    labels = crf_labels(crf, _CACHE["rgb"][i], _CACHE["probs"][i])
-    return point, _matrix(labels, _CACHE["mask"][i], _CACHE["num_classes"],
-                          _CACHE["ignore_index"])
-
-
 def search(cache: dict[str, Any], base: dict[str, Any], grid: list[dict[str, float]],
            workers: int) -> tuple[float, list[float]]:
     """mIoU without CRF and at every grid point (``base`` holds the fixed CRF values)."""
     n, ignore = cache["num_classes"], cache["ignore_index"]
-    plain = sum(_matrix(p.argmax(0), m, n, ignore) for p, m in zip(cache["probs"], cache["mask"]))
+    plain = sum(matrix(p.argmax(0), m, n, ignore) for p, m in zip(cache["probs"], cache["mask"]))
     crfs = [DenseCRF(**{**base, **point}) for point in grid]
     jobs = [(k, crf, i) for k, crf in enumerate(crfs) for i in range(len(cache["probs"]))]
     matrices = [np.zeros((n, n), np.int64) for _ in grid]
     with tempfile.TemporaryDirectory(prefix="crf_search_") as folder:
         path = Path(folder) / "cache.pkl"
         path.write_bytes(pickle.dumps(cache, protocol=pickle.HIGHEST_PROTOCOL))
-        with crf_pool(workers, _load_cache, (str(path),)) as pool:
+        with crf_pool(workers, load_cache, (str(path),)) as pool:
             chunk = max(1, len(jobs) // (8 * workers))
-            for k, matrix in pool.map(_crf_matrix, jobs, chunksize=chunk):
-                matrices[k] += matrix
+            for k, counts in pool.map(crf_matrix, jobs, chunksize=chunk):
+                matrices[k] += counts
     miou = lambda m: scores_from_matrix(torch.from_numpy(m))["miou"]  # noqa: E731
     return miou(plain), [miou(m) for m in matrices]
 
