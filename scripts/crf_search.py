@@ -8,52 +8,46 @@ search range w1 in [3:6], theta_alpha in [30:10:100], theta_beta in [3:6], the d
         --bi-xy-std 50 67 80 --bi-rgb-std 3 4 5 --eval crf_v1 --workers 2
     python scripts/crf_search.py run=outputs/<run> 'eval.predictor.scales=[0.25,0.375,0.5]'
 
-The run's model predicts the first ``--num-images`` val images once with the eval config's
-predictor (``--eval``, default ``msc_crf``, honouring its ``output_stride`` and
-``precision``); the softmax probabilities and the images as read from disk (the ones
-``segtrain.evaluate`` gives the CRF) are kept in memory, and each grid point only re-runs the CRF,
-in ``--workers`` processes (default: every core). The iterations and the smoothness kernel
-come from the eval config. Prints mIoU per grid point (and without CRF), then the best
-values as YAML to paste into an eval config (conf/eval/<name>.yaml). A grid point's mIoU is
-exactly what ``python -m segtrain.evaluate run=<run> eval=<eval> eval.crf.bi_w=...`` gives
-on the same images.
+The run's model (``segtrain.load_run``) predicts the first ``--num-images`` val images once
+through the evaluator's inference path with the eval config's predictor (``--eval``, default
+``msc_crf``, honouring its ``output_stride`` and ``precision``); the softmax probabilities
+and the images as read from disk (the ones ``segtrain.evaluate`` gives the CRF) are kept in
+memory, and each grid point only re-runs the CRF, in ``--workers`` processes (default: every
+core). The iterations and the smoothness kernel come from the eval config. Prints mIoU per
+grid point (and without CRF), then the best values as YAML to paste into an eval config
+(conf/eval/<name>.yaml). A grid point's mIoU is exactly what
+``python -m segtrain.evaluate run=<run> eval=<eval> eval.crf.bi_w=...`` gives on the same
+images.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import pickle
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from segtrain import app
+from segtrain.api import load_run
 from segtrain.data.loader import eval_loader
 from segtrain.errors import ConfigError, UserError
-from segtrain.eval.crf import (
-    DenseCRF,
-    default_workers,
-    label_confusion,
-    search_point_confusion,
-    set_search_cache,
-    softmax_probs,
-)
-from segtrain.eval.evaluator import check_output_stride, crf_pool
+from segtrain.eval.crf import DenseCRF, default_workers, softmax_probs
+from segtrain.eval.crf_grid import crf_matrix, load_cache, matrix
+from segtrain.eval.evaluator import crf_pool
 from segtrain.eval.metrics import scores_from_matrix
-from segtrain.evaluate import RunError, build_model, load_run, precision_dtype
 
 # DeepLab v2 Sec. 4.1's search range (coarse grid)
 BI_W = [3.0, 4.0, 5.0, 6.0]
 BI_XY_STD = [30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0]
 BI_RGB_STD = [3.0, 4.0, 5.0, 6.0]
-
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -86,56 +80,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def predict_subset(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    """(cache of probabilities, RGB images and masks of the first N val images, run config)."""
-    with initialize_config_dir(config_dir=str(app.CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="evaluate",
-                      overrides=[f"run={args.run}", f"eval={args.eval}",
-                                 f"checkpoint={args.checkpoint}", f"device={args.device}",
-                                 "num_workers=0", *args.overrides])
-    _, run_cfg, state, _ = load_run(cfg)
-    if not run_cfg.eval.get("crf"):
+    """(cache of probabilities, RGB images and masks of the first N val images, the eval
+    config)."""
+    seg = load_run(args.run, checkpoint=args.checkpoint, device=args.device, eval=args.eval,
+                   overrides=args.overrides)
+    inference = seg.default
+    if inference.crf is None:
         raise ConfigError(f"--eval {args.eval}: conf/eval/{args.eval}.yaml has no crf; use an "
                           f"eval config with one (msc_crf, crf_v1)")
-    device = app.pick_device(args.device)
-    val_set = app.build_val_set(run_cfg)
-    model = build_model(run_cfg, state, device, getattr(val_set, "in_channels", 3))
-    output_stride = run_cfg.eval.get("output_stride")
-    check_output_stride(model, output_stride)
-    if output_stride is not None:
-        model.set_output_stride(int(output_stride))
-    predictor = instantiate(run_cfg.eval.predictor)
-    app.check_single_pyramid((run_cfg.model.get("msc") or {}).get("train_scales"), predictor)
-    amp = precision_dtype(run_cfg.eval.precision, device)
+    val_set = app.build_val_set(seg.config)
     cache: dict[str, Any] = {"probs": [], "rgb": [], "mask": []}
-    with torch.no_grad():
+    # the evaluator's loader and inference: the logits segtrain.evaluate gives the CRF
+    with inference.applied_to(seg.model):
         for i, batch in enumerate(eval_loader(val_set, num_workers=0)):
             if i == args.num_images:
                 break
-            image = batch["image"].to(device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = predictor(model, image)
+            logits = inference.logits(seg.model, batch["image"].to(seg.device))
             cache["probs"].append(softmax_probs(logits)[0])
             cache["rgb"].append(batch["rgb"][0].numpy())
             cache["mask"].append(batch["mask"][0].numpy())
-    cache["num_classes"] = run_cfg.dataset.num_classes
-    cache["ignore_index"] = run_cfg.dataset.ignore_index
-    return cache, run_cfg
+    cache["num_classes"] = seg.num_classes
+    cache["ignore_index"] = seg.ignore_index
+    return cache, seg.eval_config
 
 
 def search(cache: dict[str, Any], base: dict[str, Any], grid: list[dict[str, float]],
            workers: int) -> tuple[float, list[float]]:
     """mIoU without CRF and at every grid point (``base`` holds the fixed CRF values)."""
     n, ignore = cache["num_classes"], cache["ignore_index"]
-    plain = sum(label_confusion(p.argmax(0), m, n, ignore)
-                for p, m in zip(cache["probs"], cache["mask"]))
+    plain = sum(matrix(p.argmax(0), m, n, ignore) for p, m in zip(cache["probs"], cache["mask"]))
     crfs = [DenseCRF(**{**base, **point}) for point in grid]
     jobs = [(k, crf, i) for k, crf in enumerate(crfs) for i in range(len(cache["probs"]))]
     matrices = [np.zeros((n, n), np.int64) for _ in grid]
-    # spawned workers: the cache travels once per worker, through the pool's initializer
-    with crf_pool(workers, set_search_cache, (cache,)) as pool:
-        chunk = max(1, len(jobs) // (8 * workers))
-        for k, matrix in pool.map(search_point_confusion, jobs, chunksize=chunk):
-            matrices[k] += matrix
+    with tempfile.TemporaryDirectory(prefix="crf_search_") as folder:
+        path = Path(folder) / "cache.pkl"
+        path.write_bytes(pickle.dumps(cache, protocol=pickle.HIGHEST_PROTOCOL))
+        with crf_pool(workers, load_cache, (str(path),)) as pool:
+            chunk = max(1, len(jobs) // (8 * workers))
+            for k, counts in pool.map(crf_matrix, jobs, chunksize=chunk):
+                matrices[k] += counts
     miou = lambda m: scores_from_matrix(torch.from_numpy(m))["miou"]  # noqa: E731
     return miou(plain), [miou(m) for m in matrices]
 
@@ -151,11 +134,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     workers = args.workers or default_workers()
     tic = time.perf_counter()
-    cache, run_cfg = predict_subset(args)
+    cache, eval_cfg = predict_subset(args)
     num = len(cache["probs"])
     print(f"predicted {num} val images with eval={args.eval} in "
           f"{time.perf_counter() - tic:.1f} s", flush=True)
-    base = {k: v for k, v in OmegaConf.to_container(run_cfg.eval.crf, resolve=True).items()
+    base = {k: v for k, v in OmegaConf.to_container(eval_cfg.crf, resolve=True).items()
             if k not in ("_target_", "bi_w", "bi_xy_std", "bi_rgb_std")}
     grid = [{"bi_w": w, "bi_xy_std": xy, "bi_rgb_std": rgb} for w, xy, rgb in
             itertools.product(args.bi_w, args.bi_xy_std, args.bi_rgb_std)]
@@ -179,6 +162,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         main()
-    except (UserError, RunError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

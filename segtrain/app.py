@@ -30,6 +30,7 @@ from segtrain.engine.rng import seed_everything, stream_seed
 from segtrain.engine.trainer import Trainer
 from segtrain.errors import ConfigError, UserError
 from segtrain.eval.evaluator import Evaluator
+from segtrain.eval.inference import Inference
 from segtrain.models.base import SegmentationModel
 from segtrain.models.init_from import init_from
 from segtrain.models.param_groups import ParamMults
@@ -212,18 +213,25 @@ def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimize
     return instantiate(cfg.optim)(param_groups)
 
 
-def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
-                    show_progress: bool = False) -> Evaluator:
-    """``cfg.eval``: predictor, optional dense CRF (in ``eval.crf_workers`` processes),
-    ``eval.output_stride`` (null: as trained) and ``eval.precision``."""
+def build_inference(cfg: DictConfig) -> Inference:
+    """``cfg.eval``: predictor, optional dense CRF, ``eval.precision`` and
+    ``eval.output_stride`` (null: as trained); the one test-time path of the evaluator,
+    ``segtrain.predict``, scripts/crf_search.py and ``segtrain.load_run``."""
     predictor = instantiate(cfg.eval.predictor)
     check_single_pyramid((cfg.model.get("msc") or {}).get("train_scales"), predictor)
     crf = instantiate(cfg.eval.crf) if cfg.eval.get("crf") else None
+    return Inference(predictor, crf, precision=cfg.eval.precision,
+                     output_stride=cfg.eval.get("output_stride"))
+
+
+def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
+                    show_progress: bool = False) -> Evaluator:
+    """``cfg.eval``'s inference on ``val_set`` (this rank's share), the CRF in
+    ``eval.crf_workers`` processes."""
     return Evaluator(eval_loader(val_set, cfg.trainer.num_workers, dist.rank, dist.world_size),
                      cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
-                     predictor, crf, num_samples=cfg.eval.num_samples,
-                     show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"),
-                     output_stride=cfg.eval.get("output_stride"), precision=cfg.eval.precision)
+                     build_inference(cfg), num_samples=cfg.eval.num_samples,
+                     show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"))
 
 
 def check_single_pyramid(train_scales, predictor) -> None:

@@ -43,7 +43,6 @@ from segtrain.app import build_evaluator, palette_of, pick_device
 from segtrain.cli import user_errors
 from segtrain.engine import checkpoint, distributed
 from segtrain.engine.json_files import write_json
-from segtrain.engine.precision import autocast_dtype, resolve_precision
 from segtrain.errors import UserError
 from segtrain.eval.metrics import format_table
 from segtrain.viz import comparison_strip
@@ -100,19 +99,22 @@ def checkpoint_path(run_dir: Path, choice: str) -> Path:
     return checkpoint.resolve(choice)
 
 
-def run_config(run_dir: Path, state: dict[str, Any], source: Path) -> DictConfig:
-    """The training config: Hydra's copy in the run folder, else the checkpoint's."""
-    saved = run_dir / ".hydra" / "config.yaml"
-    if saved.is_file():
+def run_config(run_dir: Path | None, state: dict[str, Any], source: Path) -> DictConfig:
+    """The training config: Hydra's copy in the run folder, else the checkpoint's (a lone
+    checkpoint: ``run_dir`` None)."""
+    where = run_dir or source
+    saved = None if run_dir is None else run_dir / ".hydra" / "config.yaml"
+    if saved is not None and saved.is_file():
         cfg = OmegaConf.load(saved)
     elif state.get("config"):
-        log.info("%s not found: using the config stored in %s", saved, source)
+        if saved is not None:
+            log.info("%s not found: using the config stored in %s", saved, source)
         cfg = OmegaConf.create(state["config"])
     else:
-        raise RunError(f"the run {run_dir} has no config: neither .hydra/config.yaml nor a "
+        raise RunError(f"the run {where} has no config: neither .hydra/config.yaml nor a "
                        f"'config' entry in {source}")
     if not isinstance(cfg, DictConfig) or "model" not in cfg or "dataset" not in cfg:
-        raise RunError(f"the config of {run_dir} is not a segtrain training config "
+        raise RunError(f"the config of {where} is not a segtrain training config "
                        f"(no model/dataset section)")
     return cfg
 
@@ -169,11 +171,6 @@ def build_model(run_cfg: DictConfig, state: dict[str, Any], device: torch.device
     model = app.build_model(OmegaConf.merge(run_cfg, {"model": model_cfg}), in_channels)
     checkpoint.load_model_state(model, state, source)
     return model.to(device).eval()
-
-
-def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``eval.precision`` on ``device`` (None: fp32)."""
-    return autocast_dtype(resolve_precision(precision, device, key="eval.precision"))
 
 
 # -- evaluation ----------------------------------------------------------------------------

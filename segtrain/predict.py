@@ -16,11 +16,12 @@ subfolders) it writes, under ``out`` (default ``<run>/predict/<time>/``):
 or, with ``format=cityscapes|voc|ade20k``, only ``submission/``: the benchmark server's label
 files in its layout and label space (``segtrain/submission.py``), ready to be zipped.
 
-The image goes through the run's validation transforms (its normalisation), then the
-``eval`` predictor (whole image by default; ``eval=msc`` / ``slide`` / ``msc_crf`` work as in
-``segtrain.evaluate``) at the image's own size, at ``eval.precision``. The dense CRF gets
-the image as read, exactly as in ``segtrain.evaluate``, so both give the same label map for
-the same image and checkpoint.
+Each image goes through the Python API (``segtrain.load_run(run).predict(image)``): the run's
+validation transforms (its normalisation), then the one inference path of
+``segtrain.evaluate`` with the ``eval`` option (whole image by default; ``eval=msc`` /
+``slide`` / ``msc_crf`` as there) at the image's own size, at ``eval.precision``. The dense
+CRF gets the image as read, exactly as in ``segtrain.evaluate``, so both give the same label
+map for the same image and checkpoint.
 """
 
 from __future__ import annotations
@@ -30,21 +31,14 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-import torch
-import torch.nn.functional as F
-from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
 from segtrain import app
-from segtrain.app import check_single_pyramid, palette_of, pick_device
+from segtrain.api import read_run, segmenter
 from segtrain.cli import user_errors
 from segtrain.data.base import read_image
-from segtrain.data.transforms import compose
 from segtrain.errors import UserError
-from segtrain.eval.crf import crf_labels, softmax_probs
-from segtrain.eval.evaluator import check_output_stride
-from segtrain.evaluate import build_model, load_run, precision_dtype
 from segtrain.viz import colorize, overlay
 
 log = logging.getLogger("segtrain")
@@ -81,7 +75,6 @@ def save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(np.ascontiguousarray(array)).save(path)
 
 
-@torch.no_grad()
 def predict(cfg: DictConfig) -> list[Path]:
     """Write label, colour and overlay PNGs for every image; returns the label paths.
 
@@ -90,34 +83,15 @@ def predict(cfg: DictConfig) -> list[Path]:
     """
     # fail on a bad folder before loading anything
     files = list_images(cfg.images, bool(cfg.get("recursive", False)))
-    run_dir, run_cfg, state, path = load_run(cfg)
+    source, state, run_cfg = read_run(cfg.run, str(cfg.checkpoint))
     submission = None
     if cfg.get("format"):  # a run or an image name that does not fit stops here
         submission = app.instantiate(cfg.format, dataset=str(run_cfg.dataset.name),
                                      num_classes=int(run_cfg.dataset.num_classes))
         for file in files:
             submission.relative_path(file)
-    if run_cfg.dataset.get("use_depth"):
-        raise PredictError(f"the run {run_dir} was trained on RGB-D input "
-                           f"(dataset.use_depth=true); predict reads RGB images only")
-    device = pick_device(cfg.device)
-    model = build_model(run_cfg, state, device, source=path)
-    output_stride = run_cfg.eval.get("output_stride")  # eval.output_stride, as evaluate does
-    check_output_stride(model, output_stride)
-    if output_stride is not None:
-        model.set_output_stride(int(output_stride))
-    predictor = instantiate(run_cfg.eval.predictor)
-    check_single_pyramid((run_cfg.model.get("msc") or {}).get("train_scales"), predictor)
-    crf = instantiate(run_cfg.eval.crf) if run_cfg.eval.get("crf") else None
-    transforms = compose(instantiate(run_cfg.dataset.val_transforms))
-    amp = precision_dtype(run_cfg.eval.precision, device)
-    num_classes, ignore = int(run_cfg.dataset.num_classes), int(run_cfg.dataset.ignore_index)
-    # the palette is a class attribute of the dataset module: no need to build the dataset
-    # (whose files may not be on this machine); COCO's is per instance, and palette_of
-    # falls back to the same VOC colour map it uses
-    dataset_cls = get_class(run_cfg.dataset.val._target_)
-    palette = palette_of(dataset_cls, num_classes)
-    names = dict(enumerate(getattr(dataset_cls, "class_names", ())))
+    seg = segmenter(source, state, run_cfg, device=str(cfg.device), eval=cfg.eval)
+    names = dict(enumerate(seg.class_names))
 
     out = Path(str(cfg.out)).expanduser()
     for sub in ("labels", "color", "overlay") if submission is None else ("submission",):
@@ -125,28 +99,17 @@ def predict(cfg: DictConfig) -> list[Path]:
     written = []
     for path in files:
         rgb = read_image(path)  # DatasetError naming the file when it cannot be read
-        image = torch.from_numpy(transforms(image=rgb)["image"].transpose(2, 0, 1).copy())
-        image = image[None].to(device, torch.float32)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = predictor(model, image).float()
-        if logits.shape[-2:] != rgb.shape[:2]:  # a val pipeline that resizes
-            logits = F.interpolate(logits, size=rgb.shape[:2], mode="bilinear",
-                                   align_corners=False)
-        if crf is not None:
-            # the image as read and the fp32 softmax, as the Evaluator hands them to the CRF
-            label = crf_labels(crf, rgb, softmax_probs(logits)[0])
-        else:
-            label = logits.argmax(1)[0].cpu().numpy()
-        label = label.astype(np.uint8)
+        label = seg.predict(rgb).astype(np.uint8)
         if submission is not None:
             written.append(submission.write(label, path, out / "submission"))
         else:
             save_png(label, out / "labels" / f"{path.stem}.png")
-            save_png(colorize(label, palette, ignore), out / "color" / f"{path.stem}.png")
-            save_png(overlay(rgb, label, palette, float(cfg.alpha), ignore),
+            save_png(colorize(label, seg.palette, seg.ignore_index),
+                     out / "color" / f"{path.stem}.png")
+            save_png(overlay(rgb, label, seg.palette, float(cfg.alpha), seg.ignore_index),
                      out / "overlay" / f"{path.stem}.png")
             written.append(out / "labels" / f"{path.stem}.png")
-        counts = np.bincount(label.ravel(), minlength=num_classes)
+        counts = np.bincount(label.ravel(), minlength=seg.num_classes)
         log.info("%s %dx%d: %s", path.name, rgb.shape[1], rgb.shape[0],
                  ", ".join(f"{names.get(c, c)} {100 * n / label.size:.0f}%"
                            for c, n in enumerate(counts) if n))

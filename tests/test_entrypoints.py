@@ -199,7 +199,7 @@ class RedBins(torch.nn.Module):
 
 
 def test_predict_applies_the_run_normalisation(run_dir, image_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("segtrain.predict.build_model", lambda *a, **k: RedBins())
+    monkeypatch.setattr("segtrain.api.build_model", lambda *a, **k: RedBins())
     out = tmp_path / "bins"
     predict(_compose("predict", f"run={run_dir}", f"images={image_dir}", f"out={out}",
                      "device=cpu"))

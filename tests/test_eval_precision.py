@@ -116,4 +116,4 @@ def test_msc_trained_model_evaluates_with_its_own_pyramid(tiny_cfg):
     cfg = tiny_cfg("model.msc.train_scales=[1.0,0.5]", "eval=msc_crf",
                    "eval.predictor.scales=[1.0]")
     evaluator = app.build_evaluator(cfg, app.build_val_set(cfg), DistInfo())
-    assert evaluator.predictor.scales == [1.0] and evaluator.crf is not None
+    assert evaluator.inference.predictor.scales == [1.0] and evaluator.inference.crf is not None

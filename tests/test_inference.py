@@ -12,7 +12,7 @@ from torch import nn
 from segtrain.data.loader import eval_loader
 from segtrain.eval.crf import DenseCRF
 from segtrain.eval.evaluator import Evaluator
-from segtrain.eval.inference import Predictor
+from segtrain.eval.inference import Inference, Predictor
 
 # DeepLab v1 LargeFOV's CRF values, as conf/eval/crf_v1.yaml sets them
 CRF_ARGS = dict(iterations=10, pos_w=3, pos_xy_std=3, bi_w=4, bi_xy_std=121, bi_rgb_std=5)
@@ -213,7 +213,7 @@ def test_evaluator_confusion_matrix_matches_numpy():
         m[rng.random(m.shape) < 0.2] = 255  # ignored pixels never count
     dataset = OneHotSet(preds, masks)
     evaluator = Evaluator(eval_loader(dataset, num_workers=0), num_classes=3, ignore_index=255,
-                          class_names=dataset.class_names, predictor=Predictor(),
+                          class_names=dataset.class_names, inference=Inference(Predictor()),
                           num_samples=2)
     scores = evaluator.run(Identity(), torch.device("cpu"))
 

@@ -26,7 +26,7 @@ from segtrain.data.loader import eval_loader
 from segtrain.errors import ConfigError
 from segtrain.eval.crf import DenseCRF, default_workers
 from segtrain.eval.evaluator import Evaluator
-from segtrain.eval.inference import Predictor
+from segtrain.eval.inference import Inference, Predictor
 from segtrain.evaluate import evaluate
 from segtrain.losses.ce import CrossEntropyLoss
 from segtrain.models.deeplab import DeepLabV2
@@ -285,8 +285,8 @@ def test_eval_output_stride_8_changes_geometry_not_weights_and_restores_16():
     spies = {}
     for stride in (None, 8):
         spies[stride] = SpyPredictor()
-        Evaluator(loader, 3, 255, ["a", "b", "c"], spies[stride],
-                  output_stride=stride).run(model, torch.device("cpu"))
+        Evaluator(loader, 3, 255, ["a", "b", "c"],
+                  Inference(spies[stride], output_stride=stride)).run(model, torch.device("cpu"))
     (os16, dil16, st16, out16), (os8, dil8, st8, out8) = spies[None].seen[0], spies[8].seen[0]
     assert (os16, os8) == (16, 8)
     assert dil8 != dil16 and st16 == (1, 1) and st8 == (1, 1)  # layer4 dilated further at 8
@@ -306,7 +306,7 @@ def test_eval_output_stride_8_changes_geometry_not_weights_and_restores_16():
 def test_eval_output_stride_through_an_msc_wrapper():
     wrapped = MultiScaleInputs(_v3(), [1.0, 0.5])
     loader = eval_loader(_eval_set(1), num_workers=0)
-    Evaluator(loader, 3, 255, ["a", "b", "c"], Predictor(), output_stride=8).run(
+    Evaluator(loader, 3, 255, ["a", "b", "c"], Inference(Predictor(), output_stride=8)).run(
         wrapped, torch.device("cpu"))
     assert wrapped.output_stride == 16
 
@@ -351,10 +351,10 @@ def test_parallel_crf_equals_the_serial_path_bit_for_bit():
     loader = eval_loader(_crf_set(), num_workers=0)
     runs = {}
     for workers in (0, 2, None):
-        ev = Evaluator(loader, 3, 255, ["a", "b", "c"], Predictor(), crf, num_samples=5,
-                       crf_workers=workers)
+        ev = Evaluator(loader, 3, 255, ["a", "b", "c"], Inference(Predictor(), crf),
+                       num_samples=5, crf_workers=workers)
         runs[workers] = (ev.run(Noisy(), torch.device("cpu")), ev.samples)
-    plain = Evaluator(loader, 3, 255, ["a", "b", "c"], Predictor(), None).run(
+    plain = Evaluator(loader, 3, 255, ["a", "b", "c"], Inference(Predictor())).run(
         Noisy(), torch.device("cpu"))
     serial_scores, serial_samples = runs[0]
     assert serial_scores["confusion_matrix"] != plain["confusion_matrix"]  # the CRF acts
@@ -370,12 +370,12 @@ def test_parallel_crf_equals_the_serial_path_bit_for_bit():
 
 def test_crf_workers_default_and_errors():
     loader = eval_loader(_crf_set(), num_workers=0)
-    ev = Evaluator(loader, 3, 255, ["a", "b", "c"], Predictor())
+    ev = Evaluator(loader, 3, 255, ["a", "b", "c"], Inference(Predictor()))
     expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         os.cpu_count()
     assert ev.crf_workers == default_workers() == expected
     with pytest.raises(ConfigError, match="eval.crf_workers must be"):
-        Evaluator(loader, 3, 255, ["a", "b", "c"], Predictor(), crf_workers=-1)
+        Evaluator(loader, 3, 255, ["a", "b", "c"], Inference(Predictor()), crf_workers=-1)
     assert compose_config(["eval=msc_crf"]).eval.crf_workers is None
 
 

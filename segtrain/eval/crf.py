@@ -76,35 +76,6 @@ def crf_labels(crf: DenseCRF, rgb: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return crf(rgb, probs).argmax(0)
 
 
-# scripts/crf_search.py: the cached predictions of the searched images, set in each (spawned)
-# CRF process once by the pool's initializer, so a job carries only (point, crf, image index)
-_SEARCH_CACHE: dict = {}
-
-
-def set_search_cache(cache: dict) -> None:
-    """Pool initializer of a CRF search: ``rgb``, ``probs``, ``mask`` lists, ``num_classes``,
-    ``ignore_index``."""
-    _SEARCH_CACHE.clear()
-    _SEARCH_CACHE.update(cache)
-
-
-def label_confusion(labels: np.ndarray, mask: np.ndarray, n: int,
-                    ignore_index: int) -> np.ndarray:
-    """n x n confusion matrix (rows: ground truth) of one label map, ignored pixels left out."""
-    keep = mask != ignore_index
-    return np.bincount(n * mask[keep].astype(np.int64) + labels[keep].astype(np.int64),
-                       minlength=n * n).reshape(n, n)
-
-
-def search_point_confusion(job: tuple) -> tuple[int, np.ndarray]:
-    """One grid point ``(point, crf, i)`` of a CRF search on cached image ``i`` -> (point, its
-    confusion matrix)."""
-    point, crf, i = job
-    c = _SEARCH_CACHE
-    labels = crf_labels(crf, c["rgb"][i], c["probs"][i])
-    return point, label_confusion(labels, c["mask"][i], c["num_classes"], c["ignore_index"])
-
-
 def softmax_probs(logits: torch.Tensor) -> np.ndarray:
     """The CRF's input probabilities of a batch of logits (N,K,H,W): fp32 softmax on the
     host; ``segtrain.evaluate``, ``segtrain.predict`` and scripts/crf_search.py share it."""

@@ -11,15 +11,30 @@
 Every network output is cast to fp32 before it is summed, averaged, resized or max-fused,
 so a forward pass under bf16/fp16 autocast (``eval.precision``) rounds only the network's
 own computation, never the fusion.
+
+``Inference`` is segtrain's one test-time path, around a ``Predictor``: the model in eval
+mode at ``eval.output_stride`` (restored afterwards), the forward passes under
+``eval.precision``, fp32 logits brought to the size of the image as read, then the argmax or
+the dense CRF on that image. The trainer's periodic evaluation and ``segtrain.evaluate``
+(through ``Evaluator``), ``segtrain.predict``, ``scripts/crf_search.py`` and the Python API
+(``segtrain.load_run(run).predict(image)``) all go through it, so they give the same labels
+for the same checkpoint and eval options.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from segtrain.engine.precision import autocast_dtype, resolve_precision
+from segtrain.errors import ConfigError
+from segtrain.eval.crf import DenseCRF, crf_labels, softmax_probs
+from segtrain.models.base import SegmentationModel, bare
 
 
 class Predictor:
@@ -105,3 +120,104 @@ class Predictor:
         if self.fusion == "mean":
             fused = fused / len(self.scales)
         return fused
+
+
+def check_output_stride(model: nn.Module, output_stride: int | None) -> None:
+    """``eval.output_stride`` needs a model that declares ``CAN_SET_OUTPUT_STRIDE`` (the model
+    contract, ``segtrain.models.base``)."""
+    if output_stride is None:
+        return
+    net = bare(model)
+    if not isinstance(net, SegmentationModel) or not net.CAN_SET_OUTPUT_STRIDE:
+        raise ConfigError(
+            f"eval.output_stride={output_stride}: {type(net).__name__} cannot change its "
+            f"output stride (only models with CAN_SET_OUTPUT_STRIDE, DeepLab v3/v3+, can); "
+            f"use eval.output_stride=null")
+
+
+class Inference:
+    """The test-time path of one eval config: ``eval.predictor``, ``eval.crf``,
+    ``eval.precision`` and ``eval.output_stride``.
+
+    Use: ``with inference.applied_to(model): labels = inference(model, image, rgb)``.
+
+    Args:
+        predictor: whole / slide, scales and fusion, flip.
+        crf: optional dense CRF on the softmax, with the image as read.
+        precision: fp32 | bf16 | fp16 | auto, the autocast of the forward passes.
+        output_stride: evaluate at this output stride (None: as trained).
+    """
+
+    def __init__(self, predictor: Predictor, crf: DenseCRF | None = None,
+                 precision: str = "fp32", output_stride: int | None = None) -> None:
+        resolve_precision(precision, torch.device("cpu"), key="eval.precision")  # checked now
+        self.predictor, self.crf = predictor, crf
+        self.precision, self.output_stride = precision, output_stride
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse ``eval.output_stride`` for a model that cannot change its stride."""
+        check_output_stride(model, self.output_stride)
+
+    @contextmanager
+    def applied_to(self, model: nn.Module) -> Iterator[nn.Module]:
+        """``model`` in eval mode at ``output_stride``; its mode and stride restored after."""
+        self.check(model)
+        net, was_training = bare(model), model.training
+        trained_stride = net.output_stride if self.output_stride is not None else None
+        model.eval()
+        try:
+            if self.output_stride is not None:
+                net.set_output_stride(int(self.output_stride))
+            yield model
+        finally:
+            if self.output_stride is not None:
+                net.set_output_stride(trained_stride)
+            model.train(was_training)
+
+    @torch.no_grad()
+    def logits(self, model: nn.Module, image: torch.Tensor,
+               size: Sequence[int] | None = None) -> torch.Tensor:
+        """fp32 logits (N,K,H,W) of a normalised batch, resized to ``size`` if given."""
+        dtype = autocast_dtype(resolve_precision(self.precision, image.device,
+                                                 key="eval.precision"))
+        with torch.autocast(image.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = self.predictor(model, image)
+        logits = logits.float()
+        if size is not None and tuple(logits.shape[-2:]) != tuple(size):
+            # a validation pipeline that resizes: back to the image as read
+            logits = F.interpolate(logits, size=tuple(size), mode="bilinear",
+                                   align_corners=False)
+        return logits
+
+    def _rgb(self, rgb: np.ndarray | None, logits: torch.Tensor) -> np.ndarray:
+        if rgb is None or tuple(rgb.shape[:3]) != (logits.shape[0], *logits.shape[-2:]):
+            raise ValueError(f"the dense CRF needs the images as read, uint8 N x H x W x 3 "
+                             f"matching the logits {tuple(logits.shape)}, got "
+                             f"{None if rgb is None else tuple(rgb.shape)}")
+        return rgb
+
+    def labels(self, logits: torch.Tensor, rgb: np.ndarray | None = None) -> torch.Tensor:
+        """Labels (N,H,W) int64 on the logits' device: the argmax, or the CRF's on ``rgb``
+        (the images as read, uint8 NxHxWx3) when there is a CRF."""
+        if self.crf is None:
+            return logits.argmax(1)
+        rgb, probs = self._rgb(rgb, logits), softmax_probs(logits)
+        labels = [crf_labels(self.crf, rgb[i], probs[i]) for i in range(len(probs))]
+        return torch.from_numpy(np.stack(labels)).to(logits.device)
+
+    def probabilities(self, logits: torch.Tensor,
+                      rgb: np.ndarray | None = None) -> torch.Tensor:
+        """Class probabilities (N,K,H,W) fp32 on the logits' device: the softmax, or the
+        CRF's marginals when there is a CRF (their argmax is ``labels``)."""
+        if self.crf is None:
+            return logits.softmax(1)
+        rgb, probs = self._rgb(rgb, logits), softmax_probs(logits)
+        refined = [self.crf(rgb[i], probs[i]) for i in range(len(probs))]
+        return torch.from_numpy(np.stack(refined)).to(logits.device)
+
+    def __call__(self, model: nn.Module, image: torch.Tensor, rgb: np.ndarray | None = None,
+                 return_probs: bool = False) -> torch.Tensor:
+        """Labels (N,H,W) or probabilities (N,K,H,W) of a normalised batch ``image``, at the
+        size of ``rgb`` (the images as read) when given; call inside ``applied_to(model)``."""
+        logits = self.logits(model, image, None if rgb is None else rgb.shape[1:3])
+        return self.probabilities(logits, rgb) if return_probs else self.labels(logits, rgb)
