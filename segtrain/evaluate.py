@@ -1,6 +1,6 @@
 """Evaluation entry point: score a trained run on its validation split.
 
-    python -m segtrain.evaluate run=outputs/<run>                    # whole image, best.pt
+    python -m segtrain.evaluate run=outputs/<run>                    # the run's own eval, best.pt
     python -m segtrain.evaluate run=outputs/<run> eval=msc_crf       # MSC max fusion + dense CRF
     python -m segtrain.evaluate run=outputs/<run> eval=slide checkpoint=last
     python -m segtrain.evaluate run=outputs/<run> eval=msc eval.output_stride=8  # DeepLab v3
@@ -9,9 +9,11 @@
     torchrun --nproc_per_node=4 -m segtrain.evaluate run=outputs/<run> eval=msc_crf  # 4 ranks
 
 The run's config (``<run>/.hydra/config.yaml``, else the resolved copy stored in its
-checkpoint) rebuilds the validation set and the model exactly as training did; the ``eval``
-group chosen here replaces the run's, and ``dataset.*`` keys given here are merged over the
-run's (the data moved, another split). Prints the per-class table and writes
+checkpoint) rebuilds the validation set and the model exactly as training did. Without an
+``eval=`` option the run's own eval config is used (its metrics.json scores are reproduced;
+``eval.*`` keys given here are set over it); an ``eval`` option chosen here replaces the
+run's, and ``dataset.*`` keys given here are merged over the run's (the data moved, another
+split). Prints the per-class table and writes
 ``<run>/eval_<name>.json`` (scores, confusion matrix, the eval config and the command's
 ``eval.*`` overrides) and ``<run>/eval_<name>_samples.png`` (image | ground truth |
 prediction). ``<name>`` is ``name=`` if given, else the eval option's name with ``_os<N>``
@@ -125,10 +127,20 @@ def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:
     return [(prefix, node)]
 
 
-def apply_overrides(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
-    """Replace the run's ``eval`` with this command's; merge non-null ``dataset.*`` keys."""
-    # replaced, not merged: whole.yaml over slide.yaml must not keep the slide crop
-    run_cfg.eval = cfg.eval
+def apply_overrides(run_cfg: DictConfig, cfg: DictConfig,
+                    eval_keys: list[str] | None = None) -> DictConfig:
+    """Replace the run's ``eval`` with this command's; merge non-null ``dataset.*`` keys.
+
+    ``eval_keys``: keep the run's own ``eval`` (the one its training evaluation used, e.g. an
+    experiment's ``eval.predictor.scales``) and set only these ``eval.*`` keys of the command
+    over it: what ``segtrain.evaluate`` does when no ``eval=`` option is chosen."""
+    if eval_keys is None:
+        # replaced, not merged: whole.yaml over slide.yaml must not keep the slide crop
+        run_cfg.eval = cfg.eval
+    else:
+        for key in eval_keys:
+            OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge=False,
+                             force_add=True)
     if cfg.get("dataset") is None:  # segtrain.predict reads no dataset
         return run_cfg
     new_root = cfg.dataset.get("root")
@@ -147,12 +159,14 @@ def apply_overrides(run_cfg: DictConfig, cfg: DictConfig) -> DictConfig:
     return run_cfg
 
 
-def load_run(cfg: DictConfig) -> tuple[Path, DictConfig, dict[str, Any], Path]:
-    """(run folder, its config with this command's overrides, checkpoint state and path)."""
+def load_run(cfg: DictConfig, eval_keys: list[str] | None = None,
+             ) -> tuple[Path, DictConfig, dict[str, Any], Path]:
+    """(run folder, its config with this command's overrides, checkpoint state and path);
+    ``eval_keys``: see ``apply_overrides``."""
     run_dir = run_folder(cfg.run)
     path = checkpoint_path(run_dir, str(cfg.checkpoint))
     state = checkpoint.load(path, map_location="cpu")
-    run_cfg = apply_overrides(run_config(run_dir, state, path), cfg)
+    run_cfg = apply_overrides(run_config(run_dir, state, path), cfg, eval_keys)
     log.info("checkpoint %s (iteration %s)", path, state.get("iteration", "?"))
     return run_dir, run_cfg, state, path
 
@@ -188,8 +202,20 @@ def eval_overrides(task_overrides: list[str]) -> dict[str, str]:
     return {k.lstrip("+~"): v for k, v in pairs if k.lstrip("+~").startswith("eval.")}
 
 
+def run_eval_choice(run: str | Path) -> str:
+    """The ``eval`` option the run was trained with (its ``.hydra/hydra.yaml``), else
+    ``run``."""
+    hydra_yaml = Path(str(run)) / ".hydra" / "hydra.yaml"
+    if hydra_yaml.is_file():
+        choice = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.choices.eval")
+        if choice:
+            return str(choice)
+    return "run"
+
+
 def evaluate(cfg: DictConfig, eval_name: str,
-             overrides: dict[str, str] | None = None) -> dict[str, Any]:
+             overrides: dict[str, str] | None = None,
+             keep_run_eval: bool = False) -> dict[str, Any]:
     """Score the run's checkpoint on its validation split with ``cfg.eval``.
 
     Args:
@@ -197,9 +223,13 @@ def evaluate(cfg: DictConfig, eval_name: str,
         eval_name: the ``eval`` option's name.
         overrides: the command's ``eval.*`` overrides, recorded in the result (what
             scripts/ablation_table.py and scripts/inference_table.py show).
+        keep_run_eval: score with the run's own ``eval`` config (the one behind its
+            metrics.json) and only ``overrides`` set over it; the command line's default when
+            it chooses no ``eval=`` option.
     """
     dist = distributed.init()
-    run_dir, run_cfg, state, path = load_run(cfg)
+    run_dir, run_cfg, state, path = load_run(
+        cfg, list(overrides or {}) if keep_run_eval else None)
     run_cfg.trainer.num_workers = cfg.num_workers  # build_evaluator reads it from there
     device = pick_device(cfg.device, dist.local_rank)
     val_set = app.build_val_set(run_cfg)
@@ -241,8 +271,11 @@ def evaluate(cfg: DictConfig, eval_name: str,
 def main(cfg: DictConfig) -> float:
     with user_errors():
         hydra_cfg = HydraConfig.get()
-        result = evaluate(cfg, hydra_cfg.runtime.choices["eval"],
-                          eval_overrides(list(hydra_cfg.overrides.task)))
+        task = list(hydra_cfg.overrides.task)
+        # no eval= option chosen: the run's own eval config, as its training evaluation used
+        chosen = any(o.split("=", 1)[0].lstrip("+~") == "eval" for o in task)
+        name = hydra_cfg.runtime.choices["eval"] if chosen else run_eval_choice(cfg.run)
+        result = evaluate(cfg, name, eval_overrides(task), keep_run_eval=not chosen)
     return result["miou"]  # what a sweeper over eval options compares
 
 

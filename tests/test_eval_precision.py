@@ -117,3 +117,27 @@ def test_msc_trained_model_evaluates_with_its_own_pyramid(tiny_cfg):
                    "eval.predictor.scales=[1.0]")
     evaluator = app.build_evaluator(cfg, app.build_val_set(cfg), DistInfo())
     assert evaluator.inference.predictor.scales == [1.0] and evaluator.inference.crf is not None
+
+
+def test_evaluate_without_an_eval_option_scores_with_the_runs_own_eval(tiny_cfg, tmp_path,
+                                                                       one_thread):
+    # an experiment that evaluates at half resolution (camvid_deeplabv3plus_mobilenetv2 does):
+    # `python -m segtrain.evaluate run=<run>` must reproduce its metrics.json, not eval=whole's
+    cfg = tiny_cfg("trainer.max_iters=2", "trainer.eval_interval=2",
+                   "trainer.checkpoint_interval=2", "dataset.val.num_samples=4",
+                   "eval.predictor.scales=[0.5]")
+    app.train(cfg, tmp_path)
+    trained = json.loads((tmp_path / "metrics.json").read_text())
+    command = _compose("evaluate", f"run={tmp_path}", "num_workers=0", "device=cpu")
+    own = evaluate(command, "run", {}, keep_run_eval=True)
+    assert own["eval_config"]["predictor"]["scales"] == [0.5]
+    assert own["confusion_matrix"] == trained["confusion_matrix"]
+    # an eval.* key given on the command line is set over the run's eval
+    flipped = evaluate(_compose("evaluate", f"run={tmp_path}", "num_workers=0", "device=cpu",
+                                "eval.predictor.flip=true"),
+                       "run", {"eval.predictor.flip": "true"}, keep_run_eval=True)
+    assert flipped["eval_config"]["predictor"]["scales"] == [0.5]
+    assert flipped["eval_config"]["predictor"]["flip"] is True
+    # an eval option chosen on the command line replaces the run's
+    whole = evaluate(command, "whole")
+    assert whole["eval_config"]["predictor"]["scales"] == [1.0]
