@@ -138,6 +138,10 @@ def apply_overrides(run_cfg: DictConfig, cfg: DictConfig,
         # replaced, not merged: whole.yaml over slide.yaml must not keep the slide crop
         run_cfg.eval = cfg.eval
     else:
+        # a run older than an eval key (eval.precision) gets the command's value of it
+        for key in cfg.eval:
+            if key not in run_cfg.eval:
+                run_cfg.eval[key] = cfg.eval[key]
         for key in eval_keys:
             OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge=False,
                              force_add=True)

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from segtrain import app
 from segtrain.engine.distributed import DistInfo
@@ -138,6 +139,16 @@ def test_evaluate_without_an_eval_option_scores_with_the_runs_own_eval(tiny_cfg,
                        "run", {"eval.predictor.flip": "true"}, keep_run_eval=True)
     assert flipped["eval_config"]["predictor"]["scales"] == [0.5]
     assert flipped["eval_config"]["predictor"]["flip"] is True
+    # a run written before an eval key existed (eval.precision) takes the command's value
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    old = OmegaConf.create(state["config"])
+    del old.eval["precision"]
+    state["config"] = OmegaConf.to_yaml(old)
+    torch.save(state, tmp_path / "checkpoints" / "last.pt")
+    older = evaluate(_compose("evaluate", f"run={tmp_path}", "checkpoint=last",
+                              "num_workers=0", "device=cpu"), "run", {}, keep_run_eval=True)
+    assert older["eval_config"]["precision"] == "fp32"
+    assert older["confusion_matrix"] == trained["confusion_matrix"]
     # an eval option chosen on the command line replaces the run's
     whole = evaluate(command, "whole")
     assert whole["eval_config"]["predictor"]["scales"] == [1.0]
