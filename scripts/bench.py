@@ -457,10 +457,14 @@ def zoo_experiments() -> list[str]:
 
 
 def paper_input(cfg: DictConfig, experiment: str) -> tuple[int, int]:
-    """(height, width) the experiment trains on: the RandomCrop of its training pipeline,
-    else its whole-image input (``WHOLE_IMAGE_INPUT``)."""
+    """(height, width) the experiment trains on: the crop of its training pipeline (the
+    ``crop_size`` knob of ``train_augmentation``, or a RandomCrop in a custom list), else its
+    whole-image input (``WHOLE_IMAGE_INPUT``)."""
     for step in cfg.dataset.get("train_transforms") or []:
-        if str(step.get("_target_", "")).endswith("RandomCrop"):
+        target = str(step.get("_target_", ""))
+        if target.endswith("train_augmentation") and step.get("crop_size") is not None:
+            return int(step.crop_size[0]), int(step.crop_size[1])
+        if target.endswith("RandomCrop"):
             return int(step.height), int(step.width)
     if experiment in WHOLE_IMAGE_INPUT:
         return WHOLE_IMAGE_INPUT[experiment]

@@ -167,7 +167,8 @@ def test_xception_has_no_maxpool_and_bn_after_every_depthwise():
 
 
 def test_xception65_imagenet_is_refused_with_advice():
-    with pytest.raises(ValueError, match="no Xception-65 checkpoint"):
+    with pytest.raises(ValueError, match="cannot obtain Xception-65 ImageNet weights .* "
+                       "model.pretrained=<path or URL>"):
         xception65(pretrained="imagenet")
 
 

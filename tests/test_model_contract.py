@@ -15,7 +15,7 @@ from segtrain.data.loader import eval_loader
 from segtrain.engine.trainer import Trainer
 from segtrain.errors import ConfigError
 from segtrain.eval.evaluator import Evaluator
-from segtrain.eval.inference import Predictor
+from segtrain.eval.inference import Inference, Predictor
 from segtrain.models.base import SegmentationModel, bare
 from segtrain.models.deeplab import DeepLabV2
 from segtrain.models.deeplabv3 import DeepLabV3
@@ -123,8 +123,8 @@ def test_the_app_refuses_a_class_outside_the_contract_and_a_loss_it_cannot_feed(
 
 def test_eval_output_stride_on_a_module_outside_the_contract_is_a_config_error():
     plain = nn.Conv2d(3, K, 1)  # returns no dict and declares nothing
-    evaluator = Evaluator(eval_loader([], num_workers=0), K, 255, ["a", "b", "c"], Predictor(),
-                          output_stride=8)
+    evaluator = Evaluator(eval_loader([], num_workers=0), K, 255, ["a", "b", "c"],
+                          Inference(Predictor(), output_stride=8))
     with pytest.raises(ConfigError, match="eval.output_stride=8: Conv2d cannot change"):
         evaluator.check_model(plain)
 
