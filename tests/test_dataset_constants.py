@@ -148,11 +148,31 @@ def test_ignore_index_that_is_a_class_or_not_uint8_is_refused(tmp_path, value, e
         app.build_val_set(cfg)
 
 
-def test_no_dataset_class_keeps_a_copy_of_the_normalisation():
-    from segtrain.data import camvid, cityscapes, coco, sunrgbd, synthetic, voc
+def _dataset_classes() -> list[type]:
+    """Every SegmentationDataset subclass of every module in segtrain/data."""
+    import importlib
+    import inspect
+    import pkgutil
 
-    classes = [camvid.CamVid, cityscapes.Cityscapes, coco.COCOSegmentation, sunrgbd.SUNRGBD,
-               synthetic.SyntheticShapes, voc.VOCSegmentation]
+    import segtrain.data
+    from segtrain.data.base import SegmentationDataset
+
+    found = set()
+    for info in pkgutil.iter_modules(segtrain.data.__path__):
+        module = importlib.import_module(f"segtrain.data.{info.name}")
+        found |= {c for _, c in inspect.getmembers(module, inspect.isclass)
+                  if issubclass(c, SegmentationDataset) and c is not SegmentationDataset
+                  and c.__module__ == module.__name__}
+    return sorted(found, key=lambda c: c.__name__)
+
+
+def test_no_dataset_class_keeps_a_copy_of_the_normalisation_or_the_ignore_index():
+    import inspect
+
+    classes = _dataset_classes()
+    assert {"ADE20K", "PascalContext", "CamVid", "VOCSegmentation"} <= {c.__name__ for c in classes}
     for cls in classes:
         assert not hasattr(cls, "mean") and not hasattr(cls, "std"), cls.__name__
+        # dataset.ignore_index reaches every dataset: its constructor takes it
+        assert "ignore_index" in inspect.signature(cls.__init__).parameters, cls.__name__
     assert Path(app.__file__).read_text().count("val_set.mean") == 0

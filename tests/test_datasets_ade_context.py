@@ -56,6 +56,9 @@ def test_ade20k_layout_and_label_mapping(tmp_path):
     assert set(np.unique(mask).tolist()) == {255, 0, 1, 74, 148, 149}
     assert ADE20K(ade, "val").load(1)[2]["label_path"].endswith(
         "annotations/validation/ADE_val_00000002.png")
+    # dataset.ignore_index reaches the labels: "other" (raw 0) becomes it
+    mask200 = ADE20K(ade, "train", ignore_index=200).load(0)[1]
+    np.testing.assert_array_equal(mask200, np.where(raw == 0, 200, mask))
 
 
 def test_ade20k_errors(tmp_path):
@@ -131,6 +134,9 @@ def test_pascal_context_59_ignores_background_and_60_keeps_it(context):
         y, x = np.argwhere(label_map == raw)[0]
         assert mask60[y, x] == png, raw
         assert mask59[y, x] == (255 if png == 0 else png - 1), raw
+    # dataset.ignore_index reaches the 59-class labels: background becomes it
+    mask59_200 = PascalContext(voc, "train", 59, ignore_index=200).load(0)[1]
+    np.testing.assert_array_equal(mask59_200, np.where(mask59 == 255, 200, mask59))
     y, x = np.argwhere(label_map == 397)[0]
     assert ds59.class_names[mask59[y, x]] == "table"
     assert ds60.class_names[mask60[y, x]] == "table"
@@ -235,7 +241,7 @@ def test_configs_build_through_the_yaml_pipelines(context, tmp_path):
         train, val = build(cfg, "train"), build(cfg, "val")
         for ds in (train, val):
             assert ds.num_classes == classes and len(ds.palette) >= classes
-            assert list(ds.mean) == list(cfg.mean) and list(ds.std) == list(cfg.std)
+            assert ds.ignore_index == cfg.ignore_index  # the config's, passed on
         check_item(train[0], 3, (24, 32))
         check_item(val[0], 3, (30, 40))  # evaluation keeps the full image
 

@@ -121,13 +121,11 @@ class ADE20K(SegmentationDataset):
 
     class_names = CLASS_NAMES
     palette = PALETTE
-    # ImageNet statistics: every ADE20K model starts from an ImageNet backbone.
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
     name = "ade20k"
 
-    def __init__(self, root: str | Path, split: str = "train", transforms=None) -> None:
-        super().__init__(transforms)
+    def __init__(self, root: str | Path, split: str = "train", transforms=None,
+                 ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__(transforms, ignore_index)
         if split not in SPLITS:
             raise DatasetError(f"ade20k: unknown split '{split}', expected one of {SPLITS}")
         self.root = find_ade_root(root)
@@ -150,7 +148,7 @@ class ADE20K(SegmentationDataset):
                     f"is incomplete. {HOW_TO_GET}")
         self.ids = sorted(images)
         # 0 = other objects (not evaluated); 1..150 -> 0..149
-        self._lut = make_lut({0: IGNORE_INDEX, **{i: i - 1 for i in range(1, 151)}})
+        self._lut = make_lut({0: self.ignore_index, **{i: i - 1 for i in range(1, 151)}})
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -104,14 +104,11 @@ def split_ids(voc: Path, split: str) -> list[str]:
 class PascalContext(SegmentationDataset):
     """PASCAL-Context: train (4,998) and val (5,105); 59 or 60 classes."""
 
-    # ImageNet statistics: every Context model starts from an ImageNet backbone.
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
     name = "pascal_context"
 
     def __init__(self, root: str | Path, split: str = "train", classes: int = 59,
-                 transforms=None) -> None:
-        super().__init__(transforms)
+                 transforms=None, ignore_index: int = IGNORE_INDEX) -> None:
+        super().__init__(transforms, ignore_index)
         if split not in SPLITS:
             raise DatasetError(f"pascal_context: unknown split '{split}', expected one of "
                                f"{SPLITS}")
@@ -136,7 +133,7 @@ class PascalContext(SegmentationDataset):
                 raise DatasetError(f"pascal_context: {len(missing)} of the {len(self.ids)} "
                                    f"{split} {what} are missing from {folder} (e.g. "
                                    f"{missing[0]}{suffix}): {hint}")
-        background = IGNORE_INDEX if classes == 59 else 0
+        background = self.ignore_index if classes == 59 else 0
         offset = 1 if classes == 59 else 0
         self._lut = make_lut({0: background, **{k: k - offset for k in range(1, 60)}})
 
