@@ -52,8 +52,11 @@ def one_step(cfg) -> tuple[float, float]:
     optimizer = app.build_optimizer(cfg, model.param_groups())
     lr_factor = instantiate(cfg.lr)(max_iters=cfg.trainer.max_iters)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    image = torch.randn(2, in_channels(cfg), SIZE, SIZE)
-    mask = torch.randint(0, k, (2, SIZE, SIZE))
+    # loss.label_stride (DeepLab v1/v2): the released nets take sides 32k - 31 (crop 321), so
+    # that the ceil-mode pools' stride-8 logits have the shrunk label's size; 65 = 32 x 3 - 31
+    size = SIZE + 1 if cfg.loss.get("label_stride") else SIZE
+    image = torch.randn(2, in_channels(cfg), size, size)
+    mask = torch.randint(0, k, (2, size, size))
     mask[:, :4] = int(cfg.dataset.ignore_index)
     before = [p.detach().clone() for p in model.parameters()]
     model.train()

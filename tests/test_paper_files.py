@@ -158,3 +158,21 @@ def test_frozen_batchnorm_in_deeplab_v3(cls_name, one_thread):
     # training mode normalises with the stored statistics and does not update them
     torch.testing.assert_close(train_out, eval_out)
     assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns))
+
+
+@pytest.mark.parametrize("experiment", ["deeplabv1_voc", "deeplabv2_lr_policy",
+                                        "deeplabv2_aspp_ablation", "deeplabv2_voc",
+                                        "deeplabv2_resnet_ablation", "deeplabv2_pascal_context"])
+def test_deeplab_v1_v2_train_on_labels_shrunk_by_8(experiment):
+    """DeepLab v1/v2 compare the stride-8 logits with the label shrunk by 8 (the released train
+    prototxts' "label_shrink" Interp layer; v3 Sec. 4.1 "Upsampling logits" names it as the
+    v1/v2 practice it changes). The VGG-16 experiments (v1, v2 Tables 2-3) missed it."""
+    cfg = compose_config([f"experiment={experiment}", "dataset.root=/x"])
+    assert cfg.loss.label_stride == 8, experiment
+
+
+@pytest.mark.parametrize("experiment", ["deeplabv3_voc", "deeplabv3plus_voc"])
+def test_deeplab_v3_upsamples_the_logits_instead(experiment):
+    """DeepLab v3 Sec. 4.1: the logits are upsampled, the ground truth is not downsampled."""
+    cfg = compose_config([f"experiment={experiment}", "dataset.root=/x"])
+    assert cfg.loss.label_stride is None, experiment
