@@ -239,3 +239,51 @@ def test_loss_normalization_is_checked_and_set_by_the_segnet_experiments(tmp_pat
     for name in ("segnet_basic_camvid", "segnet_camvid"):
         cfg = compose_config([f"experiment={name}", f"dataset.root={tmp_path}"])
         assert cfg.loss.normalization == "valid_count", name
+
+
+# -- label_grid: where a resized label reads the full one -------------------------------------
+@pytest.mark.parametrize("size_in,size_out", [((768, 768), (96, 96)), ((65, 70), (9, 9)),
+                                              ((64, 48), (8, 6)), ((33, 17), (5, 4))])
+def test_floor_grid_is_pytorch_nearest_interpolation(size_in, size_out):
+    """label_grid=floor reads what F.interpolate(mode="nearest") reads (HANet's aux labels)."""
+    from segtrain.losses.ce import resize_labels
+
+    mask = torch.randint(0, 19, (2, *size_in))
+    ref = F.interpolate(mask[:, None].float(), size=size_out, mode="nearest")[:, 0].long()
+    assert torch.equal(resize_labels(mask, size_out, "floor"), ref)
+
+
+def test_aligned_grid_reads_every_8th_label_of_a_321_crop():
+    """label_grid=aligned (default): 321 -> 41 reads rows 0, 8, ..., 320 (Caffe's Interp)."""
+    from segtrain.losses.ce import resize_labels
+
+    mask = torch.arange(321).view(1, 321, 1).expand(1, 321, 3)
+    assert resize_labels(mask, (41, 3))[0, :, 0].tolist() == list(range(0, 321, 8))
+    # the two grids differ on a 768 crop at stride 8: the last row reads 767 vs 760
+    tall = torch.arange(768).view(1, 768, 1)
+    assert resize_labels(tall, (96, 1))[0, -1, 0] == 767
+    assert resize_labels(tall, (96, 1), "floor")[0, -1, 0] == 760
+
+
+def test_the_aux_term_uses_the_configured_grid():
+    mask = torch.randint(0, 3, (1, 64, 64))
+    aux = torch.randn(1, 3, 7, 7)
+    out = {"out": torch.randn(1, 3, 64, 64), "aux": aux}
+    floor = CrossEntropyLoss(label_grid="floor")(out, {"mask": mask})["aux"]
+    aligned = CrossEntropyLoss()(out, {"mask": mask})["aux"]
+    expected = F.cross_entropy(aux, F.interpolate(mask[:, None].float(), size=(7, 7),
+                                                  mode="nearest")[:, 0].long())
+    assert torch.allclose(floor, expected) and not torch.allclose(aligned, expected)
+
+
+def test_hanet_experiment_samples_aux_labels_as_its_reference():
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["experiment=hanet_cityscapes", "dataset.root=/x"])
+    assert cfg.loss.label_grid == "floor"
+    assert compose_config([]).loss.label_grid == "aligned"
+
+
+def test_a_bad_label_grid_is_refused_with_the_key():
+    with pytest.raises(ConfigError, match="loss.label_grid must be one of aligned, floor"):
+        CrossEntropyLoss(label_grid="bilinear")

@@ -18,9 +18,12 @@ Two DeepLab v2 training details (Sec. 4.1 and the released train prototxts):
   its own cross-entropy against the label resized to that output's size (terms
   ``ce_s1``, ``ce_s0.75``, ...); ``ce`` is then the term of the max-fused output.
 
-Labels are resized by nearest neighbour on the aligned-corners grid (output position i reads
-input position round(i * (H - 1) / (h - 1))): for H = 8k + 1 (321 -> 41) that is every 8th
-label, exactly what Caffe's ``Interp`` with ``shrink_factor: 8`` samples.
+Labels are resized by nearest neighbour (``label_grid``): ``aligned`` (default) on the
+aligned-corners grid, output position i reads input position round(i * (H - 1) / (h - 1)):
+for H = 8k + 1 (321 -> 41) that is every 8th label, exactly what Caffe's ``Interp`` with
+``shrink_factor: 8`` samples (DeepLab). ``floor`` reads floor(i * H / h), PyTorch's
+``F.interpolate(mode="nearest")``, which HANet's reference applies to its auxiliary labels
+(``network/deepv3.py``: ``aux_gts`` interpolated ``mode='nearest'``).
 
 ``OhemCrossEntropyLoss``: online hard example mining (OHEM; Wu, Shen and van den Hengel,
 "High-performance Semantic Segmentation Using Very Deep Fully Convolutional Networks", arXiv
@@ -60,19 +63,27 @@ from segtrain.losses.unet_weights import unet_weight_map
 
 #: loss.normalization: divide the weighted sum by the valid pixels' weights, or their count
 NORMALIZATIONS = ("weight_sum", "valid_count")
+#: loss.label_grid: where a resized label reads the full one (module docstring)
+LABEL_GRIDS = ("aligned", "floor")
 
 
-def resize_labels(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour resize of an (N, H, W) label map on the aligned-corners grid."""
+def resize_labels(mask: torch.Tensor, size: Sequence[int],
+                  grid: str = "aligned") -> torch.Tensor:
+    """Nearest-neighbour resize of an (N, H, W) label map: ``grid="aligned"`` on the
+    aligned-corners grid (Caffe's ``Interp``), ``"floor"`` as ``F.interpolate(mode="nearest")``."""
+    if grid not in LABEL_GRIDS:
+        raise ConfigError(f"loss.label_grid must be one of {', '.join(LABEL_GRIDS)}, got {grid!r}")
     h, w = int(size[0]), int(size[1])
     H, W = mask.shape[-2:]
     if (h, w) == (H, W):
         return mask
 
     def index(n_out: int, n_in: int) -> torch.Tensor:
+        pos = torch.arange(n_out, dtype=torch.float64, device=mask.device)
+        if grid == "floor":
+            return torch.floor(pos * n_in / n_out).long().clamp(max=n_in - 1)
         if n_out == 1:
             return torch.zeros(1, dtype=torch.long, device=mask.device)
-        pos = torch.arange(n_out, dtype=torch.float64, device=mask.device)
         return torch.round(pos * (n_in - 1) / (n_out - 1)).long()
 
     return mask[..., index(h, H), :][..., index(w, W)]
@@ -96,6 +107,10 @@ class CrossEntropyLoss(nn.Module):
             (``F.cross_entropy(weight=...)``). ``valid_count``: the number of non-ignored
             pixels, Caffe's SoftmaxWithLoss with ``weight_by_label_freqs`` (the SegNet
             reference, caffe-segnet softmax_loss_layer.cpp: loss / count, normalize true).
+        label_grid: where a label resized to a smaller output (``label_stride``, the
+            ``"aux"`` output, multi-scale outputs) reads the full label: ``aligned``
+            (Caffe's ``Interp``, DeepLab) or ``floor`` (``F.interpolate(mode="nearest")``,
+            the HANet reference's auxiliary labels).
             Without class weights both are the plain mean.
     ``required_keys``: ``{"out"}``, or ``{"out_lowres"}`` with ``label_stride``; ``"aux"`` and
     the multi-scale outputs are used when present.
@@ -106,8 +121,12 @@ class CrossEntropyLoss(nn.Module):
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
                  aux_weight: float = 0.4, label_stride: int | None = None,
                  unet_weight_map: Mapping[str, float] | None = None,
-                 normalization: str = "weight_sum") -> None:
+                 normalization: str = "weight_sum", label_grid: str = "aligned") -> None:
         super().__init__()
+        if label_grid not in LABEL_GRIDS:
+            raise ConfigError(f"loss.label_grid must be one of {', '.join(LABEL_GRIDS)}, got "
+                              f"{label_grid!r}")
+        self.label_grid = label_grid
         if normalization not in NORMALIZATIONS:
             raise ConfigError(f"loss.normalization must be one of {', '.join(NORMALIZATIONS)}, "
                               f"got {normalization!r}")
@@ -190,7 +209,7 @@ class CrossEntropyLoss(nn.Module):
         """``({"ce", ["ce_s<scale>", ...] ["aux"]}, their weighted sum)``: the part every loss
         shares."""
         logits = self._main_logits(outputs, mask)
-        target = resize_labels(mask, logits.shape[-2:])
+        target = resize_labels(mask, logits.shape[-2:], self.label_grid)
         main = self._ce if self.unet_map is None else self._unet_ce
         terms = {"ce": main(logits, target)}
         total = terms["ce"]
@@ -199,11 +218,13 @@ class CrossEntropyLoss(nn.Module):
             if match:
                 name = f"ce_s{match.group(1)}"
                 terms[name] = self._ce(scale_logits,
-                                       resize_labels(mask, scale_logits.shape[-2:]))
+                                       resize_labels(mask, scale_logits.shape[-2:],
+                                                     self.label_grid))
                 total = total + terms[name]
         if "aux" in outputs and self.aux_weight > 0:
             terms["aux"] = self._ce(outputs["aux"],
-                                   resize_labels(mask, outputs["aux"].shape[-2:]))
+                                   resize_labels(mask, outputs["aux"].shape[-2:],
+                                                 self.label_grid))
             total = total + self.aux_weight * terms["aux"]
         return terms, total
 
@@ -235,12 +256,14 @@ class OhemCrossEntropyLoss(CrossEntropyLoss):
         thresh: keep pixels whose true-class probability is at most this (0.7).
         min_kept: keep at least this many pixels per batch (100000).
         normalization: as ``CrossEntropyLoss`` (over the kept pixels).
+        label_grid: as ``CrossEntropyLoss``.
     """
 
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
                  aux_weight: float = 0.4, thresh: float = 0.7, min_kept: int = 100000,
-                 normalization: str = "weight_sum") -> None:
-        super().__init__(ignore_index, class_weights, aux_weight, normalization=normalization)
+                 normalization: str = "weight_sum", label_grid: str = "aligned") -> None:
+        super().__init__(ignore_index, class_weights, aux_weight, normalization=normalization,
+                         label_grid=label_grid)
         if not 0.0 < thresh <= 1.0 or min_kept < 0:
             raise ValueError(f"loss.thresh must be in (0, 1] and loss.min_kept >= 0, got "
                              f"{thresh} and {min_kept}")

@@ -23,7 +23,9 @@ first included (``contract_dilation=False``; ``network/deepv3.py`` variant D set
 ``conv2`` of the stage). The auxiliary head on ``c4`` (3x3 conv 512 + BN + ReLU + dropout
 0.1 + 1x1, the reference ``dsn``) is returned as ``"aux"`` in training mode at stride 8,
 not upsampled: the loss compares it with the labels downsampled by nearest neighbour to
-its size, as the reference does; its 0.4 weight belongs to the loss config.
+its size, as the reference does (row floor(i H / h), ``F.interpolate(mode='nearest')``:
+``loss.label_grid=floor``, set by ``experiment=hanet_cityscapes``); its 0.4 weight belongs
+to the loss config.
 
 With ``conf/model/hanet.yaml`` and 19 classes the model has 64,801,250 parameters; the
 reference code builds 64,803,149 (``tests/test_models_recent_dsrl_hanet.py`` counts the
@@ -39,9 +41,6 @@ difference). Remaining differences from the reference code, one per line:
 - concatenation orders: ASPP puts image pooling last here, first there; the decoder puts
   the upsampled ASPP features before the 48 low-level channels here, after them there
   (a permutation of the input channels of the next convolution, same function);
-- aux labels: ``ce.resize_labels`` picks the nearest label on the aligned-corners grid
-  (row round(i (H-1)/(h-1))), the reference's ``F.interpolate(mode='nearest')`` row
-  floor(i H / h): both one label per stride-8 cell, positions within the same cell;
 - HANet's dropout drops whole channels of the pooled map here (``Dropout1d``); the
   reference applies ``Dropout2d`` to the 3-D map.
 """
