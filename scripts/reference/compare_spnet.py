@@ -3,6 +3,7 @@
     python scripts/reference/compare_spnet.py --reference /path/to/SPNet
     python scripts/reference/compare_spnet.py --reference /path/to/SPNet --size 97 129
     python scripts/reference/compare_spnet.py --reference /path/to/SPNet --dtype float64
+    python scripts/reference/compare_spnet.py --reference /path/to/SPNet --train
     python scripts/reference/compare_spnet.py --reference /path/to/SPNet \
         --reference-align-corners false   # a sensitivity check: must differ
 
@@ -21,7 +22,8 @@ cityscapes_spnet101.yaml`` (``SPNet(nclass=19, backbone='resnet101', pretrained=
 spm_on=True)``), give it random weights and non-trivial BatchNorm statistics (fixed seed),
 build segtrain's model from ``experiment=spnet_cityscapes model.pretrained=null`` through
 the framework's own config path, copy every reference tensor into it by ``map_key``, run
-both in eval mode on the same random image, and print parameter counts, the mapping, and
+both in eval mode on the same random image (``--train``: training mode on a batch of 2,
+dropout off), and print parameter counts, the mapping, and
 the max absolute / relative differences of the logits, the auxiliary logits and the
 intermediate features. Not imported by the tests (it needs the external checkout).
 """
@@ -201,26 +203,48 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return err, err / max(a.abs().max().item(), 1e-30)
 
 
+def zero_loss(output: torch.Tensor, _target) -> torch.Tensor:
+    """The reference's training forward needs a ``criterion``; its losses are not compared."""
+    return output.new_zeros(())
+
+
+def training_mode_without_dropout(reference: nn.Module, ours: nn.Module) -> None:
+    """BatchNorm on batch statistics, the (random) dropout of both classifiers off."""
+    for model in (reference, ours):
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.Dropout2d):
+                module.p = 0.0
+    reference.criterion = zero_loss
+
+
 @torch.no_grad()
 def run_both(reference: nn.Module, ours: nn.Module, image: torch.Tensor) -> list[tuple]:
-    """Rows (name, reference output, segtrain output): intermediates, logits, aux logits."""
+    """Rows (name, reference output, segtrain output): intermediates, aux logits, logits.
+
+    In eval mode the reference returns the logits; in training it returns the argmax and
+    the losses, so its logits are its head's output upsampled with its ``up_kwargs``, as its
+    forward does. Our auxiliary head runs in training only; in eval it is applied to our
+    layer3 output here (the reference computes ``auxlayer`` in eval too, ``BaseNet.aux``).
+    """
     ref_store, ref_handles = record_outputs(
         reference, [r for r, _ in FEATURE_PAIRS] + ["auxlayer"])
     our_store, our_handles = record_outputs(ours, [o for _, o in FEATURE_PAIRS])
-    ref_logits = reference(image.clone())
-    our_logits = ours(image.clone())["out"]
+    size = image.shape[-2:]
+    ref_out = reference(image.clone(), None) if reference.training else reference(image.clone())
+    ours_out = ours(image.clone())
     for handle in ref_handles + our_handles:
         handle.remove()
+    ref_logits = (F.interpolate(ref_store["head"], size, **reference._up_kwargs)
+                  if reference.training else ref_out)
+    our_aux = ours_out.get("aux")
+    if our_aux is None:
+        our_aux = F.interpolate(ours.aux_head(our_store["backbone.layer3"]), size,
+                                mode="bilinear", align_corners=True)
     rows = [(f"{r} | {o}", ref_store[r], our_store[o]) for r, o in FEATURE_PAIRS]
-    # the auxiliary head runs in training only here; the reference computes it in eval too
-    # (BaseNet.aux): apply ours to the same layer3 output and upsample as forward does
-    size = image.shape[-2:]
-    our_aux = ours.aux_head(our_store["backbone.layer3"])
-    rows.append(("auxlayer | aux_head (feature size)", ref_store["auxlayer"], our_aux))
-    rows.append(("aux logits (upsampled)",
-                 F.interpolate(ref_store["auxlayer"], size, **reference._up_kwargs),
-                 F.interpolate(our_aux, size, mode="bilinear", align_corners=True)))
-    rows.append(("logits", ref_logits, our_logits))
+    rows.append(("aux logits (auxlayer | aux_head, upsampled)",
+                 F.interpolate(ref_store["auxlayer"], size, **reference._up_kwargs), our_aux))
+    rows.append(("logits", ref_logits, ours_out["out"]))
     return rows
 
 
@@ -239,6 +263,9 @@ def parse_args() -> argparse.Namespace:
                         help="false changes the reference's up_kwargs (every bilinear "
                              "upsampling: MPM pools and logits) to show that the comparison "
                              "sees that choice; true is the authors' code")
+    parser.add_argument("--train", action="store_true",
+                        help="training mode (BatchNorm on batch statistics, dropout off) "
+                             "on a batch of 2 instead of eval mode on one image")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for segtrain")
     return parser.parse_args()
 
@@ -260,9 +287,13 @@ def main() -> None:
           f"unmapped {len(unmapped)} {unmapped}; segtrain unfilled {len(unfilled)} {unfilled}")
     dtype = getattr(torch, args.dtype)
     reference, ours = reference.to(dtype), ours.to(dtype)
-    image = torch.randn(1, 3, *args.size, generator=torch.Generator().manual_seed(args.seed))
+    batch = 2 if args.train else 1
+    image = torch.randn(batch, 3, *args.size, generator=torch.Generator().manual_seed(args.seed))
     image = image.to(dtype)
-    print(f"input: {tuple(image.shape)}, eval mode, {args.dtype}, seed {args.seed}")
+    if args.train:
+        training_mode_without_dropout(reference, ours)
+    mode = "training mode, dropout off" if args.train else "eval mode"
+    print(f"input: {tuple(image.shape)}, {mode}, {args.dtype}, seed {args.seed}")
     print(f"{'output (reference | segtrain)':48s} {'shape':>20s} {'max|ref|':>10s} "
           f"{'max abs diff':>12s} {'rel diff':>9s}")
     for name, a, b in run_both(reference, ours, image):

@@ -16,7 +16,10 @@ the base rate, head and auxiliary head at 10x.
 The backbone is the reference's (houqb/SPNet ``models/resnet.py``, ``deep_base=True``):
 ResNet-101 with the deep stem 64-64-128 (``resnet101s``), layer3 dilated 2 (first block
 1), layer4 with multi-grid dilations 4, 8, 16. With ``conf/model/spnet.yaml`` and 19
-classes the model has 66,729,382 parameters, the count of the reference code. Remaining
+classes the model has 66,729,382 parameters, the count of the reference code; with the
+reference's weights copied in, its logits, auxiliary logits and features equal the
+reference's to float rounding, in eval and training mode
+(``scripts/reference/compare_spnet.py``, ``docs/reference/spnet.md``). Remaining
 differences from the reference code, one per line:
 
 - ``pretrained: imagenet`` loads CSAIL's deep-stem ResNet-101; the authors' file is
