@@ -1,13 +1,15 @@
 """Compare segtrain's HANet with the authors' code, the reference's weights copied across.
 
     python scripts/reference/compare_hanet.py --reference /path/to/HANet
+    python scripts/reference/compare_hanet.py --reference /path/to/HANet model.pe_offset=0
 
 Reference: shachoi/HANet (Choi et al., CVPR 2020), the model of
 ``scripts/train_r101_os8_hanet.sh``: ``network/deepv3.py`` ``DeepR101V3PlusD_HANet_OS8``
 (``DeepV3PlusHANet``, ASPP ``_AtrousSpatialPyramidPoolingModule``), ``network/HANet.py``
 ``HANet_Conv``, ``network/PosEmbedding.py`` ``PosEncoding1D``, ``network/Resnet.py``
 ``ResNet3X3`` and ``network/mynn.py``. segtrain's model is composed as training does it
-(``experiment=hanet_cityscapes model.pretrained=null``, ``segtrain.app.build_model``).
+(``experiment=hanet_cityscapes model.pretrained=null``, ``segtrain.app.build_model``; more
+Hydra overrides may follow, e.g. ``model.pe_offset=0``, the paper's encoding).
 
 The reference is built on the CPU without touching its files: ``torchvision`` (imported by
 ``deepv3.py``, unused for ResNet-101) is stubbed, ``Tensor.cuda`` returns the tensor
@@ -23,8 +25,9 @@ statistics measured on random batches. Every tensor is then copied into segtrain
 - the two convolutions with a bias before BN there (HANet's second conv, the aux head's
   3x3) have none here: the bias is folded into the BN's running mean (exact in eval mode;
   in training mode the batch mean cancels it on both sides);
-- the positional-encoding table (a frozen ``nn.Embedding``, 17 rows) is copied into the
-  ``pe`` buffer (its first 16 rows), after printing how far the buffer was from it.
+- the positional-encoding table (a frozen ``nn.Embedding``, 17 rows) is not copied: the
+  ``pe`` buffer is computed from the same formula, and the script prints how far it is
+  from the table's first 16 rows (the 17th is reached only by the training jitter).
 
 The reference indexes the encoding by the row in the full image (``pos``); it is given the
 rows of an image that is the whole input (``pos_h = row * 1024 / H // 8``), which is
@@ -159,11 +162,11 @@ def randomise_reference(model: nn.Module, image_size: tuple[int, int], seed: int
 
 # ---- segtrain's model and the weight mapping ----------------------------------------------
 
-def build_segtrain() -> nn.Module:
+def build_segtrain(overrides: list[str]) -> nn.Module:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config",
                       overrides=["experiment=hanet_cityscapes", "model.pretrained=null",
-                                 f"dataset.num_classes={NUM_CLASSES}"])
+                                 f"dataset.num_classes={NUM_CLASSES}", *overrides])
     return build_model(cfg)
 
 
@@ -201,7 +204,8 @@ def folded_bias_target(reference_key: str) -> str | None:
 
 @torch.no_grad()
 def copy_reference_weights(reference: nn.Module, model: nn.Module) -> dict[str, list[str]]:
-    """Copy every reference tensor into ``model``; returns what was mapped and what not."""
+    """Copy every reference tensor into ``model``; returns what was copied, folded,
+    compared (the encoding tables) and left unmapped."""
     ours = model.state_dict()
     buffers = dict(model.named_buffers())
     permutations = concat_permutations(model)
@@ -217,16 +221,15 @@ def copy_reference_weights(reference: nn.Module, model: nn.Module) -> dict[str, 
         if name is None or (name not in ours and name not in buffers):
             report["unmapped_reference"].append(key)
             continue
-        if name.endswith(".pe"):  # (17, C) embedding, offset rows; ours (C, 16)
+        if name.endswith(".pe"):  # (17, C) embedding; ours (C, 16), computed, not copied
             table = value[:buffers[name].shape[1]].t()
             report["pe_max_diff"].append(f"{name}: {(table - buffers[name]).abs().max():.3g}")
-            buffers[name].copy_(table)
         else:
             if name in permutations:
                 dim, index = permutations[name]
                 value = value.index_select(dim, index)
             ours[name].copy_(value)
-        report["mapped"].append(name)
+            report["mapped"].append(name)
     for target, bias in folded.items():
         ours[target] -= bias  # BN(conv(x) + b) with mean m == BN(conv(x)) with mean m - b
     report["unmapped_segtrain"] = sorted(set(ours) - set(report["mapped"]))
@@ -293,6 +296,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of segtrain's model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     size = (args.height, args.width)
@@ -300,18 +304,19 @@ def main() -> None:
     stub_reference_environment(args.reference.resolve())
     reference = build_reference(args.seed)
     randomise_reference(reference, size, args.seed)
-    model = build_segtrain().eval()
+    model = build_segtrain(args.overrides).eval()
     print(f"parameters: reference {n_params(reference):,}, segtrain {n_params(model):,}")
     report = copy_reference_weights(reference, model)
-    print(f"tensors: {len(report['mapped'])} mapped, {len(report['folded'])} biases folded "
-          f"into a BN running mean, {len(report['unmapped_reference'])} reference and "
+    print(f"tensors: {len(report['mapped'])} copied, {len(report['folded'])} biases folded "
+          f"into a BN running mean, {len(report['pe_max_diff'])} encoding tables compared, "
+          f"{len(report['unmapped_reference'])} reference and "
           f"{len(report['unmapped_segtrain'])} segtrain tensors unmapped")
     for line in report["folded"]:
         print(f"  folded: {line}")
     for key in report["unmapped_reference"] + report["unmapped_segtrain"]:
         print(f"  unmapped: {key}")
     for line in report["pe_max_diff"]:
-        print(f"  positional encoding, table vs our buffer before the copy: {line}")
+        print(f"  positional encoding, max |reference table - our buffer|: {line}")
 
     torch.manual_seed(args.seed + 1)
     compare(reference, model, torch.randn(1, 3, *size), "eval")
