@@ -312,6 +312,30 @@ def test_positional_encoding_is_added_after_the_first_convolution():
     assert torch.allclose(seen["q2_in"], seen["q1"] + module.pe)
 
 
+def reference_encoding_table(rows: int, width: int) -> np.ndarray:
+    """shachoi/HANet network/PosEmbedding.py: get_sinusoid_encoding_table(rows, width) + 1
+    (PosEncoding1D), wavelength base 100 for widths up to 50, as (width, rows)."""
+    base = 10 if width > 50 else 100
+    angle = np.array([[p / base ** (2 * (j // 2) / width) for j in range(width)]
+                      for p in range(rows)])
+    angle[:, 0::2], angle[:, 1::2] = np.sin(angle[:, 0::2]), np.cos(angle[:, 1::2])
+    return (angle + 1).T
+
+
+def test_hanet_config_adds_the_reference_encoding_table():
+    """The configured model adds sinusoid + 1 after the first conv, as the reference code
+    (the +1 changes the logits: scripts/reference/compare_hanet.py, docs/reference/hanet.md)."""
+    cfg = OmegaConf.load(CONF / "model" / "hanet.yaml")
+    cfg.pop("param_mults")  # the optimizer's, not a constructor argument
+    cfg.num_classes, cfg.backbone = K, "resnet18"
+    model = instantiate(cfg)
+    for module in model.attention.values():
+        width = module.conv1[0].out_channels
+        assert np.allclose(module.pe.numpy(), reference_encoding_table(16, width), atol=1e-6)
+    assert np.allclose(HeightAttention(64, 8, 16, 8, 3, 0.0, pe_offset=0.0).pe.numpy(),
+                       reference_encoding_table(16, 8) - 1, atol=1e-6)  # the paper's PE
+
+
 def height_attention_params(c_low: int, c_high: int, r: int, k: int) -> int:
     """By hand: 1x1 conv (no bias) + BN, 3x3 conv to 2m (no bias) + BN, k conv with bias."""
     m = math.ceil(c_low / r)

@@ -15,7 +15,8 @@ authors' code shachoi/HANet ``network/deepv3.py``), as (lower -> higher):
 
 The best Cityscapes model attaches at layer1-4 (the authors' best script
 ``scripts/train_r101_os8_hanet_best.sh``: ``--hanet 1 1 1 1 0``, r = 64, H^ = 128 / 8 =
-16, 3 conv layers with kernel 3, positional encoding after the first conv, dropout 0.1),
+16, 3 conv layers with kernel 3, positional encoding after the first conv, plus 1 as the
+reference's table, dropout 0.1),
 ``conf/model/hanet.yaml``. The backbone is the reference's: ResNet-101 with the deep stem
 (``resnet101s``: three 3x3 convolutions 64-64-128, ``network/Resnet.py`` ``ResNet3X3``,
 CSAIL's ImageNet weights) whose layer3 and layer4 are dilated 2 and 4 in every block, the
@@ -32,17 +33,24 @@ reference code builds 64,803,149 (``tests/test_models_recent_dsrl_hanet.py`` cou
 difference). Remaining differences from the reference code, one per line:
 
 - positional encoding: a fixed buffer here, a frozen ``nn.Embedding`` of (16 + 1) rows
-  there (parameters it counts: 17 x 73 = 1,241 over the four modules);
+  there (parameters it counts: 17 x 73 = 1,241 over the four modules; the 17th row is
+  reached only by the training jitter); the values are the same (sinusoid + 1);
 - HANet's second 1-D conv has a bias before its BN there (2 x 73 = 146 parameters);
-- the auxiliary head's 3x3 conv has a bias before its BN there (512 parameters);
+- the auxiliary head's 3x3 conv has a bias before its BN there (512 parameters); a BN's
+  running mean absorbs such a bias, and the batch mean cancels it in training;
 - the encoding is indexed by the coarse row of the network's input here, by the crop's
-  row in the full image (offset +1, with ``--pos_noise`` jitter) there
+  row in the full image (with ``--pos_noise`` jitter in training) there; the rows agree
+  when the input is the whole image, as in whole-image evaluation
   (``modules.height_attention``);
 - concatenation orders: ASPP puts image pooling last here, first there; the decoder puts
   the upsampled ASPP features before the 48 low-level channels here, after them there
   (a permutation of the input channels of the next convolution, same function);
 - HANet's dropout drops whole channels of the pooled map here (``Dropout1d``); the
-  reference applies ``Dropout2d`` to the 3-D map.
+  reference applies ``Dropout2d`` to the 3-D map, which torch also treats as channel-wise
+  1-D dropout (the same function).
+
+``scripts/reference/compare_hanet.py`` copies the reference's weights into this model and
+compares the logits (``docs/reference/hanet.md``): they agree to float precision.
 """
 
 from __future__ import annotations
@@ -88,6 +96,7 @@ class HANet(DeepLabV3Plus):
         kernel_size: kernel of HANet's last 1-D convolution.
         hanet_dropout: dropout on HANet's pooled input.
         pe_base: base of the positional encoding's wavelengths.
+        pe_offset: constant added to the encoding (1 in the reference code, 0 the paper's).
         aux_channels: channels of the auxiliary head on ``c4``; 0 or ``None`` removes it.
         aux_dropout: dropout of the auxiliary head.
         pretrained: ImageNet checkpoint of the backbone or ``None``.
@@ -105,7 +114,7 @@ class HANet(DeepLabV3Plus):
                  reduction: int, kernel_size: int, hanet_dropout: float, pe_base: float,
                  aux_channels: int | None, aux_dropout: float, pretrained: str | None,
                  in_channels: int = 3, head_lr_mult: float = 1.0,
-                 head_bias_lr_mult: float = 1.0) -> None:
+                 head_bias_lr_mult: float = 1.0, pe_offset: float = 1.0) -> None:
         unknown = [s for s in attach if s not in STAGES]
         if unknown or len(set(attach)) != len(attach):
             raise ConfigError(f"model.attach must list distinct stages among "
@@ -135,7 +144,7 @@ class HANet(DeepLabV3Plus):
         self.attention = nn.ModuleDict({
             stage: HeightAttention(*lower_higher[stage], coarse_height, reduction, kernel_size,
                                    hanet_dropout, "max" if stage == "layer5" else "mean",
-                                   pe_base)
+                                   pe_base, pe_offset)
             for stage in STAGES if stage in attach})
         self.aux_head = FCNHead(ch["c4"], aux_channels, num_classes, aux_dropout) \
             if aux_channels else None

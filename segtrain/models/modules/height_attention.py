@@ -19,14 +19,17 @@ multiplies a higher-level map X_h (C_h x H_h x W_h), the same value along each r
    convolution (the reference ``--hanet_pos 2 1``: injection point 2, sinusoidal):
    ``PE(p, 2i) = sin(p / base^(2i/C))``, ``PE(p, 2i+1) = cos(p / base^(2i/C))``,
    p = 0..H^-1 the coarse row and C the channels there; base 100 (the reference code's
-   ``get_sinusoid_encoding_table`` for these widths, instead of the Transformer's 10000);
+   ``get_sinusoid_encoding_table`` for widths up to 50, instead of the Transformer's
+   10000), plus ``pe_offset`` (1 in the reference code, ``network/PosEmbedding.py``
+   ``PosEncoding1D``: ``table + 1``; 0 is the paper's formula);
 5. linear up-sampling to H_h: A = G_up(A^), and X~_h = A (broadcast over the width) * X_h.
 
 Dropout on Z^ (the reference code's ``--dropout``) is an option. Differences from the
-reference code: its encoding table is offset by +1 and indexed by the crop's row in the
-full image (with random jitter, ``--pos_noise``); here p is the coarse row of the input the
-network sees, without offset or jitter. Its second conv also has a bias before BN (32
-parameters more per module at r = 64 on 1024 channels).
+reference code: its encoding is indexed by the crop's row in the full image (with random
+jitter, ``--pos_noise``); here p is the coarse row of the input the network sees, without
+jitter (the same rows when the input is the whole image). Its second conv also has a bias
+before BN (32 parameters more per module at r = 64 on 1024 channels; the BN's mean absorbs
+it, the same function).
 """
 
 from __future__ import annotations
@@ -59,11 +62,12 @@ class HeightAttention(nn.Module):
         dropout: dropout on the pooled map (whole channels).
         pooling: ``"mean"`` or ``"max"`` width-wise pooling.
         pe_base: base of the positional encoding's wavelengths (100).
+        pe_offset: constant added to the encoding (the reference code's 1; 0 the paper's).
     """
 
     def __init__(self, in_channels: int, out_channels: int, coarse_height: int, reduction: int,
                  kernel_size: int, dropout: float, pooling: str = "mean",
-                 pe_base: float = 100.0) -> None:
+                 pe_base: float = 100.0, pe_offset: float = 1.0) -> None:
         super().__init__()
         if pooling not in ("mean", "max"):
             raise ValueError(f"pooling must be 'mean' or 'max', got {pooling!r}")
@@ -75,8 +79,8 @@ class HeightAttention(nn.Module):
         self.conv2 = nn.Sequential(nn.Conv1d(mid, 2 * mid, 3, padding=1, bias=False),
                                    nn.BatchNorm1d(2 * mid), nn.ReLU(inplace=True))
         self.conv3 = nn.Conv1d(2 * mid, out_channels, kernel_size, padding=kernel_size // 2)
-        self.register_buffer("pe", positional_encoding(coarse_height, mid, pe_base),
-                             persistent=False)
+        pe = positional_encoding(coarse_height, mid, pe_base) + pe_offset
+        self.register_buffer("pe", pe, persistent=False)
 
     def attention(self, low: torch.Tensor, height: int) -> torch.Tensor:
         """(B, C_h, height) attention values in (0, 1)."""
