@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
-INPUT_SIZE = 64
 BATCH = 2  # the reference's ideal affinity map squeezes a batch of one away (squeeze_())
 NUM_CLASSES = 19
 SEED = 0
@@ -282,14 +281,15 @@ def compare_features(reference: nn.Module, model: nn.Module, image: torch.Tensor
              reference.encode_decode(image, [{}] * image.shape[0]))
 
 
-def labels_with_pairs(gen: torch.Generator) -> torch.Tensor:
+def labels_with_pairs(gen: torch.Generator, size: int) -> torch.Tensor:
     """A label whose classes each cover at least two prior-grid cells (no lone position)."""
-    n = (INPUT_SIZE // 8) ** 2
+    n = (size // 8) ** 2
     rows = []
     for _ in range(BATCH):
-        classes = torch.randint(0, NUM_CLASSES, (n // 2,), generator=gen).repeat(2)
+        half = torch.randint(0, NUM_CLASSES, (n // 2,), generator=gen)
+        classes = torch.cat([half, half, half[:n % 2]])  # an odd n: one class thrice
         rows.append(classes[torch.randperm(n, generator=gen)])
-    grid = torch.stack(rows).view(BATCH, INPUT_SIZE // 8, INPUT_SIZE // 8)
+    grid = torch.stack(rows).view(BATCH, size // 8, size // 8)
     return grid.repeat_interleave(8, 1).repeat_interleave(8, 2)
 
 
@@ -322,7 +322,7 @@ def compare_loss(reference: nn.Module, model: nn.Module, criterion: nn.Module,
                  image: torch.Tensor, mask: torch.Tensor, title: str) -> None:
     from segtrain.losses.affinity import affinity_terms, ideal_affinity
 
-    grid = INPUT_SIZE // 8
+    grid = mask.shape[-1] // 8
     lone = lone_rows(mask, grid)
     print(f"loss, {title} ({lone} of {BATCH * grid * grid} rows alone in their class, "
           f"{int((mask == 255).sum())} ignored pixels):")
@@ -339,14 +339,16 @@ def compare_loss(reference: nn.Module, model: nn.Module, criterion: nn.Module,
     diff("affinity loss (unary + global)", our_prior_loss, theirs["prior"])
     mean_constant = 200.0 * lone / (BATCH * grid * grid)
     diff("  ... + 200 x lone rows / rows", our_prior_loss + mean_constant, theirs["prior"])
-    if (mask == 255).any():
-        affinity, valid = ideal_affinity(mask, (grid, grid), ignore_index=-1)
-        unary, global_ = affinity_terms(outputs["prior"], affinity, valid)
-        diff("  ... 255 as a class (+ lone rows)", unary + global_ + mean_constant,
-             theirs["prior"])
     our_prior_loss.backward()
     theirs["prior"].backward()
     diff("d affinity loss / d P", outputs["prior"].grad, their_prior.grad)
+    if (mask == 255).any():  # the reference's ideal map: 255 is one more class
+        prior = outputs["prior"].detach().requires_grad_()
+        affinity, valid = ideal_affinity(mask, (grid, grid), ignore_index=-1)
+        as_class = sum(affinity_terms(prior, affinity, valid))
+        diff("  ... 255 as a class (+ lone rows)", as_class + mean_constant, theirs["prior"])
+        as_class.backward()
+        diff("  ... its d loss / d P", prior.grad, their_prior.grad)
     reference.eval()
     model.eval()
 
@@ -357,7 +359,12 @@ def main() -> None:
                         help="a checkout of yu-changqian/ContextPrior")
     parser.add_argument("--mmseg", type=Path, default=None,
                         help="an mmsegmentation 0.x source tree (default: the installed one)")
+    parser.add_argument("--size", type=int, default=64,
+                        help="input height and width, a multiple of 8 (prior = size / 8)")
     args = parser.parse_args()
+    if args.size % 8 or args.size < 16:
+        raise SystemExit(f"--size must be a multiple of 8 and at least 16, got {args.size}")
+    size = args.size
     torch.set_num_threads(1)
     if args.mmseg is not None:
         sys.path.insert(0, str(args.mmseg))
@@ -369,11 +376,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, mmcv {mmcv.__version__}, mmseg {mmseg.__version__}")
     register_reference(args.reference)
 
-    grid = INPUT_SIZE // 8
+    grid = size // 8
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
-    calibration = torch.randn(4, 3, INPUT_SIZE, INPUT_SIZE, generator=gen)
-    image = torch.randn(BATCH, 3, INPUT_SIZE, INPUT_SIZE, generator=gen)
+    calibration = torch.randn(4, 3, size, size, generator=gen)
+    image = torch.randn(BATCH, 3, size, size, generator=gen)
 
     reference = build_reference(args.reference, grid)
     model, criterion = build_segtrain(grid)
@@ -387,15 +394,15 @@ def main() -> None:
     print(f"tensors copied: {copied} of {len(reference.state_dict())}; unmapped reference "
           f"tensors: {unmapped or 'none'}; segtrain tensors not set: {unset or 'none'}")
     model.eval()
-    print(f"input {BATCH}x3x{INPUT_SIZE}x{INPUT_SIZE}, prior {grid}x{grid}, float32, CPU")
+    print(f"input {BATCH}x3x{size}x{size}, prior {grid}x{grid}, float32, CPU")
 
     compare_features(reference, model, image)
-    compare_loss(reference, model, criterion, image, labels_with_pairs(gen),
+    compare_loss(reference, model, criterion, image, labels_with_pairs(gen, size),
                  "every class on >= 2 grid cells")
-    random_mask = torch.randint(0, NUM_CLASSES, (BATCH, INPUT_SIZE, INPUT_SIZE), generator=gen)
+    random_mask = torch.randint(0, NUM_CLASSES, (BATCH, size, size), generator=gen)
     compare_loss(reference, model, criterion, image, random_mask, "uniform random label")
     ignored = random_mask.clone()
-    ignored[:, :16] = 255
+    ignored[:, :size // 4] = 255
     compare_loss(reference, model, criterion, image, ignored,
                  "random label, top quarter 255")
 
