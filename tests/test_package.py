@@ -79,8 +79,8 @@ def test_the_repository_names_no_path_outside_itself():
 
     outside = re.compile(r"/work/|\.\./shared|shared/data|DESIGN\.md|paper_numbers\.md")
     files = [REPO / "README.md", REPO / "Makefile", REPO / "pyproject.toml",
-             *(REPO / "docs").glob("*.md"), *(REPO / "conf").rglob("*.y*ml"),
-             *(REPO / "scripts").glob("*.py"), *(REPO / "segtrain").rglob("*.py"),
+             *(REPO / "docs").rglob("*.md"), *(REPO / "conf").rglob("*.y*ml"),
+             *(REPO / "scripts").rglob("*.py"), *(REPO / "segtrain").rglob("*.py"),
              *(p for p in (REPO / "tests").glob("*.py")
                if p.name not in ("conftest.py", "test_package.py"))]
     found = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in files
