@@ -18,13 +18,19 @@ The backbone is the official config's mmsegmentation ``ResNetV1c`` (deep stem 32
 dilations 1, 1, 2, 4 with ``contract_dilation``: first blocks of layer3 / layer4 at 1 / 2),
 ``resnet101_v1c`` here (ResNet-101 as in the paper; the config's is 50). With
 ``conf/model/cpnet.yaml``, 19 classes and prior 64 x 64 the model has 71,146,118
-parameters, the count of the reference code. Remaining differences, one per line:
+parameters, the count of the reference code. With every weight copied from the reference
+(``scripts/reference/compare_cpnet.py``, ``docs/reference/cpnet.md``) features, prior map
+and logits are bit-identical, and the loss terms agree to float precision once the
+differences below are taken out. Remaining differences, one per line:
 
 - a feature map of another size than ``prior_size`` is resized to it and back
   (``modules.context_prior``); the official head asserts the sizes are equal;
 - the affinity loss leaves ignored positions out, the official code counts 255 as one
   more class; a position alone in its class adds nothing to the global term here, the
   reference's clamp a constant (``losses/affinity.py``);
+- the cross-entropy terms average over the labelled pixels; mmsegmentation 0.x (the
+  reference's framework, ``avg_non_ignore=False``) over all pixels, ignored ones included,
+  so its CE is ours times the labelled fraction;
 - trained from scratch (``pretrained: null``), mmsegmentation's ResNet zero-initialises
   the last BN of every block (``zero_init_residual``), ours keeps torchvision's ones.
 """
