@@ -483,6 +483,9 @@ def zoo_config(experiment: str, scale: float) -> tuple[DictConfig, tuple[int, in
     note = ""
     h, w = paper_input(cfg, experiment)
     size = (max(32, round(h * scale)), max(32, round(w * scale)))
+    stride = cfg.loss.get("label_stride")
+    if stride:  # labels shrunk by s (DeepLab v1/v2): sides s k + 1, as the released 321 crops
+        size = tuple(int(stride) * max(1, round((n - 1) / int(stride))) + 1 for n in size)
     if "pretrained" in cfg.model:
         cfg.model.pretrained = None
     if "prior_size" in cfg.model:
