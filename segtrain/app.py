@@ -88,7 +88,11 @@ def _build_split(cfg: DictConfig, split: str) -> Any:
 
 
 def build_train_set(cfg: DictConfig) -> Any:
-    return _build_split(cfg, "train")
+    """The training set; with ``dataset.source_rows: true`` its items carry ``"rows"``, each
+    pixel's row in the full image (``segtrain.data.source_rows``), for HANet."""
+    ds = _build_split(cfg, "train")
+    ds.keep_rows = bool(cfg.dataset.get("source_rows", False))
+    return ds
 
 
 def build_val_set(cfg: DictConfig) -> Any:
@@ -168,6 +172,15 @@ def check_outputs(cfg: DictConfig, model: torch.nn.Module, loss_fn: Any) -> None
         raise ConfigError(
             f"{_choice(cfg, 'model')} does not return {', '.join(sorted(missing))}, which "
             f"{_choice(cfg, 'loss')} needs; models that fit: {', '.join(fit) or 'none'}")
+
+
+def check_takes_rows(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """Refuse ``dataset.source_rows: true`` for a model whose forward takes no ``rows``."""
+    if cfg.dataset.get("source_rows", False) and not model.TAKES_ROWS:
+        raise ConfigError(
+            f"dataset.source_rows=true: {_choice(cfg, 'model')} ({type(model).__name__}) "
+            f"takes no rows (only models with TAKES_ROWS, HANet, do; a multi-scale-input "
+            f"wrapper does not); set dataset.source_rows=false")
 
 
 def class_weights(cfg: DictConfig) -> list[float] | None:
@@ -281,6 +294,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     model = build_model(cfg, getattr(train_set, "in_channels", 3), initialise=True)
     loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg))
     check_outputs(cfg, model, loss_fn)
+    check_takes_rows(cfg, model)
     groups = param_groups(cfg, model)
     model.to(device)
     loss_fn.to(device)

@@ -133,6 +133,7 @@ class DatasetSchema:
     std: list[float] = spec(0, open_low=True)
     crop_size: list[int] | None = spec(1, optional=True, length=2)
     augment: AugmentSchema = spec(optional=True)  # absent where a dataset lists its own steps
+    source_rows: bool = spec(optional=True)  # absent: false
 
 
 @dataclass

@@ -308,8 +308,8 @@ def test_positional_encoding_is_added_after_the_first_convolution():
         module.attention(torch.randn(1, 64, 32, 5), 32)
     for h in hooks:
         h.remove()
-    assert module.pe.shape == (8, 16)  # ceil(64 / 8) channels, coarse height 16
-    assert torch.allclose(seen["q2_in"], seen["q1"] + module.pe)
+    assert module.pe.shape == (8, 17)  # ceil(64 / 8) channels, coarse rows 0..16
+    assert torch.allclose(seen["q2_in"], seen["q1"] + module.pe[:, :16])
 
 
 def reference_encoding_table(rows: int, width: int) -> np.ndarray:
@@ -331,9 +331,9 @@ def test_hanet_config_adds_the_reference_encoding_table():
     model = instantiate(cfg)
     for module in model.attention.values():
         width = module.conv1[0].out_channels
-        assert np.allclose(module.pe.numpy(), reference_encoding_table(16, width), atol=1e-6)
+        assert np.allclose(module.pe.numpy(), reference_encoding_table(17, width), atol=1e-6)
     assert np.allclose(HeightAttention(64, 8, 16, 8, 3, 0.0, pe_offset=0.0).pe.numpy(),
-                       reference_encoding_table(16, 8) - 1, atol=1e-6)  # the paper's PE
+                       reference_encoding_table(17, 8) - 1, atol=1e-6)  # the paper's PE
 
 
 def height_attention_params(c_low: int, c_high: int, r: int, k: int) -> int:

@@ -26,15 +26,16 @@ statistics measured on random batches. Every tensor is then copied into segtrain
   3x3) have none here: the bias is folded into the BN's running mean (exact in eval mode;
   in training mode the batch mean cancels it on both sides);
 - the positional-encoding table (a frozen ``nn.Embedding``, 17 rows) is not copied: the
-  ``pe`` buffer is computed from the same formula, and the script prints how far it is
-  from the table's first 16 rows (the 17th is reached only by the training jitter).
+  ``pe`` buffer (17 rows too) is computed from the same formula, and the script prints how
+  far it is from the table.
 
 The reference indexes the encoding by the row in the full image (``pos``); it is given the
-rows of an image that is the whole input (``pos_h = row * 1024 / H // 8``), which is
-segtrain's convention (coarse row of the input) and the reference's at whole-image
-evaluation. Both run in eval mode, then in training mode with every dropout at 0 and
-``pos_noise`` 0 (batch 2, batch statistics), and the script prints the largest absolute
-and relative differences of the logits and of intermediate features.
+rows of an image that is the whole input (``pos_h = row * 1024 / H // 8``), which are
+segtrain's without ``rows`` (the input's own) and both at whole-image evaluation (crops:
+``tests/test_hanet_source_rows.py`` transcribes the reference's rule). Both run in eval
+mode, then in training mode with every dropout at 0 and ``pos_noise`` 0
+(``model.pos_noise=0`` here; batch 2, batch statistics), and the script prints the largest
+absolute and relative differences of the logits and of intermediate features.
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def build_segtrain(overrides: list[str]) -> nn.Module:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config",
                       overrides=["experiment=hanet_cityscapes", "model.pretrained=null",
+                                 "model.pos_noise=0",  # as the reference's, switched off
                                  f"dataset.num_classes={NUM_CLASSES}", *overrides])
     return build_model(cfg)
 
@@ -221,7 +223,7 @@ def copy_reference_weights(reference: nn.Module, model: nn.Module) -> dict[str, 
         if name is None or (name not in ours and name not in buffers):
             report["unmapped_reference"].append(key)
             continue
-        if name.endswith(".pe"):  # (17, C) embedding; ours (C, 16), computed, not copied
+        if name.endswith(".pe"):  # (17, C) embedding; ours (C, 17), computed, not copied
             table = value[:buffers[name].shape[1]].t()
             report["pe_max_diff"].append(f"{name}: {(table - buffers[name]).abs().max():.3g}")
         else:

@@ -7,6 +7,10 @@ every dataset's constructor; 255 where a dataset is built by hand). A dataset wh
 RGB channels of the image as read from disk, uint8 HxWx3, through the same geometric
 transforms as the mask, so the dense CRF and the sample figures see exactly that image (no
 un-normalisation, whatever ``dataset.mean``/``std`` are: raw pixels, RGB-D stacks). A dataset
+whose ``keep_rows`` is set (the training set with ``dataset.source_rows: true``:
+``segtrain.app.build_train_set``) adds ``"rows"``: float32 HxW, each pixel's row in the image
+as read, as a fraction of its height (1.0 where padding), through the same geometric
+transforms (``segtrain.data.source_rows``), for models that take them (HANet). A dataset
 module subclasses
 ``SegmentationDataset`` and implements ``__len__`` and ``load(index)``, which returns the
 raw image (uint8 HxWx3, or float32 HxWxC on a 0..255 scale when extra channels such as
@@ -28,6 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from segtrain.data import source_rows
 from segtrain.errors import UserError
 
 IGNORE_INDEX = 255  # the constructors' default; a run passes dataset.ignore_index
@@ -157,6 +162,8 @@ class SegmentationDataset(Dataset):
     name: str = "dataset"
     #: items also carry "rgb", the image as read (see the module docstring)
     keep_rgb: bool = False
+    #: items also carry "rows", each pixel's source row (see the module docstring)
+    keep_rows: bool = False
 
     def __init__(self, transforms: Callable[..., dict] | None = None,
                  ignore_index: int = IGNORE_INDEX) -> None:
@@ -207,18 +214,21 @@ class SegmentationDataset(Dataset):
             )
         self.check_labels(mask, source)
         meta = {**meta, "index": index, "orig_size": tuple(mask.shape[:2])}
-        rgb = raw_rgb(image) if self.keep_rgb else None
+        extra = {}  # second masks that follow every geometric transform (nearest neighbour)
+        if self.keep_rgb:
+            extra["rgb"] = raw_rgb(image)  # no colour or normalisation step touches it
+        if self.keep_rows:
+            extra["rows"] = source_rows.encode(*mask.shape[:2])
         if self.transforms is not None:
-            if rgb is None:
-                out = self.transforms(image=image, mask=mask)
-            else:
-                # the image as read follows every geometric transform as a second mask
-                # (nearest neighbour, no colour or normalisation step touches it)
-                self.transforms.add_targets({"rgb": "mask"})
-                out = self.transforms(image=image, mask=mask, rgb=rgb)
-                rgb = out["rgb"]
+            if extra:
+                self.transforms.add_targets(dict.fromkeys(extra, "mask"))
+            out = self.transforms(image=image, mask=mask, **extra)
             image, mask = out["image"], out["mask"]
-        return to_item(image, mask, meta, rgb)
+            extra = {key: out[key] for key in extra}
+        rows = extra.get("rows")
+        if rows is not None:
+            rows = source_rows.decode(rows, meta["orig_size"][0])
+        return to_item(image, mask, meta, extra.get("rgb"), rows)
 
 
 def raw_rgb(image: np.ndarray) -> np.ndarray:
@@ -229,7 +239,7 @@ def raw_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def to_item(image: np.ndarray, mask: np.ndarray, meta: dict[str, Any],
-            rgb: np.ndarray | None = None) -> dict[str, Any]:
+            rgb: np.ndarray | None = None, rows: np.ndarray | None = None) -> dict[str, Any]:
     """Convert HxWxC float image and HxW mask to the tensors of the dataset contract."""
     if image.dtype == np.uint8:
         raise DatasetError(
@@ -241,6 +251,8 @@ def to_item(image: np.ndarray, mask: np.ndarray, meta: dict[str, Any],
     item = {"image": image_t, "mask": mask_t, "meta": meta}
     if rgb is not None:
         item["rgb"] = torch.from_numpy(np.require(rgb, np.uint8, ("C", "W")))  # PIL: read-only
+    if rows is not None:
+        item["rows"] = torch.from_numpy(np.ascontiguousarray(rows, np.float32))
     return item
 
 

@@ -79,7 +79,8 @@ class SeededAugmentation(Dataset):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images, masks (and the images as read, ``rgb``); keep ``meta`` as a list."""
+    """Stack images, masks (and the images as read, ``rgb``, and the source rows, ``rows``,
+    where the items have them); keep ``meta`` as a list."""
     batch = {
         "image": torch.stack([it["image"] for it in items]),
         "mask": torch.stack([it["mask"] for it in items]),
@@ -87,6 +88,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if all("rgb" in it for it in items):
         batch["rgb"] = torch.stack([it["rgb"] for it in items])
+    if all("rows" in it for it in items):
+        batch["rows"] = torch.stack([it["rows"] for it in items])
     return batch
 
 

@@ -245,7 +245,11 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with torch.autocast(self.device.type, self.amp_dtype,
                                     enabled=self.amp_dtype is not None):
-                    outputs = self.train_model(image)
+                    if "rows" in batch:  # dataset.source_rows: models with TAKES_ROWS
+                        rows = batch["rows"].to(self.device, non_blocking=True)
+                        outputs = self.train_model(image, rows=rows)
+                    else:
+                        outputs = self.train_model(image)
                     terms = self.loss_fn(outputs, batch)
                 loss = terms["total"] / self.iter_size
                 self.scaler.scale(loss).backward()

@@ -2,7 +2,10 @@
 
 - ``whole``: one forward on the full image.
 - ``slide``: overlapping crops of ``crop_size`` every ``stride`` pixels, logits averaged
-  where crops overlap (mmsegmentation's ``slide`` test mode; PSPNet Sec. 4).
+  where crops overlap (mmsegmentation's ``slide`` test mode; PSPNet Sec. 4). A model that
+  takes source rows (``TAKES_ROWS``, HANet) gets each window's rows in the (scaled) image,
+  1.0 for padding, as the training set's ``"rows"``; whole-image passes give none (the
+  input's own rows).
 - multi-scale: the image is resized by each of ``scales``, predicted, and the logits are
   brought back to the original size and fused by ``max`` (DeepLab v2 Sec. 4.1, "MSC ...
   we take the maximum response across scales") or ``mean``.
@@ -85,9 +88,15 @@ class Predictor:
             cols.append(W - cw)
         logits = None
         count = torch.zeros(1, 1, H, W, device=image.device)
+        takes_rows = getattr(bare(model), "TAKES_ROWS", False)
+        source = image_rows(n, h, H, W, image.device) if takes_rows else None
         for y in rows:
             for x in cols:
-                out = model(image[:, :, y:y + ch, x:x + cw])["out"].float()
+                window = image[:, :, y:y + ch, x:x + cw]
+                if source is None:
+                    out = model(window)["out"].float()
+                else:
+                    out = model(window, rows=source[:, y:y + ch, x:x + cw])["out"].float()
                 if logits is None:
                     logits = torch.zeros(n, out.shape[1], H, W, device=image.device,
                                          dtype=torch.float32)
@@ -120,6 +129,14 @@ class Predictor:
         if self.fusion == "mean":
             fused = fused / len(self.scales)
         return fused
+
+
+def image_rows(n: int, height: int, padded_height: int, width: int,
+               device: torch.device) -> torch.Tensor:
+    """N x padded_height x width source rows of an image of ``height`` rows padded at the
+    bottom: row / height, 1.0 for padding (``segtrain.data.source_rows``)."""
+    rows = (torch.arange(padded_height, device=device, dtype=torch.float32) / height).clamp(max=1)
+    return rows[None, :, None].expand(n, padded_height, width)
 
 
 def check_output_stride(model: nn.Module, output_stride: int | None) -> None:

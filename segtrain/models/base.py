@@ -29,6 +29,13 @@ the evaluator and the trainer use nothing else of it:
   place with the same parameters (DeepLab v3 Sec. 4.2: train at 16, evaluate at 8);
   elsewhere it raises ``ConfigError``.
 
+- Source rows: where ``TAKES_ROWS`` (HANet), ``forward(image, rows=None)`` also takes
+  ``rows``, ``N x H x W`` float: each input pixel's row in the full image as a fraction of
+  its height (1.0 for padding), which the training set adds as ``batch["rows"]`` with
+  ``dataset.source_rows: true``; the trainer passes them, sliding-window inference passes
+  each window's rows; None stands for the input's own rows. Other models take the image
+  only.
+
 Wrappers: ``bare(model)`` is the ``SegmentationModel`` under ``DistributedDataParallel``
 (or ``DataParallel``); its ``state_dict`` is the one checkpoints hold. The multi-scale
 wrapper (``segtrain.models.msc.MultiScaleInputs``) is itself a ``SegmentationModel``: it
@@ -55,6 +62,8 @@ class SegmentationModel(nn.Module):
     EVAL_KEYS: ClassVar[frozenset[str]] = frozenset({"out"})
     #: whether ``set_output_stride`` works
     CAN_SET_OUTPUT_STRIDE: ClassVar[bool] = False
+    #: whether ``forward`` takes ``rows``, the source rows of the input (HANet)
+    TAKES_ROWS: ClassVar[bool] = False
 
     @property
     def train_keys(self) -> frozenset[str]:

@@ -32,22 +32,27 @@ With ``conf/model/hanet.yaml`` and 19 classes the model has 64,801,250 parameter
 reference code builds 64,803,149 (``tests/test_models_recent_dsrl_hanet.py`` counts the
 difference). Remaining differences from the reference code, one per line:
 
-- positional encoding: a fixed buffer here, a frozen ``nn.Embedding`` of (16 + 1) rows
-  there (parameters it counts: 17 x 73 = 1,241 over the four modules; the 17th row is
-  reached only by the training jitter); the values are the same (sinusoid + 1);
+- positional encoding: a fixed buffer here, a frozen ``nn.Embedding`` there (parameters
+  it counts: 17 x 73 = 1,241 over the four modules); both (16 + 1) rows of the same values
+  (sinusoid + 1), the 17th reached by padded rows and the training jitter;
 - HANet's second 1-D conv has a bias before its BN there (2 x 73 = 146 parameters);
 - the auxiliary head's 3x3 conv has a bias before its BN there (512 parameters); a BN's
   running mean absorbs such a bias, and the batch mean cancels it in training;
-- the encoding is indexed by the coarse row of the network's input here, by the crop's
-  row in the full image (with ``--pos_noise`` jitter in training) there; the rows agree
-  when the input is the whole image, as in whole-image evaluation
-  (``modules.height_attention``);
 - concatenation orders: ASPP puts image pooling last here, first there; the decoder puts
   the upsampled ASPP features before the 48 low-level channels here, after them there
   (a permutation of the input channels of the next convolution, same function);
 - HANet's dropout drops whole channels of the pooled map here (``Dropout1d``); the
   reference applies ``Dropout2d`` to the 3-D map, which torch also treats as channel-wise
   1-D dropout (the same function).
+
+The encoding is indexed by each pixel's row in the full image, as the reference's (its
+datasets carry position maps through the joint transforms): ``forward(image, rows)`` takes
+them (``TAKES_ROWS``; the trainer passes ``batch["rows"]``, which the training set adds
+with ``dataset.source_rows: true``, set by ``experiment=hanet_cityscapes``), and the
+training jitter ``pos_noise`` (the reference's ``--pos_noise 0.5``) moves each module's
+coarse row index (``modules.height_attention``). Without rows (``model=hanet`` on another
+dataset config, whole-image inference) the network's input rows stand in for them: the same
+when the input is the whole image.
 
 ``scripts/reference/compare_hanet.py`` copies the reference's weights into this model and
 compares the logits (``docs/reference/hanet.md``): they agree to float precision.
@@ -97,6 +102,8 @@ class HANet(DeepLabV3Plus):
         hanet_dropout: dropout on HANet's pooled input.
         pe_base: base of the positional encoding's wavelengths.
         pe_offset: constant added to the encoding (1 in the reference code, 0 the paper's).
+        pos_noise: std of the training jitter of the encoding's coarse row (the reference's
+            ``--pos_noise``); 0: none.
         aux_channels: channels of the auxiliary head on ``c4``; 0 or ``None`` removes it.
         aux_dropout: dropout of the auxiliary head.
         pretrained: ImageNet checkpoint of the backbone or ``None``.
@@ -105,6 +112,7 @@ class HANet(DeepLabV3Plus):
     """
 
     TRAIN_KEYS = frozenset({"out", "aux"})
+    TAKES_ROWS = True
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  multi_grid: Sequence[int] | None, contract_dilation: bool,
@@ -114,7 +122,8 @@ class HANet(DeepLabV3Plus):
                  reduction: int, kernel_size: int, hanet_dropout: float, pe_base: float,
                  aux_channels: int | None, aux_dropout: float, pretrained: str | None,
                  in_channels: int = 3, head_lr_mult: float = 1.0,
-                 head_bias_lr_mult: float = 1.0, pe_offset: float = 1.0) -> None:
+                 head_bias_lr_mult: float = 1.0, pe_offset: float = 1.0,
+                 pos_noise: float = 0.0) -> None:
         unknown = [s for s in attach if s not in STAGES]
         if unknown or len(set(attach)) != len(attach):
             raise ConfigError(f"model.attach must list distinct stages among "
@@ -123,6 +132,8 @@ class HANet(DeepLabV3Plus):
             raise ConfigError(f"model.coarse_height and model.reduction must be positive and "
                               f"model.kernel_size odd; got {coarse_height}, {reduction}, "
                               f"{kernel_size}")
+        if pos_noise < 0:
+            raise ConfigError(f"model.pos_noise must be >= 0, got {pos_noise}")
         super().__init__(num_classes, backbone, output_stride, multi_grid, atrous_rates,
                          aspp_dropout, separable, low_level_channels, decoder_channels,
                          pretrained, in_channels, head_lr_mult, head_bias_lr_mult)
@@ -144,7 +155,7 @@ class HANet(DeepLabV3Plus):
         self.attention = nn.ModuleDict({
             stage: HeightAttention(*lower_higher[stage], coarse_height, reduction, kernel_size,
                                    hanet_dropout, "max" if stage == "layer5" else "mean",
-                                   pe_base, pe_offset)
+                                   pe_base, pe_offset, pos_noise)
             for stage in STAGES if stage in attach})
         self.aux_head = FCNHead(ch["c4"], aux_channels, num_classes, aux_dropout) \
             if aux_channels else None
@@ -153,20 +164,28 @@ class HANet(DeepLabV3Plus):
     def train_keys(self) -> frozenset[str]:
         return self.TRAIN_KEYS if self.aux_head is not None else frozenset({"out"})
 
-    def _attend(self, stage: str, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-        return self.attention[stage](low, high) if stage in self.attention else high
+    def _attend(self, stage: str, low: torch.Tensor, high: torch.Tensor,
+                rows: torch.Tensor | None) -> torch.Tensor:
+        return self.attention[stage](low, high, rows) if stage in self.attention else high
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor,
+                rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``rows``: N x H x W, each input pixel's row in the full image as a fraction of
+        its height (1.0 for padding; ``dataset.source_rows``); None: the input's own rows."""
         size = image.shape[-2:]
+        if rows is not None and (rows.dim() != 3 or rows.shape[0] != image.shape[0]
+                                 or rows.shape[1:] != size):
+            raise ValueError(f"rows must be N x H x W = {image.shape[0]} x {size[0]} x "
+                             f"{size[1]} like the image, got shape {tuple(rows.shape)}")
         feats = self.backbone.forward_features(image)
-        c5 = self._attend("layer1", feats["c4"], feats["c5"])
+        c5 = self._attend("layer1", feats["c4"], feats["c5"], rows)
         branches = [branch(c5) for branch in self.aspp.branches] + [self.aspp.pooling(c5)]
-        concat = self._attend("layer2", c5, torch.cat(branches, dim=1))
-        aspp = self._attend("layer3", concat, self.aspp.project(concat))
+        concat = self._attend("layer2", c5, torch.cat(branches, dim=1), rows)
+        aspp = self._attend("layer3", concat, self.aspp.project(concat), rows)
         low = self.reduce(feats["c2"])
         decoder_in = torch.cat([_upsample(aspp, low.shape[-2:]), low], dim=1)
-        x = self._attend("layer4", decoder_in, self.decoder(decoder_in))
-        logits = self._attend("layer5", x, self.classifier(x))
+        x = self._attend("layer4", decoder_in, self.decoder(decoder_in), rows)
+        logits = self._attend("layer5", x, self.classifier(x), rows)
         outputs = {"out": _upsample(logits, size)}
         if self.training and self.aux_head is not None:
             outputs["aux"] = self.aux_head(feats["c4"])  # at stride 8, as the reference
