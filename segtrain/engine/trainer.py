@@ -45,7 +45,9 @@ class Trainer:
     """Trains ``model`` for ``max_iters`` iterations on ``batches``, calling ``callbacks``.
 
     Args:
-        model: returns ``{"out": logits, ...}``; already on ``device`` (DDP-wrapped if needed).
+        model: returns ``{"out": logits, ...}``; already on ``device`` (DDP-wrapped if needed);
+            called as ``model(image)``, or ``model(image, rows=batch["rows"])`` where the
+            batches carry source rows (``dataset.source_rows``, models with ``TAKES_ROWS``).
         loss_fn: ``(outputs, batch) -> {"total": ..., term: ...}``.
         optimizer: its groups carry their rates. lr_factor: iteration -> their multiplier.
         batches: ``start -> the endless stream of training micro-batches from number start
