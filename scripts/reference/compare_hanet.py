@@ -31,11 +31,12 @@ statistics measured on random batches. Every tensor is then copied into segtrain
 
 The reference indexes the encoding by the row in the full image (``pos``); it is given the
 rows of an image that is the whole input (``pos_h = row * 1024 / H // 8``), which are
-segtrain's without ``rows`` (the input's own) and both at whole-image evaluation (crops:
-``tests/test_hanet_source_rows.py`` transcribes the reference's rule). Both run in eval
-mode, then in training mode with every dropout at 0 and ``pos_noise`` 0
-(``model.pos_noise=0`` here; batch 2, batch statistics), and the script prints the largest
-absolute and relative differences of the logits and of intermediate features.
+segtrain's without ``rows`` (the input's own) and both at whole-image evaluation; then, in
+eval mode, the rows of a training crop (frame rows 256 + 8 r: rows 256-767 at scale 1/8),
+as ``pos_h = row // 8`` there and ``rows = row / 1024`` here. Both run in eval mode, then
+in training mode with every dropout at 0 and ``pos_noise`` 0 (``model.pos_noise=0`` here;
+batch 2, batch statistics), and the script prints the largest absolute and relative
+differences of the logits and of intermediate features.
 """
 
 from __future__ import annotations
@@ -125,15 +126,29 @@ def build_reference(seed: int) -> nn.Module:
     return model
 
 
-def reference_positions(batch: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
-    """``pos`` of an input that is the whole image: row * 1024 / H // 8, as the datasets."""
-    rows = torch.arange(height) * FULL_IMAGE_ROWS // height // 8
-    pos_h = rows[None, :, None].expand(batch, height, width).contiguous()
+def whole_frame_rows(height: int) -> torch.Tensor:
+    """Rows of the 1024-row frame that an input of ``height`` rows, the whole image, shows."""
+    return torch.arange(height) * FULL_IMAGE_ROWS // height
+
+
+def reference_positions(batch: int, frame_rows: torch.Tensor,
+                        width: int) -> tuple[torch.Tensor, ...]:
+    """``pos`` of an input whose rows show ``frame_rows``: row // 8, as the datasets."""
+    pos_h = (frame_rows // 8)[None, :, None].expand(batch, len(frame_rows), width).contiguous()
     return pos_h, torch.zeros_like(pos_h)
 
 
-def run_reference(model: nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    pos = reference_positions(image.shape[0], *image.shape[-2:])
+def segtrain_rows(batch: int, frame_rows: torch.Tensor, width: int) -> torch.Tensor:
+    """segtrain's ``rows`` of the same input: frame row / 1024 (``dataset.source_rows``)."""
+    rows = frame_rows.float() / FULL_IMAGE_ROWS
+    return rows[None, :, None].expand(batch, len(frame_rows), width).contiguous()
+
+
+def run_reference(model: nn.Module, image: torch.Tensor,
+                  frame_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    if frame_rows is None:
+        frame_rows = whole_frame_rows(image.shape[-2])
+    pos = reference_positions(image.shape[0], frame_rows, image.shape[-1])
     if not model.training:
         return {"out": model(image, pos=pos)}
     labels = torch.zeros(image.shape[0], *image.shape[-2:], dtype=torch.long)
@@ -263,11 +278,17 @@ def differences(ours: torch.Tensor, ref: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def compare(reference: nn.Module, model: nn.Module, image: torch.Tensor, mode: str) -> None:
+def compare(reference: nn.Module, model: nn.Module, image: torch.Tensor, mode: str,
+            frame_rows: torch.Tensor | None = None) -> None:
+    """Logits and features of both; ``frame_rows``: the rows of the 1024-row frame the
+    input shows (None: the whole frame, and segtrain is given no rows)."""
     aspp_index = concat_permutations(model)["aspp.project.0.0.weight"][1]
     ref_seen, ref_hooks = record_outputs(reference, [r for r, _, _ in FEATURE_PAIRS])
     our_seen, our_hooks = record_outputs(model, [o for _, o, _ in FEATURE_PAIRS])
-    ref_out, our_out = run_reference(reference, image), model(image)
+    rows = None if frame_rows is None else segtrain_rows(image.shape[0], frame_rows,
+                                                          image.shape[-1])
+    ref_out = run_reference(reference, image, frame_rows)
+    our_out = model(image) if rows is None else model(image, rows=rows)
     for hook in ref_hooks + our_hooks:
         hook.remove()
     for key in ref_out:
@@ -321,7 +342,17 @@ def main() -> None:
         print(f"  positional encoding, max |reference table - our buffer|: {line}")
 
     torch.manual_seed(args.seed + 1)
-    compare(reference, model, torch.randn(1, 3, *size), "eval")
+    image = torch.randn(1, 3, *size)
+    compare(reference, model, image, "eval")
+    # a training crop: frame rows 256-767 at scale 1/8 (rows 256, 264, ...), in the 1024-row
+    # frame's coordinates on both sides (pos_h = row // 8 there, rows = row / 1024 here)
+    crop_rows = 256 + 8 * torch.arange(size[0])
+    compare(reference, model, image, "eval, crop of frame rows 256+8r", crop_rows)
+    with torch.no_grad():  # segtrain before dataset.source_rows: the crop's own rows
+        relative = differences(model(image)["out"],
+                               run_reference(reference, image, crop_rows)["out"])
+    print(f"[eval, crop of frame rows 256+8r] logits out without rows (the crop's own): "
+          f"{relative}")
     disable_dropout(reference, model)
     reference.train()
     model.train()
