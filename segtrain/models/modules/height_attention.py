@@ -120,7 +120,8 @@ class HeightAttention(nn.Module):
         self.register_buffer("pe", pe, persistent=False)
 
     def encoding(self, batch: int, rows: torch.Tensor | None) -> torch.Tensor:
-        """(1 or N, C, H^) encoding of each coarse row (see the module docstring)."""
+        """The encoding of each coarse row (see the module docstring): (C, H^) for the
+        input's own rows, (N, C, H^) for given rows or with the jitter."""
         noise = self.pos_noise if self.training else 0.0
         if rows is None and noise == 0:
             return self.pe[:, :self.coarse_height]
