@@ -41,9 +41,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import REPO, n_params, segtrain_config
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[2]
 BATCH = 2  # the reference's ideal affinity map squeezes a batch of one away (squeeze_())
 NUM_CLASSES = 19
 SEED = 0
@@ -156,13 +156,10 @@ def randomise(model: nn.Module, calibration: torch.Tensor) -> None:
 
 # ---- segtrain ----------------------------------------------------------------------------
 
-def segtrain_config(prior_size: int):
-    from hydra import compose, initialize_config_dir
-
-    overrides = ["model=cpnet", "dataset=cityscapes", "loss=affinity", "model.pretrained=null",
-                 f"model.prior_size=[{prior_size},{prior_size}]"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+def cpnet_config(prior_size: int):
+    return segtrain_config(["model=cpnet", "dataset=cityscapes", "loss=affinity",
+                            "model.pretrained=null",
+                            f"model.prior_size=[{prior_size},{prior_size}]"])
 
 
 def build_segtrain(prior_size: int):
@@ -170,7 +167,7 @@ def build_segtrain(prior_size: int):
 
     from segtrain.app import build_model
 
-    cfg = segtrain_config(prior_size)
+    cfg = cpnet_config(prior_size)
     return build_model(cfg), instantiate(cfg.loss)
 
 
@@ -235,10 +232,6 @@ def copy_weights(reference: nn.Module, model: nn.Module) -> tuple[int, list[str]
 
 
 # ---- running both ------------------------------------------------------------------------
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
 
 def diff(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> float:
     """Print and return the max relative difference (max abs / max abs of the reference)."""

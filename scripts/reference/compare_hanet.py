@@ -48,10 +48,9 @@ import types
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from common import REPO, n_params, record_outputs, segtrain_config
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from segtrain.app import build_model  # noqa: E402
@@ -179,12 +178,10 @@ def randomise_reference(model: nn.Module, image_size: tuple[int, int], seed: int
 # ---- segtrain's model and the weight mapping ----------------------------------------------
 
 def build_segtrain(overrides: list[str]) -> nn.Module:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config",
-                      overrides=["experiment=hanet_cityscapes", "model.pretrained=null",
-                                 "model.pos_noise=0",  # as the reference's, switched off
-                                 f"dataset.num_classes={NUM_CLASSES}", *overrides])
-    return build_model(cfg)
+    return build_model(segtrain_config(
+        ["experiment=hanet_cityscapes", "model.pretrained=null",
+         "model.pos_noise=0",  # as the reference's, switched off
+         f"dataset.num_classes={NUM_CLASSES}", *overrides]))
 
 
 def segtrain_key(reference_key: str) -> str | None:
@@ -264,13 +261,6 @@ FEATURE_PAIRS = [  # (reference module, segtrain module, channel permutation or 
 ]
 
 
-def record_outputs(model: nn.Module, names: list[str]) -> tuple[dict, list]:
-    seen, modules = {}, dict(model.named_modules())
-    hooks = [modules[n].register_forward_hook(
-        lambda m, i, o, n=n: seen.__setitem__(n, o.detach().clone())) for n in names]
-    return seen, hooks
-
-
 def differences(ours: torch.Tensor, ref: torch.Tensor) -> str:
     diff = (ours - ref).abs().max().item()
     return f"max abs diff {diff:.3g}, relative {diff / ref.abs().max().item():.3g} " \
@@ -305,10 +295,6 @@ def disable_dropout(*models: nn.Module) -> None:
         for module in model.modules():
             if isinstance(module, nn.modules.dropout._DropoutNd):
                 module.p = 0.0
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:

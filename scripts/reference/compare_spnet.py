@@ -37,10 +37,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
+from common import REPO, n_params, record_outputs, segtrain_config
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from segtrain.app import build_model  # noqa: E402
@@ -122,11 +121,9 @@ def build_reference(checkout: Path, encoding: Path | None) -> nn.Module:
 
 def build_segtrain(overrides: list[str]) -> nn.Module:
     """segtrain's SPNet from the Cityscapes experiment, through the framework's config path."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config",
-                      overrides=["experiment=spnet_cityscapes", "model.pretrained=null",
-                                 f"dataset.num_classes={NUM_CLASSES}", *overrides])
-    return build_model(cfg).eval()
+    return build_model(segtrain_config(["experiment=spnet_cityscapes", "model.pretrained=null",
+                                        f"dataset.num_classes={NUM_CLASSES}",
+                                        *overrides])).eval()
 
 
 @torch.no_grad()
@@ -159,10 +156,6 @@ def randomise(model: nn.Module, seed: int) -> None:
             module.num_batches_tracked.fill_(7)
 
 
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @torch.no_grad()
 def copy_weights(reference: nn.Module, ours: nn.Module) -> tuple[list[str], list[str]]:
     """Copy every reference tensor into ``ours``; returns (unmapped reference keys,
@@ -181,18 +174,6 @@ def copy_weights(reference: nn.Module, ours: nn.Module) -> tuple[list[str], list
         filled.add(key)
     unfilled = [k for k in our_state if k not in filled]
     return unmapped, unfilled
-
-
-def record_outputs(model: nn.Module, names: list[str]) -> tuple[dict, list]:
-    """Forward hooks storing the output of each named submodule (a copy: the reference's
-    in-place ReLUs would change it later)."""
-    store, handles = {}, []
-    modules = dict(model.named_modules())
-    for name in names:
-        def hook(_module, _inputs, output, name=name):
-            store[name] = output.detach().clone()
-        handles.append(modules[name].register_forward_hook(hook))
-    return store, handles
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
