@@ -34,6 +34,7 @@ from segtrain.data.base import (
     remap_labels,
     require_nonempty,
     require_root,
+    require_split,
 )
 
 # The first name of each entry of the challenge's objectInfo150 (index 1..150), as
@@ -126,8 +127,7 @@ class ADE20K(SegmentationDataset):
     def __init__(self, root: str | Path, split: str = "train", transforms=None,
                  ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(transforms, ignore_index)
-        if split not in SPLITS:
-            raise DatasetError(f"ade20k: unknown split '{split}', expected one of {SPLITS}")
+        require_split("ade20k", split, SPLITS)
         self.root = find_ade_root(root)
         self.split = split
         folder = FOLDERS[split]

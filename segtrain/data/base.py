@@ -137,6 +137,11 @@ def read_list_file(path: Path, name: str, split: str) -> list[list[str]]:
     return rows
 
 
+def require_split(name: str, split: str, splits: Sequence[str]) -> None:
+    if split not in splits:
+        raise DatasetError(f"{name}: unknown split '{split}', expected one of {splits}")
+
+
 def require_nonempty(items: Sequence[Any], name: str, split: str, where: str) -> None:
     if len(items) == 0:
         raise DatasetError(f"{name}: split '{split}' is empty: no samples found in {where}")

@@ -33,6 +33,7 @@ from segtrain.data.base import (
     remap_labels,
     require_nonempty,
     require_root,
+    require_split,
 )
 
 CLASS_NAMES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol",
@@ -61,8 +62,7 @@ class CamVid(SegmentationDataset):
     def __init__(self, root: str | Path, split: str = "train", transforms=None,
                  ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(transforms, ignore_index)
-        if split not in SPLITS:
-            raise DatasetError(f"camvid: unknown split '{split}', expected one of {SPLITS}")
+        require_split("camvid", split, SPLITS)
         self.root = require_root(root, "camvid", LAYOUT, HOW_TO_GET)
         self.split = split
         parts = ("train", "val") if split == "trainval" else (split,)

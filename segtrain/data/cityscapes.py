@@ -30,6 +30,7 @@ from segtrain.data.base import (
     remap_labels,
     require_nonempty,
     require_root,
+    require_split,
 )
 
 CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
@@ -69,8 +70,7 @@ class Cityscapes(SegmentationDataset):
     def __init__(self, root: str | Path, split: str = "train", transforms=None,
                  ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(transforms, ignore_index)
-        if split not in SPLITS:
-            raise DatasetError(f"cityscapes: unknown split '{split}', expected one of {SPLITS}")
+        require_split("cityscapes", split, SPLITS)
         self.root = require_root(root, "cityscapes", LAYOUT, HOW_TO_GET)
         self.split = split
         self.images: list[Path] = []

@@ -48,6 +48,7 @@ from segtrain.data.base import (
     read_label,
     require_nonempty,
     require_root,
+    require_split,
     voc_colormap,
 )
 
@@ -105,8 +106,7 @@ class COCOSegmentation(SegmentationDataset):
                  min_area: float | None = None, transforms=None,
                  ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(transforms, ignore_index)
-        if split not in SPLITS:
-            raise DatasetError(f"coco: unknown split '{split}', expected one of {SPLITS}")
+        require_split("coco", split, SPLITS)
         self.cat_to_train, self.class_names = category_map(classes)
         self.palette = voc_colormap(len(self.class_names))
         self.root = require_root(root, "coco", LAYOUT, HOW_TO_GET)

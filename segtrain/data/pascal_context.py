@@ -40,6 +40,7 @@ from segtrain.data.base import (
     read_list_file,
     remap_labels,
     require_root,
+    require_split,
     unique_names,
     voc_colormap,
 )
@@ -109,9 +110,7 @@ class PascalContext(SegmentationDataset):
     def __init__(self, root: str | Path, split: str = "train", classes: int = 59,
                  transforms=None, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(transforms, ignore_index)
-        if split not in SPLITS:
-            raise DatasetError(f"pascal_context: unknown split '{split}', expected one of "
-                               f"{SPLITS}")
+        require_split("pascal_context", split, SPLITS)
         self.class_names = class_names(classes)
         self.palette = PALETTE_60[1:] if classes == 59 else PALETTE_60
         self.root = find_voc2010_root(root)

@@ -37,6 +37,7 @@ from segtrain.data.base import (
     remap_labels,
     require_nonempty,
     require_root,
+    require_split,
     voc_colormap,
 )
 
@@ -73,8 +74,7 @@ class SUNRGBD(SegmentationDataset):
     def __init__(self, root: str | Path, split: str = "train", use_depth: bool = False,
                  transforms=None, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(transforms, ignore_index)
-        if split not in SPLITS:
-            raise DatasetError(f"sunrgbd: unknown split '{split}', expected one of {SPLITS}")
+        require_split("sunrgbd", split, SPLITS)
         self.root = require_root(root, "sunrgbd", LAYOUT, HOW_TO_GET)
         self.split = split
         self.use_depth = bool(use_depth)

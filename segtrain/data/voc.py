@@ -32,6 +32,7 @@ from segtrain.data.base import (
     read_list_file,
     remap_labels,
     require_root,
+    require_split,
     unique_names,
     voc_colormap,
 )
@@ -77,8 +78,7 @@ class VOCSegmentation(SegmentationDataset):
     def __init__(self, root: str | Path, split: str = "train", transforms=None,
                  ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(transforms, ignore_index)
-        if split not in SPLITS:
-            raise DatasetError(f"voc: unknown split '{split}', expected one of {SPLITS}")
+        require_split("voc", split, SPLITS)
         self.root = find_voc_root(root)
         self.split = split
         if split == "train_aug":
