@@ -33,7 +33,7 @@ from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.inference import Inference
 from segtrain.models.base import SegmentationModel
 from segtrain.models.init_from import init_from
-from segtrain.models.param_groups import ParamMults
+from segtrain.models.param_groups import Paramwise, optimizer_groups
 from segtrain.viz import default_palette
 
 log = logging.getLogger("segtrain")
@@ -119,7 +119,6 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
     node = OmegaConf.to_container(cfg.model, resolve=True)
     msc = node.pop("msc", None) or {}
     source = node.pop("init_from", None)
-    node.pop("param_mults", None)  # the optimizer's (param_mults below), not the network's
     model = instantiate(node, **overrides)
     if not isinstance(model, SegmentationModel):
         raise ConfigError(f"model._target_={node['_target_']} is not a "
@@ -203,27 +202,25 @@ def class_weights(cfg: DictConfig) -> list[float] | None:
     return weights
 
 
-def param_mults(cfg: DictConfig) -> ParamMults:
-    """``model.param_mults``: the model family's bias and normalisation multipliers."""
-    if "param_mults" not in cfg.model:
-        raise ConfigError(f"{_choice(cfg, 'model')} has no model.param_mults (the learning-rate "
-                          f"and weight-decay multipliers of its biases and normalisation "
-                          f"parameters, conf/model/*.yaml)")
-    return ParamMults.from_mapping(OmegaConf.to_container(cfg.model.param_mults, resolve=True))
-
-
-def param_groups(cfg: DictConfig, model: torch.nn.Module) -> list[dict]:
-    """The model's optimizer groups with its config's kind multipliers."""
-    return model.param_groups(param_mults(cfg))
+def param_groups(cfg: DictConfig, model: SegmentationModel) -> list[dict]:
+    """The optimizer groups of ``model``'s parameter roles (``head_modules``) under the
+    policy ``optim.paramwise`` (conf/optim/paramwise/, segtrain/models/param_groups.py),
+    each with its ``lr_mult`` and ``weight_decay_mult``. With ``build_optimizer`` the one
+    route from a config and a model to the optimizer training steps."""
+    policy = Paramwise.from_mapping(cfg.optim.paramwise)
+    return optimizer_groups(model, model.head_modules(), policy)
 
 
 def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    """Each group's lr and weight decay are the base values times its multipliers."""
+    """``cfg.optim`` over ``groups`` (``param_groups``): each group's lr and weight decay
+    are ``optim.lr`` and ``optim.weight_decay`` times its multipliers."""
     base_lr = float(cfg.optim.lr)
     base_wd = float(cfg.optim.weight_decay)
-    param_groups = [{**g, "lr": base_lr * g.get("lr_mult", 1.0),
-                     "weight_decay": base_wd * g.get("weight_decay_mult", 1.0)} for g in groups]
-    return instantiate(cfg.optim)(param_groups)
+    groups = [{**g, "lr": base_lr * g.get("lr_mult", 1.0),
+               "weight_decay": base_wd * g.get("weight_decay_mult", 1.0)} for g in groups]
+    node = OmegaConf.to_container(cfg.optim, resolve=True)
+    node.pop("paramwise")  # the groups' multipliers above, not an optimizer argument
+    return instantiate(node)(groups)
 
 
 def build_inference(cfg: DictConfig) -> Inference:

@@ -82,7 +82,19 @@ class TrainerSchema:
 
 
 @dataclass
+class ParamwiseSchema:
+    """``optim.paramwise`` (``segtrain.models.param_groups.Paramwise``)."""
+    head_lr_mult: float = spec(0)
+    bias_lr_mult: float = spec(0)
+    bias_decay_mult: float = spec(0)
+    norm_lr_mult: float = spec(0)
+    norm_weight_decay_mult: float = spec(0)
+    norm_bias_decay_mult: float = spec(0)
+
+
+@dataclass
 class OptimSchema:
+    paramwise: ParamwiseSchema = spec()
     lr: float = spec(0, open_low=True)
     weight_decay: float = spec(0)
     momentum: float = spec(0, 1, open_high=True, optional=True)

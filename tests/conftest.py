@@ -100,3 +100,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def plain_groups(model: torch.nn.Module) -> list[dict]:
+    """``model``'s optimizer groups (its roles x kinds) under the plain policy of
+    conf/optim/paramwise/torch.yaml: for tests of which parameters land in which group."""
+    from omegaconf import OmegaConf
+
+    from segtrain.models.param_groups import Paramwise, optimizer_groups
+
+    policy = Paramwise.from_mapping(OmegaConf.load(CONF_DIR / "optim/paramwise/torch.yaml"))
+    return optimizer_groups(model, model.head_modules(), policy)

@@ -62,9 +62,9 @@ def test_model_options_build_and_give_param_groups(name):
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert len(grouped) == len(set(grouped)), f"model={name}: a parameter in two groups"
     assert set(grouped) == trainable, f"model={name}: param_groups miss parameters"
-    if "head_lr_mult" in cfg.model:  # the YAML's multiples reach the optimizer groups
-        mults = {g["name"]: g["lr_mult"] for g in groups}
-        assert mults["head"] == cfg.model.head_lr_mult, name
+    mults = {g["name"]: g["lr_mult"] for g in groups}
+    if "head" in mults:  # the policy's head multiple reaches the head's weights
+        assert mults["head"] == cfg.optim.paramwise.head_lr_mult, name
 
 
 @pytest.mark.parametrize("name", options("loss"))

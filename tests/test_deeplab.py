@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from segtrain import app
 from segtrain.models.backbones.vgg import vgg16
 from segtrain.models.deeplab import DeepLabV1, DeepLabV2, _transplant_vgg_fc
-from segtrain.models.param_groups import KindMult, ParamMults
+from tests.conftest import compose_config, plain_groups
 
 RATES = {"aspp_s": [2, 4, 8, 12], "aspp_l": [6, 12, 18, 24], "largefov": [12]}
 
@@ -71,8 +72,8 @@ def test_deeplabv1_output_shape_odd_size():
 
 def test_param_groups_follow_the_deeplab_protocol():
     model = DeepLabV2(21, "resnet18", 8, "aspp_s", RATES)
-    mults = ParamMults(KindMult(2, 0), KindMult(1, 0), KindMult(1, 0))
-    groups = {g["name"]: g for g in model.param_groups(mults)}
+    cfg = compose_config(["model=deeplabv2", "optim.paramwise.head_lr_mult=10"])
+    groups = {g["name"]: g for g in app.param_groups(cfg, model)}
     assert groups["backbone"]["lr_mult"] == 1.0
     assert groups["head"]["lr_mult"] == 10.0 and groups["head_bias"]["lr_mult"] == 20.0
     assert groups["head_bias"]["weight_decay_mult"] == 0.0
@@ -88,7 +89,7 @@ def test_freeze_bn_keeps_statistics_and_weights_fixed_in_train_mode():
     assert torch.equal(before, model.backbone.bn1.running_mean)
     assert not model.backbone.bn1.weight.requires_grad
     assert all(p["name"] != "backbone_bias" or all(q.requires_grad for q in p["params"])
-               for p in model.param_groups())
+               for p in plain_groups(model))
 
 
 def test_vgg_fc_layers_are_decimated_into_fc6_fc7():

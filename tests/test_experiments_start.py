@@ -49,7 +49,7 @@ def one_step(cfg) -> tuple[float, float]:
     weights = None if cfg.loss.get("class_weights") is None else [1.0] * k
     loss_fn = instantiate(cfg.loss, class_weights=weights)
     app.check_outputs(cfg, model, loss_fn)
-    optimizer = app.build_optimizer(cfg, model.param_groups())
+    optimizer = app.build_optimizer(cfg, app.param_groups(cfg, model))
     lr_factor = instantiate(cfg.lr)(max_iters=cfg.trainer.max_iters)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     # loss.label_stride (DeepLab v1/v2): the released nets take sides 32k - 31 (crop 321), so

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF_DIR, compose_config
+from conftest import CONF_DIR, compose_config, plain_groups
 from torch import nn
 
 from segtrain import app
@@ -49,7 +49,7 @@ def test_every_model_option_returns_what_it_declares_in_each_mode(name):
     assert set(evaluated) == model.output_keys == type(model).EVAL_KEYS == {"out"}, name
     assert evaluated["out"].shape == (2, K, 64, 64)
     # the optimizer groups hold every trainable parameter exactly once
-    ids = [id(p) for g in model.param_groups() for p in g["params"]]
+    ids = [id(p) for g in plain_groups(model) for p in g["params"]]
     assert len(ids) == len(set(ids)), name
     assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}, name
     # the configured output stride is the model's (None: an encoder-decoder without one)
@@ -90,8 +90,9 @@ def test_msc_wrapper_declares_its_per_scale_keys_and_delegates_the_rest():
     wrapped.eval()
     with torch.no_grad():
         assert set(wrapped(torch.randn(1, 3, 33, 41))) == wrapped.output_keys == {"out"}
-    assert [[id(p) for p in g["params"]] for g in wrapped.param_groups()] == \
-        [[id(p) for p in g["params"]] for g in net.param_groups()]
+    assert wrapped.head_modules() == net.head_modules()
+    assert [[id(p) for p in g["params"]] for g in plain_groups(wrapped)] == \
+        [[id(p) for p in g["params"]] for g in plain_groups(net)]
     # DeepLab v2 cannot change its output stride, through the wrapper neither
     assert not wrapped.CAN_SET_OUTPUT_STRIDE and wrapped.output_stride == 8
     with pytest.raises(ConfigError, match="DeepLabV2 cannot change its output stride"):

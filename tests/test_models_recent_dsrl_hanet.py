@@ -28,6 +28,7 @@ from segtrain.models.deeplabv3 import DeepLabV3Plus
 from segtrain.models.dsrl import DSRL
 from segtrain.models.hanet import HANet
 from segtrain.models.modules.height_attention import HeightAttention, positional_encoding
+from tests.conftest import plain_groups
 from tests.test_models_zoo import tiny_batch
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -326,7 +327,7 @@ def test_hanet_config_adds_the_reference_encoding_table():
     """The configured model adds sinusoid + 1 after the first conv, as the reference code
     (the +1 changes the logits: scripts/reference/compare_hanet.py, docs/reference/hanet.md)."""
     cfg = OmegaConf.load(CONF / "model" / "hanet.yaml")
-    cfg.pop("param_mults")  # the optimizer's, not a constructor argument
+    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
     cfg.num_classes, cfg.backbone = K, "resnet18"
     model = instantiate(cfg)
     for module in model.attention.values():
@@ -346,7 +347,7 @@ def test_hanet_parameter_count_by_hand():
     assert n_params(HeightAttention(1024, 2048, 16, 64, 3, 0.1)) == 216_672
     assert height_attention_params(1024, 2048, 64, 3) == 216_672
     cfg = OmegaConf.load(CONF / "model" / "hanet.yaml")
-    cfg.pop("param_mults")  # the optimizer's, not a constructor argument
+    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
     cfg.num_classes = 19
     with torch.device("meta"):
         model = instantiate(cfg)
@@ -366,7 +367,7 @@ def test_hanet_parameter_count_by_hand():
 def test_dsrl_parameter_count_by_hand():
     """DSRL = DeepLab v3+ + SSSR deconv (K*K*16) + SISR decoder + 1x1 feature transform."""
     cfg = OmegaConf.load(CONF / "model" / "dsrl.yaml")
-    cfg.pop("param_mults")  # the optimizer's, not a constructor argument
+    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
     cfg.num_classes = 19
     with torch.device("meta"):
         model = instantiate(cfg)
@@ -381,7 +382,7 @@ def test_dsrl_parameter_count_by_hand():
 
 def test_param_groups_cover_every_parameter():
     for model in (small_dsrl(), small_hanet()):
-        groups = model.param_groups()
+        groups = plain_groups(model)
         ids = [id(p) for g in groups for p in g["params"]]
         assert len(ids) == len(set(ids))
         assert set(ids) == {id(p) for p in model.parameters()}

@@ -16,14 +16,15 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from segtrain import app
 from segtrain.models.deeplabv3 import DeepLabV3, DeepLabV3Plus
 from segtrain.models.fcn import CROP_FINAL, CROP_POOL3, CROP_POOL4, FCN, bilinear_upsampler
 from segtrain.models.modules.aspp import ASPP
 from segtrain.models.modules.ppm import PyramidPooling
-from segtrain.models.param_groups import ParamMults
 from segtrain.models.pspnet import PSPNet
 from segtrain.models.segnet import SegNet, SegNetBasic
 from segtrain.models.unet import UNet, mirror_pad
+from tests.conftest import compose_config, plain_groups
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 K = 3  # classes in the small tests
@@ -109,7 +110,7 @@ PAPER_MODELS = {
 
 def build_config(name: str, **override) -> nn.Module:
     cfg = OmegaConf.load(CONF_MODEL / f"{name}.yaml")
-    cfg.pop("param_mults")  # the optimizer's, not a constructor argument
+    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
     cfg.num_classes = PAPER_MODELS[name]["num_classes"]
     for key, value in override.items():
         cfg[key] = value
@@ -316,19 +317,17 @@ def test_training_mode_outputs_and_param_groups():
         assert set(psp(image)) == {"out"}
     for name, make in SMALL.items():
         model = make()
-        groups = model.param_groups()
+        groups = plain_groups(model)
         ids = [id(p) for g in groups for p in g["params"]]
         assert len(ids) == len(set(ids)), name
         assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}, name
         assert all({"params", "lr_mult", "weight_decay_mult", "name"} <= set(g) for g in groups)
-        mults = {g["name"]: g["lr_mult"] for g in groups}
-        if name.startswith(("unet", "segnet_basic")):
-            assert set(mults.values()) == {1.0} and "all" in mults, name
+        names = {g["name"] for g in groups}
+        if name.startswith(("unet", "segnet_basic")):  # no head: one role
+            assert not model.head_modules() and "all" in names, name
         else:
-            assert mults["backbone"] == 1.0, name
-            assert mults["head"] == model.head_lr_mult, name
-            assert mults.get("head_bias", model.head_bias_lr_mult) == model.head_bias_lr_mult
-    head = {id(p) for g in psp.param_groups() if g["name"].startswith("head") for p in g["params"]}
+            assert {"backbone", "head"} <= names, name
+    head = {id(p) for g in plain_groups(psp) if g["name"].startswith("head") for p in g["params"]}
     assert all(id(p) in head for p in psp.aux_head.parameters())
 
 
@@ -376,9 +375,8 @@ def test_fcn_upsampler_starts_as_bilinear_interpolation(factor):
 def test_fcn_upsamplers_learnable_per_paper(fcn8s):
     assert fcn8s.upscore2.weight.requires_grad and fcn8s.upscore_pool4.weight.requires_grad
     assert not fcn8s.upscore.weight.requires_grad  # the final one stays bilinear
-    mults = ParamMults.from_mapping(OmegaConf.to_container(
-        OmegaConf.load(CONF_MODEL / "fcn8s.yaml").param_mults))
-    groups = {g["name"]: g for g in fcn8s.param_groups(mults)}
+    cfg = compose_config(["model=fcn8s"])  # the model's policy: the reference prototxts'
+    groups = {g["name"]: g for g in app.param_groups(cfg, fcn8s)}
     assert groups["all"]["lr_mult"] == 1.0 and groups["all"]["weight_decay_mult"] == 1.0
     assert groups["all_bias"]["lr_mult"] == 2.0 and groups["all_bias"]["weight_decay_mult"] == 0
     assert fcn8s.score_pool3.weight.abs().sum() == 0  # zero-initialised scoring

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from segtrain import config_schema
+from segtrain import app, config_schema
 from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint
 from segtrain.errors import ConfigError
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def model_from_yaml(name: str, num_classes: int = 21, **override) -> nn.Module:
     cfg = OmegaConf.load(CONF_MODEL / f"{name}.yaml")
-    cfg.pop("param_mults")  # the optimizer's, not a constructor argument
+    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
     cfg.num_classes = num_classes
     for key, value in override.items():
         cfg[key] = value
@@ -115,9 +115,10 @@ def test_deeplabv1_fc6_and_parameter_count(deeplabv1):
     assert n_params(deeplabv1) == VGG16_CONVS + vgg_branch_params(21) == 20_505_429
 
 
-def test_deeplabv1_only_fc8_learns_at_10x_and_20x():
-    model = model_from_yaml("deeplabv1", head_lr_mult=10, head_bias_lr_mult=20)
-    groups = {g["name"]: g for g in model.param_groups()}
+def test_deeplabv1_only_fc8_learns_at_10x_and_20x(tmp_path):
+    model = model_from_yaml("deeplabv1")
+    cfg = compose_config(["experiment=deeplabv1_voc", f"dataset.root={tmp_path}"])
+    groups = {g["name"]: g for g in app.param_groups(cfg, model)}
     fc8 = model.head.branches[0].layers[-1]
     assert groups["head"]["params"] == [fc8.weight] and groups["head"]["lr_mult"] == 10
     assert groups["head_bias"]["params"] == [fc8.bias] and groups["head_bias"]["lr_mult"] == 20
@@ -130,7 +131,9 @@ def test_deeplabv1_only_fc8_learns_at_10x_and_20x():
 def test_deeplabv1_voc_experiment_is_the_released_solver(tmp_path):
     cfg = compose_config(["experiment=deeplabv1_voc", f"dataset.root={tmp_path}"])
     assert cfg.model._target_.endswith("DeepLabV1") and cfg.model.pretrained == "imagenet"
-    assert (cfg.model.head_lr_mult, cfg.model.head_bias_lr_mult) == (10, 20)
+    paramwise = cfg.optim.paramwise  # fc8 10x; its bias 10 x the prototxts' bias 2x
+    assert (paramwise.head_lr_mult, paramwise.bias_lr_mult, paramwise.bias_decay_mult) == \
+        (10, 2, 0)
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.001, 0.9, 0.0005)
     assert cfg.trainer.max_iters == 6000
     assert cfg.trainer.batch_size * cfg.trainer.iter_size == 20

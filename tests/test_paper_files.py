@@ -9,7 +9,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, compose_config
+from tests.conftest import CONF_DIR, compose_config, plain_groups
 
 PAPER_DIR = CONF_DIR / "experiment" / "paper"
 PAPER_FILES = sorted(PAPER_DIR.glob("*.yml"))
@@ -148,7 +148,7 @@ def test_frozen_batchnorm_in_deeplab_v3(cls_name, one_thread):
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert bns and not any(m.training for m in bns)
     assert not any(p.requires_grad for m in bns for p in m.parameters())
-    grouped = {id(p) for g in model.param_groups() for p in g["params"]}
+    grouped = {id(p) for g in plain_groups(model) for p in g["params"]}
     assert not grouped & {id(p) for m in bns for p in m.parameters()}
     x = torch.randn(2, 3, 32, 32)
     before = [m.running_mean.clone() for m in bns]

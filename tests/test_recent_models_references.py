@@ -154,7 +154,7 @@ def test_deep_stem_imagenet_without_a_known_file_says_so():
 
 def paper_model(name: str, **override) -> nn.Module:
     cfg = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
-    cfg.pop("param_mults")  # the optimizer's, not a constructor argument
+    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
     cfg.num_classes = 19
     for key, value in override.items():
         cfg[key] = value

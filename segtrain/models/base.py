@@ -17,11 +17,12 @@ the evaluator and the trainer use nothing else of it:
   ``train_keys`` (per instance): ``TRAIN_KEYS`` less the outputs of heads this instance was
   built without (``aux_channels=0``); ``app.check_outputs`` compares it with the loss's
   ``required_keys`` at start-up.
-- ``param_groups(mults)``: the optimizer groups, every trainable parameter in exactly one
-  (``segtrain.models.param_groups``: role x kind, with ``lr_mult`` and
-  ``weight_decay_mult``). The default is one role at the base rate (a network trained from
-  scratch or at one rate); a network with a pretrained backbone and new layers overrides it
-  with the multipliers of its reference.
+- ``head_modules()``: the role of each parameter. Parameters of these modules are ``head``
+  (the layers a reference trains at its new-layer rate: DeepLab's fc8, PSPNet's pyramid
+  pooling and classifiers), every other one is ``backbone``; the kind (weight, bias,
+  normalisation) follows from the module. The default is no head (a network trained at one
+  rate). The multipliers per role and kind are the optimizer's (``optim.paramwise``,
+  ``segtrain.models.param_groups``), never the model's.
 - Output stride: ``output_stride`` is the stride of the backbone's last feature map (the
   DeepLab v3 definition, the value ``model.output_stride`` and ``eval.output_stride`` name),
   ``None`` for encoder-decoders that fuse several strides (FCN, SegNet, U-Net). Where
@@ -39,7 +40,7 @@ the evaluator and the trainer use nothing else of it:
 Wrappers: ``bare(model)`` is the ``SegmentationModel`` under ``DistributedDataParallel``
 (or ``DataParallel``); its ``state_dict`` is the one checkpoints hold. The multi-scale
 wrapper (``segtrain.models.msc.MultiScaleInputs``) is itself a ``SegmentationModel``: it
-adds its per-scale keys and delegates groups and output stride to the network it wraps.
+adds its per-scale keys and delegates roles and output stride to the network it wraps.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from segtrain.errors import ConfigError
-from segtrain.models.param_groups import ParamMults, single_group
 
 
 class SegmentationModel(nn.Module):
@@ -76,9 +76,9 @@ class SegmentationModel(nn.Module):
         """The keys ``forward`` returns in the current mode."""
         return self.train_keys if self.training else self.EVAL_KEYS
 
-    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
-        """One role (``all``) at the base rate, split by kind (``single_group``)."""
-        return single_group(self, mults)
+    def head_modules(self) -> list[nn.Module]:
+        """The modules whose parameters have the role ``head``; none by default."""
+        return []
 
     @property
     def output_stride(self) -> int | None:

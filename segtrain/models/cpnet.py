@@ -48,7 +48,6 @@ from segtrain.models.base import SegmentationModel
 from segtrain.models.modules.context_prior import ContextPriorLayer
 from segtrain.models.modules.conv import ConvBNReLU
 from segtrain.models.modules.heads import FCNHead
-from segtrain.models.param_groups import ParamMults, backbone_head_groups
 
 
 class CPNet(SegmentationModel):
@@ -66,7 +65,6 @@ class CPNet(SegmentationModel):
         dropout: dropout before both classifiers (0.1).
         pretrained: ImageNet checkpoint of the backbone or ``None``.
         in_channels: input channels.
-        head_lr_mult, head_bias_lr_mult: learning-rate multiples of the new layers.
     """
 
     TRAIN_KEYS = frozenset({"out", "prior", "aux"})
@@ -74,10 +72,8 @@ class CPNet(SegmentationModel):
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  prior_channels: int, prior_size: Sequence[int], kernel_size: int,
                  head_channels: int, aux_channels: int, dropout: float,
-                 pretrained: str | None, in_channels: int = 3, head_lr_mult: float = 1.0,
-                 head_bias_lr_mult: float = 1.0) -> None:
+                 pretrained: str | None, in_channels: int = 3) -> None:
         super().__init__()
-        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.backbone = build_backbone(backbone, output_stride, pretrained,
                                        in_channels=in_channels)
         channels = self.backbone.feature_channels
@@ -112,9 +108,7 @@ class CPNet(SegmentationModel):
                 outputs["aux"] = F.interpolate(aux, size, mode="bilinear", align_corners=False)
         return outputs
 
-    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
-        """Backbone at 1x; context prior layer and heads at ``head_lr_mult``."""
+    def head_modules(self) -> list[nn.Module]:
+        """Context prior layer and both heads."""
         new = [self.context_prior, self.head]
-        new += [self.aux_head] if self.aux_head is not None else []
-        return backbone_head_groups(self.backbone, new, self.head_lr_mult,
-                                    self.head_bias_lr_mult, mults)
+        return new + ([self.aux_head] if self.aux_head is not None else [])

@@ -35,7 +35,7 @@ from segtrain.errors import ConfigError
 from segtrain.models.backbones.resnet import ResNet, resnet
 from segtrain.models.backbones.vgg import VGG, vgg16
 from segtrain.models.base import SegmentationModel
-from segtrain.models.param_groups import ParamMults, backbone_head_groups, freeze_batchnorm
+from segtrain.models.param_groups import freeze_batchnorm
 
 
 class AtrousBranch(nn.Module):
@@ -147,8 +147,6 @@ class DeepLab(SegmentationModel):
         freeze_bn: keep BatchNorm statistics and affine weights fixed (v2 trains so,
             starting from ImageNet statistics).
         dropout: element-wise dropout after fc6/fc7 of the VGG form.
-        head_lr_mult, head_bias_lr_mult: learning-rate multiples of the classifiers' (fc8)
-            weights and biases (DeepLab: 10 and 20); fc6/fc7 learn with the backbone.
         in_channels: input channels (4 for RGB-D; ResNet backbones only).
         pool_kernel: VGG-16 pools, 2 (VGG's 2x2) or 3 (the released DeepLab nets' 3x3 pools
             with padding 1).
@@ -161,11 +159,9 @@ class DeepLab(SegmentationModel):
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int, head: str,
                  head_rates: Mapping[str, Sequence[int]], pretrained: str | None = None,
-                 freeze_bn: bool = False, dropout: float = 0.5, head_lr_mult: float = 10.0,
-                 head_bias_lr_mult: float = 20.0, in_channels: int = 3, pool_kernel: int = 2,
-                 fc6_avg_pool: bool = False) -> None:
+                 freeze_bn: bool = False, dropout: float = 0.5, in_channels: int = 3,
+                 pool_kernel: int = 2, fc6_avg_pool: bool = False) -> None:
         super().__init__()
-        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         if head not in head_rates:
             raise ValueError(f"model.head={head!r} is not one of {sorted(head_rates)}")
         self.backbone, channels, hidden = _build_backbone(backbone, output_stride, pretrained,
@@ -202,14 +198,10 @@ class DeepLab(SegmentationModel):
     def output_stride(self) -> int:
         return self.backbone.output_stride
 
-    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
-        """fc8 (each branch's classifier) weights at ``head_lr_mult`` and biases at
-        ``head_bias_lr_mult`` (the released prototxts: 10x / 20x); the backbone and fc6/fc7,
-        which start from ImageNet's fc layers, at 1x."""
-        classifiers = [b.classifier for b in self.head.branches]
-        fc67 = [m for b in self.head.branches for m in b.layers[:-1]]
-        return backbone_head_groups([self.backbone, *fc67], classifiers, self.head_lr_mult,
-                                    self.head_bias_lr_mult, mults)
+    def head_modules(self) -> list[nn.Module]:
+        """fc8, each branch's classifier (the released prototxts' 10x / 20x layers); fc6/fc7,
+        which start from ImageNet's fc layers, are backbone."""
+        return [b.classifier for b in self.head.branches]
 
 
 class DeepLabV1(DeepLab):

@@ -37,7 +37,7 @@ from segtrain.models.backbones.build import build_backbone, set_backbone_output_
 from segtrain.models.base import SegmentationModel
 from segtrain.models.modules.aspp import ASPP
 from segtrain.models.modules.conv import ConvBNReLU, SeparableConv2d
-from segtrain.models.param_groups import ParamMults, backbone_head_groups, freeze_batchnorm
+from segtrain.models.param_groups import freeze_batchnorm
 
 ASPP_CHANNELS = 256  # every ASPP branch and the projection (Sec. 3.3)
 
@@ -113,17 +113,8 @@ class AtrousEncoder(SegmentationModel):
             freeze_batchnorm(self)
         return self
 
-    head_lr_mult: float = 1.0
-    head_bias_lr_mult: float = 1.0
-
-    def _new_layers(self) -> list[nn.Module]:
+    def head_modules(self) -> list[nn.Module]:
         raise NotImplementedError  # each network names its new layers
-
-    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
-        """Backbone at 1x; ASPP, decoder and classifier at ``head_lr_mult`` (biases at
-        ``head_bias_lr_mult``); the official DeepLab code trains every layer at 1x."""
-        return backbone_head_groups(self.backbone, self._new_layers(), self.head_lr_mult,
-                                    self.head_bias_lr_mult, mults)
 
 
 class DeepLabV3(AtrousEncoder):
@@ -145,11 +136,9 @@ class DeepLabV3(AtrousEncoder):
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  multi_grid: Sequence[int] | None, atrous_rates: Sequence[int],
                  aspp_dropout: float, pretrained: str | None, in_channels: int = 3,
-                 head_lr_mult: float = 1.0, head_bias_lr_mult: float = 1.0,
                  freeze_bn: bool = False) -> None:
         super().__init__(backbone, output_stride, multi_grid, atrous_rates, aspp_dropout,
                          False, pretrained, in_channels)
-        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.classifier = nn.Conv2d(ASPP_CHANNELS, num_classes, 1)
         self._set_freeze_bn(freeze_bn)
 
@@ -159,7 +148,8 @@ class DeepLabV3(AtrousEncoder):
         out = _upsample(logits, image.shape[-2:])
         return {"out": out, "out_lowres": logits} if self.training else {"out": out}
 
-    def _new_layers(self) -> list[nn.Module]:
+    def head_modules(self) -> list[nn.Module]:
+        """ASPP and classifier."""
         return [self.aspp, self.classifier]
 
 
@@ -185,11 +175,9 @@ class DeepLabV3Plus(AtrousEncoder):
                  multi_grid: Sequence[int] | None, atrous_rates: Sequence[int],
                  aspp_dropout: float, separable: bool, low_level_channels: int,
                  decoder_channels: int, pretrained: str | None, in_channels: int = 3,
-                 head_lr_mult: float = 1.0, head_bias_lr_mult: float = 1.0,
                  freeze_bn: bool = False) -> None:
         super().__init__(backbone, output_stride, multi_grid, atrous_rates, aspp_dropout,
                          separable, pretrained, in_channels)
-        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.reduce = ConvBNReLU(self.backbone.feature_channels["c2"], low_level_channels, 1)
         in_ch = ASPP_CHANNELS + low_level_channels
         if separable:
@@ -210,5 +198,6 @@ class DeepLabV3Plus(AtrousEncoder):
         out = _upsample(logits, image.shape[-2:])
         return {"out": out, "out_lowres": logits} if self.training else {"out": out}
 
-    def _new_layers(self) -> list[nn.Module]:
+    def head_modules(self) -> list[nn.Module]:
+        """ASPP, low-level reduction, decoder and classifier."""
         return [self.aspp, self.reduce, self.decoder, self.classifier]

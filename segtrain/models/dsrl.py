@@ -139,7 +139,6 @@ class DSRL(DeepLabV3Plus):
         sr_channels: channels of the SISR decoder's 3x3 convs.
         pretrained: ImageNet checkpoint of the backbone or ``None``.
         in_channels: input channels (also the channels SISR reconstructs).
-        head_lr_mult, head_bias_lr_mult: learning-rate multiples of the new layers.
 
     Training mode returns ``{"out", "sr", "fa_seg", "fa_sr"}``; eval mode ``{"out"}``.
     """
@@ -150,8 +149,7 @@ class DSRL(DeepLabV3Plus):
                  multi_grid: Sequence[int] | None, atrous_rates: Sequence[int],
                  aspp_dropout: float, separable: bool, low_level_channels: int,
                  decoder_channels: int, sr_factor: int, sr_channels: int,
-                 pretrained: str | None, in_channels: int = 3, head_lr_mult: float = 1.0,
-                 head_bias_lr_mult: float = 1.0) -> None:
+                 pretrained: str | None, in_channels: int = 3) -> None:
         if not isinstance(sr_factor, int) or sr_factor < 1 or sr_factor & (sr_factor - 1):
             raise ConfigError(f"model.sr_factor must be a power of 2 (1, 2, 4, ...), "
                               f"got {sr_factor!r}")
@@ -159,7 +157,7 @@ class DSRL(DeepLabV3Plus):
             raise ConfigError(f"model.sr_channels must be a positive integer, got {sr_channels}")
         super().__init__(num_classes, backbone, output_stride, multi_grid, atrous_rates,
                          aspp_dropout, separable, low_level_channels, decoder_channels,
-                         pretrained, in_channels, head_lr_mult, head_bias_lr_mult)
+                         pretrained, in_channels)
         self.sr_factor = sr_factor
         self.sssr = SSSRUpsampler(num_classes, sr_factor)
         self.sisr = SISRDecoder(ASPP_CHANNELS, self.backbone.feature_channels["c2"],
@@ -189,6 +187,7 @@ class DSRL(DeepLabV3Plus):
         sr = _resize(self.sisr(aspp, feats["c2"]), size)
         return {"out": out, "sr": sr, "fa_seg": out, "fa_sr": self.feature_transform(sr)}
 
-    def _new_layers(self) -> list[nn.Module]:
+    def head_modules(self) -> list[nn.Module]:
+        """DeepLab v3+'s new layers, SSSR, SISR and the feature transform."""
         return [self.aspp, self.reduce, self.decoder, self.classifier, self.sssr, self.sisr,
                 self.feature_transform]

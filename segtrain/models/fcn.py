@@ -73,9 +73,8 @@ def _crop(x: torch.Tensor, offset: int, height: int, width: int) -> torch.Tensor
 
 
 class FCN(SegmentationModel):
-    """FCN-32s/16s/8s on VGG-16. Every layer learns at the base rate, biases at
-    ``model.param_mults.bias`` (the reference solvers: lr_mult 2, decay_mult 0): the
-    contract's default ``param_groups``.
+    """FCN-32s/16s/8s on VGG-16. No head: the reference solvers train every layer, the score
+    layers included, at one rate (``optim/paramwise=caffe`` gives its biases 2x, no decay).
 
     Args:
         num_classes: number of classes.

@@ -108,7 +108,6 @@ class HANet(DeepLabV3Plus):
         aux_dropout: dropout of the auxiliary head.
         pretrained: ImageNet checkpoint of the backbone or ``None``.
         in_channels: input channels.
-        head_lr_mult, head_bias_lr_mult: learning-rate multiples of the new layers.
     """
 
     TRAIN_KEYS = frozenset({"out", "aux"})
@@ -121,8 +120,7 @@ class HANet(DeepLabV3Plus):
                  coarse_height: int,
                  reduction: int, kernel_size: int, hanet_dropout: float, pe_base: float,
                  aux_channels: int | None, aux_dropout: float, pretrained: str | None,
-                 in_channels: int = 3, head_lr_mult: float = 1.0,
-                 head_bias_lr_mult: float = 1.0, pe_offset: float = 1.0,
+                 in_channels: int = 3, pe_offset: float = 1.0,
                  pos_noise: float = 0.0) -> None:
         unknown = [s for s in attach if s not in STAGES]
         if unknown or len(set(attach)) != len(attach):
@@ -136,7 +134,7 @@ class HANet(DeepLabV3Plus):
             raise ConfigError(f"model.pos_noise must be >= 0, got {pos_noise}")
         super().__init__(num_classes, backbone, output_stride, multi_grid, atrous_rates,
                          aspp_dropout, separable, low_level_channels, decoder_channels,
-                         pretrained, in_channels, head_lr_mult, head_bias_lr_mult)
+                         pretrained, in_channels)
         if not contract_dilation:
             if not isinstance(self.backbone, ResNet):
                 raise ConfigError(f"model.contract_dilation=false needs a ResNet backbone, "
@@ -191,6 +189,7 @@ class HANet(DeepLabV3Plus):
             outputs["aux"] = self.aux_head(feats["c4"])  # at stride 8, as the reference
         return outputs
 
-    def _new_layers(self) -> list[nn.Module]:
+    def head_modules(self) -> list[nn.Module]:
+        """DeepLab v3+'s new layers, the HANet modules and the auxiliary head."""
         extra = [self.aux_head] if self.aux_head is not None else []
         return [self.aspp, self.reduce, self.decoder, self.classifier, self.attention, *extra]

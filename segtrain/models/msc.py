@@ -27,10 +27,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from segtrain.errors import ConfigError
 from segtrain.models.base import SegmentationModel
-from segtrain.models.param_groups import ParamMults
 
 FUSED_KEYS = ("out", "out_lowres")
 
@@ -92,8 +92,8 @@ class MultiScaleInputs(SegmentationModel):
             result[key] = fused
         return result
 
-    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
-        return self.model.param_groups(mults)
+    def head_modules(self) -> list[nn.Module]:
+        return self.model.head_modules()
 
     @property
     def CAN_SET_OUTPUT_STRIDE(self) -> bool:  # the wrapped network's, unlike other models'

@@ -18,12 +18,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from segtrain.models.backbones.build import build_backbone
 from segtrain.models.base import SegmentationModel
 from segtrain.models.modules.heads import FCNHead
 from segtrain.models.modules.ppm import PyramidPooling
-from segtrain.models.param_groups import ParamMults, backbone_head_groups
 
 
 class PSPNet(SegmentationModel):
@@ -45,10 +45,8 @@ class PSPNet(SegmentationModel):
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  bins: Sequence[int], head_channels: int, aux_channels: int, dropout: float,
-                 pretrained: str | None, in_channels: int = 3, head_lr_mult: float = 10.0,
-                 head_bias_lr_mult: float = 10.0) -> None:
+                 pretrained: str | None, in_channels: int = 3) -> None:
         super().__init__()
-        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.backbone = build_backbone(backbone, output_stride, pretrained,
                                        in_channels=in_channels)
         channels = self.backbone.feature_channels
@@ -76,9 +74,6 @@ class PSPNet(SegmentationModel):
             outputs["aux"] = F.interpolate(aux, size, mode="bilinear", align_corners=True)
         return outputs
 
-    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
-        """Backbone at 1x; pyramid pooling and both heads at ``head_lr_mult`` (10x in the
-        authors' reference code, biases included)."""
-        new = [self.ppm, self.head] + ([self.aux_head] if self.aux_head is not None else [])
-        return backbone_head_groups(self.backbone, new, self.head_lr_mult,
-                                    self.head_bias_lr_mult, mults)
+    def head_modules(self) -> list[nn.Module]:
+        """Pyramid pooling and both heads (hszhao/semseg train.py ``modules_new``)."""
+        return [self.ppm, self.head] + ([self.aux_head] if self.aux_head is not None else [])

@@ -40,7 +40,6 @@ from torch import nn
 from segtrain.errors import ConfigError
 from segtrain.models.backbones.vgg import VGG, vgg16_bn
 from segtrain.models.base import SegmentationModel
-from segtrain.models.param_groups import ParamMults, backbone_head_groups
 
 # Decoder conv + BN + ReLU widths per stage, deepest first, as in the reference Caffe model;
 # stage 1 then ends with the classifier conv.
@@ -71,10 +70,8 @@ class SegNet(SegmentationModel):
         pretrained: VGG-16-BN ImageNet checkpoint (path, URL, ``"imagenet"``) or ``None``.
     """
 
-    def __init__(self, num_classes: int, pretrained: str | None, head_lr_mult: float = 1.0,
-                 head_bias_lr_mult: float = 1.0) -> None:
+    def __init__(self, num_classes: int, pretrained: str | None) -> None:
         super().__init__()
-        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.encoder: VGG = vgg16_bn(output_stride=32, pretrained=pretrained).drop_classifier()
         # encoder stages: the layers between consecutive pools
         self.stages: list[list[int]] = [[]]
@@ -115,10 +112,9 @@ class SegNet(SegmentationModel):
             x = decoder(F.max_unpool2d(x, indices, 2, 2, output_size=size))
         return {"out": x[:, :, :h, :w]}
 
-    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
-        """Encoder (ImageNet) at 1x, decoder at ``head_lr_mult`` (the SegNet solver: 1x)."""
-        return backbone_head_groups(self.encoder, self.decoder, self.head_lr_mult,
-                                    self.head_bias_lr_mult, mults)
+    def head_modules(self) -> list[nn.Module]:
+        """The decoder (new layers; the encoder is VGG-16-BN's)."""
+        return [self.decoder]
 
 
 class SegNetBasic(SegmentationModel):
@@ -133,7 +129,7 @@ class SegNetBasic(SegmentationModel):
         input_lrn: ``{size, alpha, beta, k}`` of an ``nn.LocalResponseNorm`` on the input
             (the reference model's "norm" layer), or None.
 
-    Trained from scratch: one role at the base rate (the contract's ``param_groups``).
+    Trained from scratch: no head (the contract's default ``head_modules``).
     """
 
     def __init__(self, num_classes: int, depth: int, channels: int, kernel_size: int,

@@ -41,7 +41,6 @@ from segtrain.models.base import SegmentationModel
 from segtrain.models.modules.conv import ConvBNReLU
 from segtrain.models.modules.heads import FCNHead
 from segtrain.models.modules.strip_pooling import MixedPoolingModule, StripPoolingModule
-from segtrain.models.param_groups import ParamMults, backbone_head_groups
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -77,7 +76,6 @@ class SPNet(SegmentationModel):
         dropout: dropout before both classifiers (0.1).
         pretrained: ImageNet checkpoint of the backbone or ``None``.
         in_channels: input channels.
-        head_lr_mult, head_bias_lr_mult: learning-rate multiples of the head (10 and 10).
     """
 
     TRAIN_KEYS = frozenset({"out", "aux"})
@@ -85,10 +83,8 @@ class SPNet(SegmentationModel):
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
                  multi_grid: Sequence[int] | None, backbone_spm: bool, reduce_channels: int,
                  pool_sizes: Sequence[int], head_channels: int, aux_channels: int,
-                 dropout: float, pretrained: str | None, in_channels: int = 3,
-                 head_lr_mult: float = 10.0, head_bias_lr_mult: float = 10.0) -> None:
+                 dropout: float, pretrained: str | None, in_channels: int = 3) -> None:
         super().__init__()
-        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.backbone = build_backbone(backbone, output_stride, pretrained,
                                        tuple(multi_grid) if multi_grid else None, in_channels)
         if backbone_spm:
@@ -120,9 +116,8 @@ class SPNet(SegmentationModel):
             outputs["aux"] = F.interpolate(aux, size, mode="bilinear", align_corners=True)
         return outputs
 
-    def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
-        """Backbone with its SPMs at 1x; reduction, MPMs and both heads at ``head_lr_mult``."""
+    def head_modules(self) -> list[nn.Module]:
+        """Reduction, MPMs and both heads (the authors' tool/train.py ``modules_new``); the
+        backbone's SPMs are backbone."""
         new = [self.reduce, self.mpm, self.head]
-        new += [self.aux_head] if self.aux_head is not None else []
-        return backbone_head_groups(self.backbone, new, self.head_lr_mult,
-                                    self.head_bias_lr_mult, mults)
+        return new + ([self.aux_head] if self.aux_head is not None else [])

@@ -98,7 +98,7 @@ class UNet(SegmentationModel):
         dropout: dropout probability at the end of the contracting path.
         in_channels: input channels (1 for the paper's grey-scale microscopy).
 
-    Trained from scratch: one role at the base rate (the contract's ``param_groups``).
+    Trained from scratch: no head (the contract's default ``head_modules``).
     """
 
     def __init__(self, num_classes: int, padding: str, base_channels: int, batch_norm: bool,
