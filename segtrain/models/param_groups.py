@@ -97,15 +97,3 @@ def optimizer_groups(model: nn.Module, head: Iterable[nn.Module],
     return [{"name": name(role, kind), "params": params, "lr_mult": policy.lr_mult(role, kind),
              "weight_decay_mult": policy.decay_mult(kind)}
             for role in ROLES for kind, params in roles[role].items() if params]
-
-
-def freeze_batchnorm(module: nn.Module) -> None:
-    """Keep BatchNorm statistics and affine parameters fixed (DeepLab v2 trains this way).
-
-    Call after ``model.train()``; the trainer does so through ``model.train()`` overrides.
-    """
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
