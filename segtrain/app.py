@@ -100,6 +100,11 @@ def build_val_set(cfg: DictConfig) -> Any:
     return _build_split(cfg, "val", keep_rgb=True)
 
 
+#: keys a run saved before the optimizer policy moved to ``optim.paramwise`` has in its
+#: ``model`` config (the current conf/model files have none: Hydra refuses them on a new run)
+OLD_MODEL_OPTIMIZER_KEYS = ("param_mults", "head_lr_mult", "head_bias_lr_mult")
+
+
 def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
                 **overrides: Any) -> torch.nn.Module:
     """``cfg.model``; a dataset with extra input channels (RGB-D) widens the first layer.
@@ -110,12 +115,16 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
     of conf/config.yaml; run folders saved before that key existed lack it), copying the
     matching weights of that checkpoint into the network (FCN's staged training, 32s -> 16s
     -> 8s); training does, evaluation and prediction load the run's own checkpoint instead.
+    Runs saved before ``optim.paramwise`` carry optimizer multipliers on their model config
+    (``OLD_MODEL_OPTIMIZER_KEYS``): not network arguments, so left out.
     """
     if in_channels != 3:
         overrides["in_channels"] = in_channels
     node = OmegaConf.to_container(cfg.model, resolve=True)
     msc = node.pop("msc", None) or {}
     source = node.pop("init_from", None)
+    for key in OLD_MODEL_OPTIMIZER_KEYS:
+        node.pop(key, None)
     model = instantiate(node, **overrides)
     if not isinstance(model, SegmentationModel):
         raise ConfigError(f"model._target_={node['_target_']} is not a "

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from segtrain import config_schema
 from segtrain.app import build_model, build_optimizer, param_groups
@@ -287,3 +288,18 @@ def test_bad_paramwise_value_is_a_one_line_error(key):
     cfg = compose_config([f"optim.paramwise.{key}"])
     with pytest.raises(ConfigError, match=rf"optim.paramwise.{key.split('=')[0]}="):
         config_schema.check(cfg)
+
+
+def test_a_run_saved_before_the_paramwise_policy_still_builds_its_model():
+    """Run folders are the user's data: a config saved when the multipliers lived on the
+    model (main 4b3b464: model.head_lr_mult, head_bias_lr_mult, param_mults) still gives the
+    network evaluation and prediction load the checkpoint into."""
+    cfg = compose_config(["dataset.num_classes=3"])
+    saved = OmegaConf.merge(OmegaConf.to_container(cfg), {"model": {
+        "head_lr_mult": 1, "head_bias_lr_mult": 2,
+        "param_mults": {"bias": {"lr": 2, "decay": 0}, "norm_weight": {"lr": 1, "decay": 0},
+                        "norm_bias": {"lr": 1, "decay": 0}}}})
+    with torch.device("meta"):
+        old, new = build_model(saved), build_model(cfg)
+    assert [(k, v.shape) for k, v in old.state_dict().items()] == \
+        [(k, v.shape) for k, v in new.state_dict().items()]
