@@ -244,7 +244,8 @@ def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
     return Evaluator(eval_loader(val_set, cfg.trainer.num_workers, dist.rank, dist.world_size),
                      cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
                      build_inference(cfg), num_samples=cfg.eval.num_samples,
-                     show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"))
+                     show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"),
+                     per_image=bool(cfg.eval.get("save_per_image", False)))
 
 
 def check_single_pyramid(train_scales, predictor) -> None:
@@ -343,7 +344,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         log_interval=t.log_interval, seed=cfg.seed, device=device, callbacks=callbacks,
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, compile=t.compile,
         channels_last=t.channels_last, schedule=schedule,
-        allow_schedule_change=bool(t.resume_allow_schedule_change))
+        allow_schedule_change=bool(t.resume_allow_schedule_change), ema_decay=t.ema.decay)
     source = resume_source(t.resume, run_dir)
     if source is not None:
         trainer.load_state_dict(checkpoint.load(source), checkpoint.resolve(source))

@@ -40,6 +40,7 @@ from segtrain.errors import ConfigError
 from segtrain.eval.crf import crf_labels, default_workers, softmax_probs
 from segtrain.eval.inference import Inference
 from segtrain.eval.metrics import ConfusionMatrix
+from segtrain.eval.per_image import PerImageCounts
 
 log = logging.getLogger("segtrain")
 
@@ -67,6 +68,9 @@ class Evaluator:
         show_progress: a progress bar on a terminal, log lines elsewhere.
         crf_workers: processes for the CRF; None: this rank's share of the node's cores;
             0: in this process.
+        per_image: also count each image's per-class intersection and union
+            (``segtrain.eval.per_image``), kept in ``per_image`` after ``run`` (every rank's
+            images, gathered in image order).
 
     The loader's batches carry ``"rgb"`` (the image as read) when there is a CRF or
     ``num_samples > 0``.
@@ -74,7 +78,8 @@ class Evaluator:
 
     def __init__(self, loader: DataLoader, num_classes: int, ignore_index: int,
                  class_names: Sequence[str], inference: Inference, num_samples: int = 4,
-                 show_progress: bool = False, crf_workers: int | None = None) -> None:
+                 show_progress: bool = False, crf_workers: int | None = None,
+                 per_image: bool = False) -> None:
         if crf_workers is not None and (int(crf_workers) != crf_workers or crf_workers < 0):
             raise ConfigError(f"eval.crf_workers must be null (every core), 0 (no extra "
                               f"process) or a positive integer, got {crf_workers!r}")
@@ -84,6 +89,8 @@ class Evaluator:
         self.show_progress = show_progress
         self.crf_workers = default_workers() if crf_workers is None else int(crf_workers)
         self.samples: list[dict[str, Any]] = []
+        self.per_image_counts = PerImageCounts(num_classes, ignore_index) if per_image else None
+        self.per_image: dict[str, Any] | None = None
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse ``eval.output_stride`` for a model that cannot change its stride."""
@@ -113,6 +120,8 @@ class Evaluator:
              pool: ProcessPoolExecutor | None) -> dict[str, Any]:
         cm = ConfusionMatrix(self.num_classes, self.ignore_index, device)
         self.samples = []
+        if self.per_image_counts is not None:
+            self.per_image_counts.reset()
         # (image, target, prediction or CRF futures) in loader order, waiting to be counted
         pending: collections.deque = collections.deque()
         max_pending = 2 * self.crf_workers  # bounds the probabilities held in memory
@@ -122,11 +131,12 @@ class Evaluator:
             image = batch["image"].to(device, non_blocking=True)
             target = batch["mask"].to(device, non_blocking=True)
             rgb = self._rgb(batch)
+            ids = [str(m.get("name", m.get("index"))) for m in batch["meta"]]
             logits = self.inference.logits(model, image)
             if self.inference.crf is None or pool is None:
-                pending.append((rgb, target, self.inference.labels(logits, rgb)))
+                pending.append((rgb, target, self.inference.labels(logits, rgb), ids))
             else:
-                pending.append((rgb, target, self._crf_submit(rgb, logits, pool)))
+                pending.append((rgb, target, self._crf_submit(rgb, logits, pool), ids))
             # count what is done; with a pool, wait only when too much is queued
             while pending and (pool is None or len(pending) > max_pending
                                or all(f.done() for f in pending[0][2])):
@@ -137,9 +147,25 @@ class Evaluator:
         while pending:
             self._count(cm, *pending.popleft())
         cm.all_reduce()
+        if self.per_image_counts is not None:
+            self.per_image = self._gathered(self.per_image_counts.evaluate())
         scores = cm.compute()
         scores["confusion_matrix"] = cm.matrix.cpu().tolist()
         return scores
+
+    @staticmethod
+    def _gathered(counts: dict[str, Any]) -> dict[str, Any]:
+        """Every rank's per-image counts, in image order (rank r scored images r, r+W, ...:
+        ``eval_loader``)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return counts
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, counts)
+        order = [(i, r) for r, part in enumerate(parts) for i in range(len(part["ids"]))]
+        order.sort()  # i-th image of rank r is image i * W + r
+        return {"ids": [parts[r]["ids"][i] for i, r in order],
+                "intersection": np.stack([parts[r]["intersection"][i] for i, r in order]),
+                "union": np.stack([parts[r]["union"][i] for i, r in order])}
 
     def _rgb(self, batch: dict[str, Any]) -> np.ndarray | None:
         """The batch's images as read (uint8 NxHxWx3), where the CRF or figures need them."""
@@ -159,10 +185,12 @@ class Evaluator:
         return [pool.submit(crf_labels, crf, rgb[i], probs[i]) for i in range(len(probs))]
 
     def _count(self, cm: ConfusionMatrix, rgb: np.ndarray | None, target: torch.Tensor,
-               pred: torch.Tensor | list[Future]) -> None:
+               pred: torch.Tensor | list[Future], ids: list[str]) -> None:
         if isinstance(pred, list):
             pred = torch.from_numpy(np.stack([f.result() for f in pred])).to(target.device)
         cm.update(pred, target)
+        if self.per_image_counts is not None:
+            self.per_image_counts.process(pred, target, ids)
         if len(self.samples) < self.num_samples:
             self.samples.append({"image": rgb[0], "mask": target[0].cpu().numpy(),
                                  "pred": pred[0].cpu().numpy()})

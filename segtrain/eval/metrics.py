@@ -80,3 +80,4 @@ def format_table(scores: dict, class_names: list[str] | tuple[str, ...]) -> str:
     for key in ("miou", "pixel_acc", "mean_acc", "fwiou"):
         lines.append(f"{key:<{width}}  {100 * scores[key]:7.2f}")
     return "\n".join(lines)
+

@@ -35,6 +35,7 @@ class Evaluation:
     scores: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    per_image: dict[str, Any] | None = None  # eval.save_per_image: segtrain.eval.per_image
 
 
 class Callback:

@@ -19,6 +19,7 @@ from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.engine.callbacks.checkpoints import best_evaluation
 from segtrain.engine.callbacks.evaluation import SUMMARY_KEYS
 from segtrain.engine.json_files import write_json
+from segtrain.eval import per_image
 from segtrain.eval.metrics import format_table
 from segtrain.viz import comparison_strip
 
@@ -30,7 +31,8 @@ log = logging.getLogger("segtrain")
 
 class RunLog(Callback):
     """Logs and files of rank 0 in ``trainer.run_dir``: ``train.log`` lines (through the
-    ``segtrain`` logger), ``tb/``, ``samples/iter_<iteration>.png``, ``metrics.json``.
+    ``segtrain`` logger), ``tb/``, ``samples/iter_<iteration>.png``, ``metrics.json`` (and
+    ``per_image.npz`` of the same evaluation with ``eval.save_per_image``).
 
     Args:
         class_names, palette, ignore_index: of the dataset, for the tables and figures.
@@ -92,6 +94,9 @@ class RunLog(Callback):
             self.writer.add_image("val/image_gt_pred", strip, it, dataformats="HWC")
             (trainer.run_dir / "samples").mkdir(exist_ok=True)
             Image.fromarray(strip).save(trainer.run_dir / "samples" / f"iter_{it:07d}.png")
+        if evaluation.per_image is not None:  # eval.save_per_image: beside metrics.json
+            per_image.save(evaluation.per_image, self.class_names,
+                           trainer.run_dir / "per_image.npz")
         best = best_evaluation(evaluation.history)
         finished = it >= trainer.max_iters
         # "finished" is what tells a final score from the partial one of a stopped run
