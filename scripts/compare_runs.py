@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from segtrain.errors import UserError  # noqa: E402
-from segtrain.eval import per_image  # noqa: E402
+from segtrain.errors import UserError
+from segtrain.eval import per_image
 
 
 def per_image_file(run: Path, eval_name: str | None) -> Path:

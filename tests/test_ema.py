@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from segtrain.app import train
-from segtrain.engine import checkpoint
+from segtrain.core import checkpoint
 from segtrain.engine.ema import WeightEMA
 from segtrain.engine.trainer import Trainer, TrainingInterrupted
 from segtrain.errors import ConfigError
