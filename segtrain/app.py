@@ -245,7 +245,8 @@ def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
                      cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
                      build_inference(cfg), num_samples=cfg.eval.num_samples,
                      show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"),
-                     per_image=bool(cfg.eval.get("save_per_image", False)))
+                     per_image=bool(cfg.eval.get("save_per_image", False)),
+                     dump_worst=int(cfg.eval.get("dump_worst", 0)))
 
 
 def check_single_pyramid(train_scales, predictor) -> None:

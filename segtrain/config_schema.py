@@ -158,6 +158,7 @@ class EvalSchema:
     num_samples: int = spec(0)
     crf_workers: int | None = spec(0, optional=True)
     save_per_image: bool = spec(optional=True)  # absent (a run saved before it): false
+    dump_worst: int = spec(0, optional=True)  # absent: 0
 
 
 @dataclass

@@ -17,7 +17,9 @@ split). Prints the per-class table and writes
 ``<run>/eval_<name>.json`` (scores, confusion matrix, the eval config and the command's
 ``eval.*`` overrides) and ``<run>/eval_<name>_samples.png`` (image | ground truth |
 prediction); with ``eval.save_per_image=true`` also ``<run>/eval_<name>_per_image.npz``
-(``segtrain.eval.per_image``, what scripts/compare_runs.py reads). ``<name>`` is ``name=``
+(``segtrain.eval.per_image``, what scripts/compare_runs.py reads); with
+``eval.dump_worst=N`` the N images of lowest per-image mIoU as panels in
+``<run>/eval_<name>_worst/``. ``<name>`` is ``name=``
 if given, else the eval option's name with ``_os<N>`` when ``eval.output_stride`` is set,
 so OS 16 and OS 8 results of one option do not overwrite each other
 (``name=msc_crf_searched`` for a CRF with other values). Hydra's own log of this call
@@ -50,7 +52,7 @@ from segtrain.core.json_files import write_json
 from segtrain.errors import UserError
 from segtrain.eval import per_image
 from segtrain.eval.metrics import format_table
-from segtrain.viz import comparison_strip
+from segtrain.viz import comparison_strip, write_worst
 
 log = logging.getLogger("segtrain")
 
@@ -267,8 +269,11 @@ def evaluate(cfg: DictConfig, eval_name: str,
     if evaluator.per_image is not None:
         per_image.save(evaluator.per_image, list(val_set.class_names),
                        run_dir / f"eval_{result['name']}_per_image.npz")
+    palette = palette_of(val_set, run_cfg.dataset.num_classes)
+    if evaluator.worst:
+        write_worst(evaluator.worst, run_dir / f"eval_{result['name']}_worst", palette,
+                    run_cfg.dataset.ignore_index)
     if evaluator.samples:
-        palette = palette_of(val_set, run_cfg.dataset.num_classes)
         strip = comparison_strip(evaluator.samples, palette, run_cfg.dataset.ignore_index)
         Image.fromarray(np.ascontiguousarray(strip)).save(
             run_dir / f"eval_{result['name']}_samples.png")

@@ -1,7 +1,8 @@
 """``eval.save_per_image`` and scripts/compare_runs.py: per-image counts summed give the
 confusion matrix's IoU, the paired bootstrap's 95% interval covers a known difference in about
 95% of repetitions on constructed data, seed sweeps widen it, and the script on two tiny runs
-prints the difference with its interval (and refuses runs scored on other images)."""
+prints the difference with its interval (and refuses runs scored on other images);
+``eval.dump_worst`` writes the panels of the lowest-scored images of that run."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from segtrain.app import train
 from segtrain.eval.metrics import ConfusionMatrix
-from segtrain.eval.per_image import PerImageCounts
+from segtrain.eval.per_image import PerImageCounts, image_miou
 from tests.conftest import REPO, compose_config
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -98,10 +100,11 @@ def test_seed_sweeps_widen_the_interval_and_the_point_is_the_mean_over_seeds():
 RUN = ["dataset.image_size=32", "dataset.train.num_samples=8", "dataset.val.num_samples=3",
        "trainer.max_iters=2", "trainer.batch_size=2", "trainer.num_workers=0",
        "trainer.eval_interval=2", "trainer.log_interval=2", "trainer.checkpoint_interval=2",
-       "trainer.device=cpu", "trainer.resume=null", "eval.save_per_image=true"]
+       "trainer.device=cpu", "trainer.resume=null", "eval.save_per_image=true",
+       "eval.dump_worst=2"]
 
 
-def test_compare_runs_on_two_tiny_runs(tmp_path, capsys, one_thread):
+def test_compare_runs_on_two_tiny_runs_and_their_worst_images(tmp_path, capsys, one_thread):
     for name, seed in (("a", 0), ("b", 1)):
         train(compose_config(RUN + [f"seed={seed}"]), tmp_path / name)
     saved = np.load(tmp_path / "a" / "per_image.npz")
@@ -112,6 +115,13 @@ def test_compare_runs_on_two_tiny_runs(tmp_path, capsys, one_thread):
     np.testing.assert_array_equal(saved["intersection"].sum(0), np.diag(matrix))
     np.testing.assert_array_equal(saved["union"].sum(0),
                                   matrix.sum(0) + matrix.sum(1) - np.diag(matrix))
+    # eval.dump_worst=2: the panels of the two images of lowest per-image mIoU, lowest first
+    panels = sorted((tmp_path / "a" / "worst" / "iter_0000002").iterdir())
+    scores = image_miou(saved["intersection"], saved["union"])
+    lowest = [saved["ids"][i] for i in np.argsort(scores, kind="stable")[:2]]
+    assert [p.name.split("_", 2)[2][:-4] for p in panels] == lowest
+    assert np.asarray(Image.open(panels[0])).shape == (32, 3 * 32, 3)  # image | gt | pred
+
     out = tmp_path / "compare.json"
     assert compare_runs.main([str(tmp_path / "a"), str(tmp_path / "b"), "--resamples", "500",
                               "--json", str(out)]) == 0

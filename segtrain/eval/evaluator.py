@@ -40,7 +40,7 @@ from segtrain.errors import ConfigError
 from segtrain.eval.crf import crf_labels, default_workers, softmax_probs
 from segtrain.eval.inference import Inference
 from segtrain.eval.metrics import ConfusionMatrix
-from segtrain.eval.per_image import PerImageCounts
+from segtrain.eval.per_image import PerImageCounts, image_miou
 
 log = logging.getLogger("segtrain")
 
@@ -71,6 +71,9 @@ class Evaluator:
         per_image: also count each image's per-class intersection and union
             (``segtrain.eval.per_image``), kept in ``per_image`` after ``run`` (every rank's
             images, gathered in image order).
+        dump_worst: keep the ``dump_worst`` images with the lowest per-image mIoU (image as
+            read, ground truth, prediction, id, score) in ``worst`` after ``run``, lowest
+            first (every rank's, gathered); 0: none.
 
     The loader's batches carry ``"rgb"`` (the image as read) when there is a CRF or
     ``num_samples > 0``.
@@ -79,7 +82,7 @@ class Evaluator:
     def __init__(self, loader: DataLoader, num_classes: int, ignore_index: int,
                  class_names: Sequence[str], inference: Inference, num_samples: int = 4,
                  show_progress: bool = False, crf_workers: int | None = None,
-                 per_image: bool = False) -> None:
+                 per_image: bool = False, dump_worst: int = 0) -> None:
         if crf_workers is not None and (int(crf_workers) != crf_workers or crf_workers < 0):
             raise ConfigError(f"eval.crf_workers must be null (every core), 0 (no extra "
                               f"process) or a positive integer, got {crf_workers!r}")
@@ -91,6 +94,8 @@ class Evaluator:
         self.samples: list[dict[str, Any]] = []
         self.per_image_counts = PerImageCounts(num_classes, ignore_index) if per_image else None
         self.per_image: dict[str, Any] | None = None
+        self.dump_worst = int(dump_worst)
+        self.worst: list[dict[str, Any]] = []
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse ``eval.output_stride`` for a model that cannot change its stride."""
@@ -122,6 +127,7 @@ class Evaluator:
         self.samples = []
         if self.per_image_counts is not None:
             self.per_image_counts.reset()
+        self.worst = []
         # (image, target, prediction or CRF futures) in loader order, waiting to be counted
         pending: collections.deque = collections.deque()
         max_pending = 2 * self.crf_workers  # bounds the probabilities held in memory
@@ -149,6 +155,8 @@ class Evaluator:
         cm.all_reduce()
         if self.per_image_counts is not None:
             self.per_image = self._gathered(self.per_image_counts.evaluate())
+        if self.dump_worst:
+            self.worst = self._worst_of_all_ranks()
         scores = cm.compute()
         scores["confusion_matrix"] = cm.matrix.cpu().tolist()
         return scores
@@ -167,9 +175,30 @@ class Evaluator:
                 "intersection": np.stack([parts[r]["intersection"][i] for i, r in order]),
                 "union": np.stack([parts[r]["union"][i] for i, r in order])}
 
+    def _keep_worst(self, rgb: np.ndarray, target: torch.Tensor, pred: torch.Tensor,
+                    ids: list[str]) -> None:
+        inter, union = PerImageCounts(self.num_classes, self.ignore_index).counts(pred, target)
+        scores = image_miou(inter.cpu().numpy(), union.cpu().numpy())
+        for i, score in enumerate(scores):
+            if score != score:  # an all-ignored image has no score
+                continue
+            self.worst.append({"id": ids[i], "miou": float(score), "image": rgb[i],
+                               "mask": target[i].cpu().numpy(), "pred": pred[i].cpu().numpy()})
+        self.worst.sort(key=lambda w: w["miou"])  # stable: ties keep the loader's order
+        del self.worst[self.dump_worst:]
+
+    def _worst_of_all_ranks(self) -> list[dict[str, Any]]:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.worst
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, self.worst)
+        merged = sorted((w for part in parts for w in part), key=lambda w: w["miou"])
+        return merged[:self.dump_worst]
+
     def _rgb(self, batch: dict[str, Any]) -> np.ndarray | None:
         """The batch's images as read (uint8 NxHxWx3), where the CRF or figures need them."""
-        if self.inference.crf is None and len(self.samples) >= self.num_samples:
+        if self.inference.crf is None and len(self.samples) >= self.num_samples \
+                and not self.dump_worst:
             return None
         if "rgb" not in batch:
             raise ValueError("the evaluation loader's items carry no 'rgb' (the image as read, "
@@ -191,6 +220,8 @@ class Evaluator:
         cm.update(pred, target)
         if self.per_image_counts is not None:
             self.per_image_counts.process(pred, target, ids)
+        if self.dump_worst:
+            self._keep_worst(rgb, target, pred, ids)
         if len(self.samples) < self.num_samples:
             self.samples.append({"image": rgb[0], "mask": target[0].cpu().numpy(),
                                  "pred": pred[0].cpu().numpy()})

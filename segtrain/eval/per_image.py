@@ -43,6 +43,15 @@ class PerImageCounts:
     @torch.no_grad()
     def process(self, pred: torch.Tensor, target: torch.Tensor, ids: list[str]) -> None:
         """A batch of label maps (N,H,W) and the N image ids."""
+        inter, union = self.counts(pred, target)
+        self.ids.extend(str(i) for i in ids)
+        self.intersection.append(inter.cpu())
+        self.union.append(union.cpu())
+
+    @torch.no_grad()
+    def counts(self, pred: torch.Tensor, target: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(intersection, union), int64 (N, classes), of a batch of label maps (N,H,W)."""
         n, k = pred.shape[0], self.num_classes
         valid = target != self.ignore_index
         image = torch.arange(n, device=pred.device).view(n, 1, 1).expand_as(target)[valid]
@@ -53,10 +62,7 @@ class PerImageCounts:
 
         same = gt == pr
         inter = torch.bincount((image * k + gt)[same], minlength=n * k).view(n, k)
-        union = per_image(gt) + per_image(pr) - inter
-        self.ids.extend(str(i) for i in ids)
-        self.intersection.append(inter.cpu())
-        self.union.append(union.cpu())
+        return inter, per_image(gt) + per_image(pr) - inter
 
     def evaluate(self) -> dict[str, Any]:
         """``{"ids": [...], "intersection": int64 (images, classes), "union": ...}``."""
@@ -64,6 +70,15 @@ class PerImageCounts:
         return {"ids": list(self.ids),
                 "intersection": torch.cat(self.intersection or [empty]).numpy(),
                 "union": torch.cat(self.union or [empty]).numpy()}
+
+
+def image_miou(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """Each image's mIoU over the classes present in its prediction or ground truth (the
+    evaluator's rule for a set of images, applied to one); NaN for an all-ignored image."""
+    present = union > 0
+    iou = np.divide(intersection, union, out=np.zeros(union.shape), where=present)
+    with np.errstate(invalid="ignore"):
+        return iou.sum(-1) / np.where(present.any(-1), present.sum(-1), np.nan)
 
 
 def save(counts: dict[str, Any], class_names: list[str], path: str | Path) -> Path:

@@ -37,7 +37,8 @@ class PeriodicEvaluation(Callback):
             self.history.append({**{k: scores[k] for k in SUMMARY_KEYS},
                                  "iteration": trainer.iteration})
             evaluation.history, evaluation.samples = self.history, self.evaluator.samples
-            evaluation.per_image = self.evaluator.per_image
+            evaluation.per_image, evaluation.worst = self.evaluator.per_image, \
+                self.evaluator.worst
         trainer.publish(evaluation)
 
     def state_dict(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from segtrain.engine.callbacks.checkpoints import best_evaluation
 from segtrain.engine.callbacks.evaluation import SUMMARY_KEYS
 from segtrain.eval import per_image
 from segtrain.eval.metrics import format_table
-from segtrain.viz import comparison_strip
+from segtrain.viz import comparison_strip, write_worst
 
 if TYPE_CHECKING:
     from segtrain.engine.trainer import Trainer
@@ -32,7 +32,8 @@ log = logging.getLogger("segtrain")
 class RunLog(Callback):
     """Logs and files of rank 0 in ``trainer.run_dir``: ``train.log`` lines (through the
     ``segtrain`` logger), ``tb/``, ``samples/iter_<iteration>.png``, ``metrics.json`` (and
-    ``per_image.npz`` of the same evaluation with ``eval.save_per_image``).
+    ``per_image.npz`` of the same evaluation with ``eval.save_per_image``, the panels of its
+    worst images in ``worst/iter_<iteration>/`` with ``eval.dump_worst``).
 
     Args:
         class_names, palette, ignore_index: of the dataset, for the tables and figures.
@@ -97,6 +98,9 @@ class RunLog(Callback):
         if evaluation.per_image is not None:  # eval.save_per_image: beside metrics.json
             per_image.save(evaluation.per_image, self.class_names,
                            trainer.run_dir / "per_image.npz")
+        if evaluation.worst:  # eval.dump_worst
+            write_worst(evaluation.worst, trainer.run_dir / "worst" / f"iter_{it:07d}",
+                        self.palette, self.ignore_index)
         best = best_evaluation(evaluation.history)
         finished = it >= trainer.max_iters
         # "finished" is what tells a final score from the partial one of a stopped run
