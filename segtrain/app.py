@@ -270,6 +270,28 @@ def palette_of(dataset, num_classes: int):
         default_palette(num_classes)
 
 
+def tracker(cfg: DictConfig, class_names, palette) -> list:
+    """``logger.callback`` (``logger=mlflow``...), or none (``logger=tensorboard``: RunLog
+    writes TensorBoard for every run). A sweep's jobs share one experiment: the sweep
+    folder."""
+    node = (cfg.get("logger") or {}).get("callback")
+    if not node:
+        return []
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    experiment = node.get("experiment")
+    if experiment is None:
+        experiment = "segtrain"
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            experiment = str(Path(HydraConfig.get().sweep.dir).resolve())
+    # a partial: the config and palette are passed as they are, not merged into Hydra's node
+    build = instantiate(node, _partial_=True)
+    return [build(experiment=experiment, params=OmegaConf.to_container(cfg, resolve=True),
+                  class_names=list(class_names), palette=palette,
+                  ignore_index=cfg.dataset.ignore_index)]
+
+
 def resume_source(resume: str | None, run_dir: Path) -> str | Path | None:
     """``auto`` resumes this run folder's last.pt when it exists (a requeued SLURM job)."""
     if resume in (None, "", "null"):
@@ -335,10 +357,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                                 pin_memory=device.type == "cuda")
     evaluation = PeriodicEvaluation(evaluator, t.eval_interval)
     # in this order: last.pt after an evaluation holds it; the preemption exit comes last
+    palette = palette_of(val_set, cfg.dataset.num_classes)
     callbacks = [evaluation, Checkpoints(t.checkpoint_interval),
-                 RunLog(val_set.class_names, palette_of(val_set, cfg.dataset.num_classes),
-                        cfg.dataset.ignore_index),
-                 Preemption()]
+                 RunLog(val_set.class_names, palette, cfg.dataset.ignore_index),
+                 *tracker(cfg, val_set.class_names, palette), Preemption()]
     trainer = Trainer(
         model, loss_fn, optimizer, lr_factor, batches, run_dir, max_iters=t.max_iters,
         iter_size=t.iter_size, precision=t.precision, clip_grad_norm=t.clip_grad_norm,
