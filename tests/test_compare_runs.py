@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from segtrain.app import train
-from segtrain.eval.metrics import ConfusionMatrix
+from segtrain.eval.metrics import ConfusionMatrix, EvalBatch
 from segtrain.eval.per_image import PerImageCounts, image_miou
 from tests.conftest import REPO, compose_config
 
@@ -29,9 +29,11 @@ def test_per_image_counts_summed_give_the_confusion_matrix_iou():
     target = torch.randint(0, 4, (3, 9, 7), generator=gen)
     target[0, :2] = 255  # ignored pixels count nowhere
     counts = PerImageCounts(4, 255)
-    counts.process(pred[:2], target[:2], ["a", "b"])
-    counts.process(pred[2:], target[2:], ["c"])
-    out = counts.evaluate()
+    counts.reset("cpu")
+    counts.process(EvalBatch(pred[:2], target[:2], [{"name": "a"}, {"name": "b"}], None))
+    counts.process(EvalBatch(pred[2:], target[2:], [{"name": "c"}], None))
+    assert counts.evaluate() == {}  # no score joins the evaluation's
+    out = counts.result
     assert out["ids"] == ["a", "b", "c"] and out["intersection"].shape == (3, 4)
     cm = ConfusionMatrix(4, 255)
     cm.update(pred, target)

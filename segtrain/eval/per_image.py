@@ -20,56 +20,112 @@ import numpy as np
 import torch
 
 from segtrain.errors import UserError
+from segtrain.eval.metrics import EvalBatch, Metric
 
 
-class PerImageCounts:
+def image_ids(meta: Any, count: int) -> list[str]:
+    """The batch's image ids: each item's ``meta["name"]``, else its dataset index."""
+    if not meta:
+        return [str(i) for i in range(count)]
+    return [str(m.get("name", m.get("index"))) for m in meta]
+
+
+def per_image_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(intersection, union), int64 (N, classes), of a batch of label maps (N,H,W); ignored
+    pixels count nowhere."""
+    n, k = pred.shape[0], num_classes
+    valid = target != ignore_index
+    image = torch.arange(n, device=pred.device).view(n, 1, 1).expand_as(target)[valid]
+    gt, pr = target[valid].to(torch.int64), pred[valid].to(torch.int64)
+
+    def count(index: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(index, minlength=n * k).view(n, k)
+
+    inter = count((image * k + gt)[gt == pr])
+    return inter, count(image * k + gt) + count(image * k + pr) - inter
+
+
+def _gather(part: Any) -> list[Any]:
+    """Every rank's ``part`` (this one's alone when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [part]
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, part)
+    return parts
+
+
+class PerImageCounts(Metric):
     """Each image's per-class intersection and union (pixels), beside the confusion matrix:
-    ``eval.save_per_image``. Summed over any set of images they give that set's IoU exactly
-    (the union of a class over images is the sum of the per-image unions), which is what a
-    bootstrap over images needs (``scripts/compare_runs.py``): 2 x num_classes integers per
-    image instead of a num_classes^2 matrix.
-
-    reset / process / evaluate, as the evaluator's other metrics."""
+    ``eval.save_per_image``. After ``evaluate``, ``result`` holds ``{"ids": [...],
+    "intersection": int64 (images, classes), "union": ...}`` of every rank's images in image
+    order; no score joins the evaluation's."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.reset()
+        self.result: dict[str, Any] | None = None
+        self.reset("cpu")
 
-    def reset(self) -> None:
+    def reset(self, device: torch.device | str) -> None:
         self.ids: list[str] = []
         self.intersection: list[torch.Tensor] = []
         self.union: list[torch.Tensor] = []
 
     @torch.no_grad()
-    def process(self, pred: torch.Tensor, target: torch.Tensor, ids: list[str]) -> None:
-        """A batch of label maps (N,H,W) and the N image ids."""
-        inter, union = self.counts(pred, target)
-        self.ids.extend(str(i) for i in ids)
+    def process(self, batch: EvalBatch) -> None:
+        inter, union = per_image_counts(batch.pred, batch.target, self.num_classes,
+                                        self.ignore_index)
+        self.ids.extend(image_ids(batch.meta, len(inter)))
         self.intersection.append(inter.cpu())
         self.union.append(union.cpu())
 
-    @torch.no_grad()
-    def counts(self, pred: torch.Tensor, target: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(intersection, union), int64 (N, classes), of a batch of label maps (N,H,W)."""
-        n, k = pred.shape[0], self.num_classes
-        valid = target != self.ignore_index
-        image = torch.arange(n, device=pred.device).view(n, 1, 1).expand_as(target)[valid]
-        gt, pr = target[valid].to(torch.int64), pred[valid].to(torch.int64)
-
-        def per_image(labels: torch.Tensor) -> torch.Tensor:
-            return torch.bincount(image * k + labels, minlength=n * k).view(n, k)
-
-        same = gt == pr
-        inter = torch.bincount((image * k + gt)[same], minlength=n * k).view(n, k)
-        return inter, per_image(gt) + per_image(pr) - inter
-
     def evaluate(self) -> dict[str, Any]:
-        """``{"ids": [...], "intersection": int64 (images, classes), "union": ...}``."""
         empty = torch.zeros(0, self.num_classes, dtype=torch.int64)
-        return {"ids": list(self.ids),
+        mine = {"ids": list(self.ids),
                 "intersection": torch.cat(self.intersection or [empty]).numpy(),
                 "union": torch.cat(self.union or [empty]).numpy()}
+        parts = _gather(mine)
+        # rank r scored images r, r + W, ... (segtrain.data.loader.eval_loader)
+        order = sorted((i, r) for r, part in enumerate(parts) for i in range(len(part["ids"])))
+        self.result = mine if len(parts) == 1 else {
+            "ids": [parts[r]["ids"][i] for i, r in order],
+            "intersection": np.stack([parts[r]["intersection"][i] for i, r in order]),
+            "union": np.stack([parts[r]["union"][i] for i, r in order])}
+        return {}
+
+
+class WorstImages(Metric):
+    """The ``count`` images with the lowest per-image mIoU (``image_miou``): ``eval.dump_worst``.
+    After ``evaluate``, ``worst`` lists ``{"id", "miou", "image" (as read), "mask", "pred"}``
+    over every rank's images, lowest first (ties in loader order); no score."""
+
+    def __init__(self, count: int, num_classes: int, ignore_index: int = 255) -> None:
+        self.count, self.num_classes, self.ignore_index = count, num_classes, ignore_index
+        self.worst: list[dict[str, Any]] = []
+
+    def reset(self, device: torch.device | str) -> None:
+        self.worst = []
+
+    def needs_rgb(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def process(self, batch: EvalBatch) -> None:
+        inter, union = per_image_counts(batch.pred, batch.target, self.num_classes,
+                                        self.ignore_index)
+        scores = image_miou(inter.cpu().numpy(), union.cpu().numpy())
+        for i, (name, score) in enumerate(zip(image_ids(batch.meta, len(scores)), scores)):
+            if score == score:  # an all-ignored image has no score
+                self.worst.append({"id": name, "miou": float(score), "image": batch.rgb[i],
+                                   "mask": batch.target[i].cpu().numpy(),
+                                   "pred": batch.pred[i].cpu().numpy()})
+        self.worst.sort(key=lambda w: w["miou"])  # stable
+        del self.worst[self.count:]
+
+    def evaluate(self) -> dict[str, Any]:
+        merged = [w for part in _gather(self.worst) for w in part]
+        self.worst = sorted(merged, key=lambda w: w["miou"])[:self.count]
+        return {}
 
 
 def image_miou(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segtrain.engine.callbacks.base import Callback, Evaluation
-from segtrain.engine.callbacks.evaluation import SUMMARY_KEYS
 from segtrain.errors import ConfigError
+from segtrain.eval.metrics import SUMMARY_METRICS
 from segtrain.viz import comparison_strip
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ class MLflowLog(Callback):
         if self.client is None:
             return
         scores, it = evaluation.scores, evaluation.iteration
-        values = {f"val/{k}": scores[k] for k in SUMMARY_KEYS}
+        values = {f"val/{k}": scores[k] for k in SUMMARY_METRICS}
         values.update({f"val/iou/{name}": iou
                        for name, iou in zip(self.class_names, scores["iou"])})
         self._metrics(values, it)
