@@ -17,6 +17,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain import config_schema
+from segtrain.data.class_uniform import ClassUniformPlan, class_uniform_plan
 from segtrain.data.loader import eval_loader, train_loader
 from segtrain.data.transforms import compose
 from segtrain.engine import checkpoint, distributed
@@ -93,6 +94,17 @@ def build_train_set(cfg: DictConfig) -> Any:
     ds = _build_split(cfg, "train")
     ds.keep_rows = bool(cfg.dataset.get("source_rows", False))
     return ds
+
+
+def build_sampling(cfg: DictConfig, train_set: Any) -> ClassUniformPlan | None:
+    """``dataset.class_uniform`` (``segtrain.data.class_uniform``): the plan of class-uniform
+    sampling over ``train_set``, its class index read from the cache or built; None: off
+    (also where a saved config predates the key)."""
+    options = cfg.dataset.get("class_uniform")
+    if not options or not options.pct:
+        return None
+    return class_uniform_plan(train_set, float(options.pct), int(options.tile),
+                              cfg.trainer.num_workers)
 
 
 def build_val_set(cfg: DictConfig) -> Any:
@@ -330,7 +342,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # the endless, resumable sample stream; the trainer starts it at its own iteration
     batches = functools.partial(train_loader, train_set, batch_size, t.num_workers, cfg.seed,
                                 rank=dist.rank, world_size=dist.world_size,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda",
+                                class_uniform=build_sampling(cfg, train_set))
     evaluation = PeriodicEvaluation(evaluator, t.eval_interval)
     # in this order: last.pt after an evaluation holds it; the preemption exit comes last
     callbacks = [evaluation, Checkpoints(t.checkpoint_interval),
