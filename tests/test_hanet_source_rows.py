@@ -73,7 +73,7 @@ def test_attention_adds_the_encoding_of_the_full_image_rows():
 
 def test_identity_rows_give_the_output_without_rows():
     """Whole-image evaluation: the rows of the input itself change nothing (bit-identical)."""
-    from tests.test_models_recent_dsrl_hanet import small_hanet
+    from tests.test_hanet import small_hanet
 
     torch.manual_seed(0)
     model = small_hanet(dropout=0.0).eval()
