@@ -5,8 +5,10 @@ other module takes plain arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +292,57 @@ def resume_source(resume: str | None, run_dir: Path) -> str | Path | None:
     return checkpoint.resolve(resume)
 
 
+@dataclasses.dataclass
+class Training:
+    """What ``train`` trains: built from the config by ``build_training``."""
+
+    model: torch.nn.Module
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    lr_factor: Callable[[int], float]  # iteration -> multiplier of every group's rate
+    batch_size: int  # per rank and micro-batch
+    images_per_step: int  # batch_size x trainer.iter_size x ranks
+
+
+def build_training(cfg: DictConfig, in_channels: int = 3, world_size: int = 1) -> Training:
+    """The model (weights seeded by ``cfg.seed``, ``model.init_from`` applied), loss,
+    optimizer, schedule and batch of a run, checked against each other (model and loss
+    outputs, source rows, the global batch over ``world_size`` ranks); built on the current
+    default device (``torch.device("meta")`` builds any experiment without memory)."""
+    t = cfg.trainer
+    batch_size = t.batch_size
+    if t.global_batch_size is not None:
+        batch_size = per_rank_batch(int(t.global_batch_size), world_size, t.iter_size)
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
+    model = build_model(cfg, in_channels, initialise=True)
+    loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg))
+    check_outputs(cfg, model, loss_fn)
+    check_takes_rows(cfg, model)
+    optimizer = build_optimizer(cfg, param_groups(cfg, model))
+    lr_factor = instantiate(cfg.lr)(max_iters=t.max_iters)
+    return Training(model, loss_fn, optimizer, lr_factor, batch_size,
+                    batch_size * t.iter_size * world_size)
+
+
+def build_trainer(cfg: DictConfig, training: Training, batches: Callable[[int], Any],
+                  run_dir: Path, device: torch.device, dist: distributed.DistInfo,
+                  callbacks: list) -> Trainer:
+    """The loop over ``batches`` (``start -> stream``) with ``cfg.trainer``'s settings;
+    ``training.model`` as it will run (on ``device``, wrapped for DDP where needed)."""
+    t = cfg.trainer
+    # what a resumed run must share with the checkpoint, or its poly curve bends
+    schedule = {"trainer.max_iters": int(t.max_iters),
+                "lr": OmegaConf.to_container(cfg.lr, resolve=True),
+                "optim.lr": float(cfg.optim.lr), "images per step": training.images_per_step}
+    return Trainer(
+        training.model, training.loss_fn, training.optimizer, training.lr_factor, batches,
+        run_dir, max_iters=t.max_iters, iter_size=t.iter_size, precision=t.precision,
+        clip_grad_norm=t.clip_grad_norm, log_interval=t.log_interval, seed=cfg.seed,
+        device=device, callbacks=callbacks, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        dist=dist, compile=t.compile, channels_last=t.channels_last, schedule=schedule,
+        allow_schedule_change=bool(t.resume_allow_schedule_change))
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Build everything from ``cfg`` and train; returns the final validation scores."""
     config_schema.check(cfg)  # a wrong type or range: one line naming the key, nothing built
@@ -301,44 +354,31 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     train_set, val_set = build_train_set(cfg), build_val_set(cfg)
     log.info("data: %s train %d / val %d images, %d classes", cfg.dataset.name,
              len(train_set), len(val_set), cfg.dataset.num_classes)
-    # the model's initial weights depend on the seed only, not on the data set-up
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, getattr(train_set, "in_channels", 3), initialise=True)
-    loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg))
-    check_outputs(cfg, model, loss_fn)
-    check_takes_rows(cfg, model)
-    groups = param_groups(cfg, model)
-    model.to(device)
+    training = build_training(cfg, getattr(train_set, "in_channels", 3), dist.world_size)
+    model, loss_fn = training.model, training.loss_fn
+    model.to(device)  # the optimizer's parameters are these, moved in place
     loss_fn.to(device)
     if dist.enabled:
         if cfg.trainer.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+        training = dataclasses.replace(training, model=model)  # what the loop runs
     # from here on each rank draws its own stream (dropout masks), a function of seed and rank
     seed_everything(stream_seed(cfg.seed, dist.rank))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2fM parameters, device %s, precision %s", cfg.model._target_,
              n_params / 1e6, device, resolve_precision(cfg.trainer.precision, device))
 
-    optimizer = build_optimizer(cfg, groups)
-    lr_factor = instantiate(cfg.lr)(max_iters=cfg.trainer.max_iters)
     evaluator = build_evaluator(cfg, val_set, dist)
     evaluator.check_model(model)  # eval.output_stride: refused now, not at the first eval
 
     t = cfg.trainer
-    batch_size = t.batch_size
-    if t.global_batch_size is not None:
-        batch_size = per_rank_batch(int(t.global_batch_size), dist.world_size, t.iter_size)
-    effective = batch_size * t.iter_size * dist.world_size
+    batch_size = training.batch_size
     log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)%s",
-             effective, batch_size, t.iter_size, dist.world_size,
+             training.images_per_step, batch_size, t.iter_size, dist.world_size,
              "" if t.global_batch_size is None else
              f" (trainer.global_batch_size={t.global_batch_size}; trainer.batch_size unused)")
-    # what a resumed run must share with the checkpoint, or its poly curve bends
-    schedule = {"trainer.max_iters": int(t.max_iters),
-                "lr": OmegaConf.to_container(cfg.lr, resolve=True),
-                "optim.lr": float(cfg.optim.lr), "images per step": int(effective)}
     # the endless, resumable sample stream; the trainer starts it at its own iteration
     batches = functools.partial(train_loader, train_set, batch_size, t.num_workers, cfg.seed,
                                 rank=dist.rank, world_size=dist.world_size,
@@ -350,13 +390,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                  RunLog(val_set.class_names, palette_of(val_set, cfg.dataset.num_classes),
                         cfg.dataset.ignore_index),
                  Preemption()]
-    trainer = Trainer(
-        model, loss_fn, optimizer, lr_factor, batches, run_dir, max_iters=t.max_iters,
-        iter_size=t.iter_size, precision=t.precision, clip_grad_norm=t.clip_grad_norm,
-        log_interval=t.log_interval, seed=cfg.seed, device=device, callbacks=callbacks,
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, compile=t.compile,
-        channels_last=t.channels_last, schedule=schedule,
-        allow_schedule_change=bool(t.resume_allow_schedule_change))
+    trainer = build_trainer(cfg, training, batches, run_dir, device, dist, callbacks)
     source = resume_source(t.resume, run_dir)
     if source is not None:
         trainer.load_state_dict(checkpoint.load(source), checkpoint.resolve(source))

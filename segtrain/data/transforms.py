@@ -38,6 +38,8 @@ def compose(steps: Sequence[A.BasicTransform | Sequence[A.BasicTransform]] | Non
         # instantiate hands a nested list back as a ListConfig, hence no isinstance(list)
         single = isinstance(step, (A.BasicTransform, A.BaseCompose))
         flat.extend([step] if single else list(step))
+    if not any(isinstance(step, RandomCrop) for step in flat):
+        return A.Compose(flat)
     # a class-uniform sample passes its centroid as one keypoint, which the geometric
     # steps move and RandomCrop reads; kept where it leaves the image
     return A.Compose(flat, keypoint_params=A.KeypointParams(format="xy",
