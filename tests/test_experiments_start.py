@@ -24,8 +24,8 @@ import torch
 from omegaconf import OmegaConf
 
 from segtrain import app, config_schema
+from segtrain.core.distributed import DistInfo
 from segtrain.engine.callbacks.base import Callback
-from segtrain.engine.distributed import DistInfo
 from segtrain.errors import ConfigError
 from segtrain.models.backbones import pretrained as pretrained_module
 from tests.conftest import CONF_DIR, compose_config

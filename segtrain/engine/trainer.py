@@ -20,14 +20,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from segtrain.engine import checkpoint, distributed, finite
+from segtrain.core import checkpoint, distributed
+from segtrain.core.checkpoint import ScheduleChanged
+from segtrain.core.distributed import DistInfo
+from segtrain.core.precision import autocast_dtype, resolve_precision
+from segtrain.core.rng import load_rank_state, rng_state, set_rng_state
+from segtrain.engine import finite
 from segtrain.engine.callbacks.base import Callback, Evaluation
-from segtrain.engine.checkpoint import ScheduleChanged
-from segtrain.engine.distributed import DistInfo
 from segtrain.engine.finite import NonFiniteLossError
-from segtrain.engine.precision import autocast_dtype, resolve_precision
-from segtrain.engine.rng import load_rank_state, rng_state, set_rng_state
-from segtrain.errors import ConfigError, UserError, from_worker
+from segtrain.errors import UserError, from_worker
 from segtrain.models.base import bare
 
 __all__ = ["NonFiniteLossError", "ScheduleChanged", "Trainer", "TrainingInterrupted",
@@ -77,8 +78,6 @@ class Trainer:
                  config_yaml: str = "", dist: DistInfo | None = None, compile: bool = False,
                  channels_last: bool = False, schedule: dict[str, Any] | None = None,
                  allow_schedule_change: bool = False) -> None:
-        if iter_size < 1:
-            raise ConfigError(f"trainer.iter_size must be >= 1, got {iter_size}")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.memory_format = torch.channels_last if channels_last else torch.preserve_format
         if channels_last:
