@@ -222,7 +222,7 @@ class SegmentationDataset(Dataset):
 
     def item(self, index: int, centroid: Centroid | None = None) -> dict[str, Any]:
         """Item ``index``; a class-uniform sample passes its ``centroid``, which the crop
-        (``transforms.RandomCropCovering``) covers, and ``meta["centroid_class"]`` names."""
+        (``transforms.RandomCrop``) covers, and ``meta["centroid_class"]`` names."""
         image, mask, meta = self.load(index)
         source = str(meta.get("label_path", meta.get("name", index)))
         if image.shape[:2] != mask.shape[:2]:
