@@ -133,11 +133,14 @@ def test_share_of_centred_crops_and_rare_class_frequency(mini):
 
 
 def test_a_resumed_stream_is_the_tail_of_the_uninterrupted_one(mini):
-    cfg = config(mini, f"dataset.class_uniform.pct={PCT}", "dataset.augment.hflip=0.5")
+    # with HANet's source rows, which follow the same geometry as the centroid
+    cfg = config(mini, f"dataset.class_uniform.pct={PCT}", "dataset.augment.hflip=0.5",
+                 "+dataset.source_rows=true")
     full = stream(cfg, 24)  # 96 samples: across the epoch boundary at 76
     resumed = stream(cfg, 8, start_iter=16)
     for a, b in zip(full[16:], resumed):
         assert (a["image"] == b["image"]).all() and (a["mask"] == b["mask"]).all()
+        assert a["rows"].shape == (BATCH, CROP, CROP) and (a["rows"] == b["rows"]).all()
         assert [m.get("centroid_class") for m in a["meta"]] == \
             [m.get("centroid_class") for m in b["meta"]]
         assert [m["index"] for m in a["meta"]] == [m["index"] for m in b["meta"]]
