@@ -25,7 +25,7 @@ from segtrain.core.rng import seed_everything, stream_seed
 from segtrain.data.class_uniform import ClassUniformPlan, class_uniform_plan
 from segtrain.data.loader import eval_loader, train_loader
 from segtrain.data.transforms import compose
-from segtrain.engine.batch import per_rank_batch
+from segtrain.engine.batch import Batch, resolve_batch
 from segtrain.engine.callbacks.checkpoints import Checkpoints, best_evaluation
 from segtrain.engine.callbacks.evaluation import PeriodicEvaluation
 from segtrain.engine.callbacks.preemption import Preemption
@@ -75,10 +75,11 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def _build_split(cfg: DictConfig, split: str) -> Any:
-    """``dataset.<split>`` with its pipeline ``dataset.<split>_transforms``."""
+def _build_split(cfg: DictConfig, split: str, **item_options: bool) -> Any:
+    """``dataset.<split>`` with its pipeline ``dataset.<split>_transforms`` and the items'
+    extra keys (``keep_rgb``, ``keep_rows``)."""
     pipeline = compose(instantiate(cfg.dataset[f"{split}_transforms"]))
-    ds = instantiate(cfg.dataset[split], transforms=pipeline)
+    ds = instantiate(cfg.dataset[split], transforms=pipeline, **item_options)
     if ds.num_classes != cfg.dataset.num_classes:
         raise ConfigError(f"dataset.num_classes={cfg.dataset.num_classes} but the {split} "
                          f"dataset {type(ds).__name__} has {ds.num_classes} classes")
@@ -93,9 +94,7 @@ def _build_split(cfg: DictConfig, split: str) -> Any:
 def build_train_set(cfg: DictConfig) -> Any:
     """The training set; with ``dataset.source_rows: true`` its items carry ``"rows"``, each
     pixel's row in the full image (``segtrain.data.source_rows``), for HANet."""
-    ds = _build_split(cfg, "train")
-    ds.keep_rows = bool(cfg.dataset.get("source_rows", False))
-    return ds
+    return _build_split(cfg, "train", keep_rows=bool(cfg.dataset.get("source_rows", False)))
 
 
 def build_sampling(cfg: DictConfig, train_set: Any) -> ClassUniformPlan | None:
@@ -112,9 +111,7 @@ def build_sampling(cfg: DictConfig, train_set: Any) -> ClassUniformPlan | None:
 def build_val_set(cfg: DictConfig) -> Any:
     """The evaluation set; its items carry the image as read (``"rgb"``) for the CRF and
     the figures."""
-    ds = _build_split(cfg, "val")
-    ds.keep_rgb = True
-    return ds
+    return _build_split(cfg, "val", keep_rgb=True)
 
 
 def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
@@ -133,11 +130,14 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
     node = OmegaConf.to_container(cfg.model, resolve=True)
     msc = node.pop("msc", None) or {}
     source = node.pop("init_from", None)
+    bn_momentum = node.pop("bn_momentum", None)
     node.pop("param_mults", None)  # the optimizer's (param_mults below), not the network's
     model = instantiate(node, **overrides)
     if not isinstance(model, SegmentationModel):
         raise ConfigError(f"model._target_={node['_target_']} is not a "
                           f"segtrain.models.base.SegmentationModel (the model contract)")
+    if bn_momentum is not None:
+        set_bn_momentum(model, float(bn_momentum))
     if initialise and source not in (None, ""):
         init_from(model, source)
     scales = msc.get("train_scales")
@@ -146,6 +146,16 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
 
         model = MultiScaleInputs(model, list(scales))
     return model
+
+
+def set_bn_momentum(model: torch.nn.Module, momentum: float) -> None:
+    """``model.bn_momentum``: the running-statistics momentum of every BatchNorm layer."""
+    if not 0.0 < momentum <= 1.0:
+        raise ConfigError(f"model.bn_momentum={momentum}: expected a value in (0, 1] "
+                          f"(PyTorch's convention: 1 - TensorFlow's decay)")
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
 
 
 def _model_class(path: Path) -> type:
@@ -240,6 +250,12 @@ def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimize
     return instantiate(cfg.optim)(param_groups)
 
 
+def train_batch(cfg: DictConfig, world_size: int) -> Batch:
+    """The batch of one optimizer step on ``world_size`` ranks (``segtrain.engine.batch``)."""
+    t = cfg.trainer
+    return resolve_batch(t.batch_size, t.global_batch_size, int(t.iter_size), world_size)
+
+
 def build_inference(cfg: DictConfig) -> Inference:
     """``cfg.eval``: predictor, optional dense CRF, ``eval.precision`` and
     ``eval.output_stride`` (null: as trained); the one test-time path of the evaluator,
@@ -300,19 +316,17 @@ class Training:
     loss_fn: Any
     optimizer: torch.optim.Optimizer
     lr_factor: Callable[[int], float]  # iteration -> multiplier of every group's rate
-    batch_size: int  # per rank and micro-batch
-    images_per_step: int  # batch_size x trainer.iter_size x ranks
+    batch: Batch  # of one optimizer step (segtrain.engine.batch)
 
 
-def build_training(cfg: DictConfig, in_channels: int = 3, world_size: int = 1) -> Training:
+def build_training(cfg: DictConfig, in_channels: int = 3, batch: Batch | None = None
+                   ) -> Training:
     """The model (weights seeded by ``cfg.seed``, ``model.init_from`` applied), loss,
-    optimizer, schedule and batch of a run, checked against each other (model and loss
-    outputs, source rows, the global batch over ``world_size`` ranks); built on the current
-    default device (``torch.device("meta")`` builds any experiment without memory)."""
+    optimizer, schedule and batch (``train_batch``; default: one rank) of a run, checked
+    against each other (model and loss outputs, source rows); built on the current default
+    device (``torch.device("meta")`` builds any experiment without memory)."""
     t = cfg.trainer
-    batch_size = t.batch_size
-    if t.global_batch_size is not None:
-        batch_size = per_rank_batch(int(t.global_batch_size), world_size, t.iter_size)
+    batch = train_batch(cfg, 1) if batch is None else batch
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
     model = build_model(cfg, in_channels, initialise=True)
     loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg))
@@ -320,8 +334,7 @@ def build_training(cfg: DictConfig, in_channels: int = 3, world_size: int = 1) -
     check_takes_rows(cfg, model)
     optimizer = build_optimizer(cfg, param_groups(cfg, model))
     lr_factor = instantiate(cfg.lr)(max_iters=t.max_iters)
-    return Training(model, loss_fn, optimizer, lr_factor, batch_size,
-                    batch_size * t.iter_size * world_size)
+    return Training(model, loss_fn, optimizer, lr_factor, batch)
 
 
 def build_trainer(cfg: DictConfig, training: Training, batches: Callable[[int], Any],
@@ -333,7 +346,8 @@ def build_trainer(cfg: DictConfig, training: Training, batches: Callable[[int], 
     # what a resumed run must share with the checkpoint, or its poly curve bends
     schedule = {"trainer.max_iters": int(t.max_iters),
                 "lr": OmegaConf.to_container(cfg.lr, resolve=True),
-                "optim.lr": float(cfg.optim.lr), "images per step": training.images_per_step}
+                "optim.lr": float(cfg.optim.lr),
+                "images per step": training.batch.images_per_step}
     return Trainer(
         training.model, training.loss_fn, training.optimizer, training.lr_factor, batches,
         run_dir, max_iters=t.max_iters, iter_size=t.iter_size, precision=t.precision,
@@ -350,11 +364,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     dist = distributed.init()
     seed_everything(cfg.seed + dist.rank, cfg.trainer.deterministic)
     device = pick_device(cfg.trainer.device, dist.local_rank)
+    batch = train_batch(cfg, dist.world_size)  # a batch that cannot be: refused before the data
 
     train_set, val_set = build_train_set(cfg), build_val_set(cfg)
     log.info("data: %s train %d / val %d images, %d classes", cfg.dataset.name,
              len(train_set), len(val_set), cfg.dataset.num_classes)
-    training = build_training(cfg, getattr(train_set, "in_channels", 3), dist.world_size)
+    training = build_training(cfg, getattr(train_set, "in_channels", 3), batch)
     model, loss_fn = training.model, training.loss_fn
     model.to(device)  # the optimizer's parameters are these, moved in place
     loss_fn.to(device)
@@ -374,11 +389,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     evaluator.check_model(model)  # eval.output_stride: refused now, not at the first eval
 
     t = cfg.trainer
-    batch_size = training.batch_size
-    log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)%s",
-             training.images_per_step, batch_size, t.iter_size, dist.world_size,
-             "" if t.global_batch_size is None else
-             f" (trainer.global_batch_size={t.global_batch_size}; trainer.batch_size unused)")
+    batch_size = training.batch.per_rank
+    log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)",
+             training.batch.images_per_step, batch_size, t.iter_size, dist.world_size)
     # the endless, resumable sample stream; the trainer starts it at its own iteration
     batches = functools.partial(train_loader, train_set, batch_size, t.num_workers, cfg.seed,
                                 rank=dist.rank, world_size=dist.world_size,

@@ -95,7 +95,6 @@ def test_every_experiment_builds_on_the_meta_device(name, data_root):
     assert min(rates) >= 0 and max(rates) > 0, rates
     factors = [training.lr_factor(i) for i in (0, int(cfg.trainer.max_iters) - 1)]
     assert all(0 <= f <= 1 for f in factors), factors
-    assert training.batch_size * cfg.trainer.iter_size == training.images_per_step
 
 
 class LastTerms(Callback):
