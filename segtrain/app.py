@@ -238,10 +238,12 @@ def build_inference(cfg: DictConfig) -> Inference:
 
 
 def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
-                    show_progress: bool = False) -> Evaluator:
+                    show_progress: bool = False, num_workers: int | None = None) -> Evaluator:
     """``cfg.eval``'s inference on ``val_set`` (this rank's share), the CRF in
-    ``eval.crf_workers`` processes."""
-    return Evaluator(eval_loader(val_set, cfg.trainer.num_workers, dist.rank, dist.world_size),
+    ``eval.crf_workers`` processes; ``num_workers`` loader workers (None: the run's
+    ``trainer.num_workers``)."""
+    workers = cfg.trainer.num_workers if num_workers is None else num_workers
+    return Evaluator(eval_loader(val_set, workers, dist.rank, dist.world_size),
                      cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
                      build_inference(cfg), num_samples=cfg.eval.num_samples,
                      show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"))
