@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from segtrain.app import train
 from segtrain.cli import user_errors
-from segtrain.engine.distributed import env_info
+from segtrain.core.distributed import env_info
 from segtrain.errors import ConfigError
 from segtrain.run_start import claim
 

@@ -46,8 +46,8 @@ from PIL import Image
 from segtrain import app, runs
 from segtrain.app import build_evaluator, palette_of, pick_device
 from segtrain.cli import user_errors
-from segtrain.engine import distributed
-from segtrain.engine.json_files import write_json
+from segtrain.core import distributed
+from segtrain.core.json_files import write_json
 from segtrain.errors import ConfigError
 from segtrain.eval.metrics import format_table
 from segtrain.runs import RunError

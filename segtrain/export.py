@@ -31,7 +31,7 @@ from torch import nn
 
 from segtrain import runs
 from segtrain.cli import user_errors
-from segtrain.engine.json_files import write_json
+from segtrain.core.json_files import write_json
 from segtrain.errors import ConfigError, UserError
 
 log = logging.getLogger("segtrain")

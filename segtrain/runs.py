@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from segtrain import app, config_schema
-from segtrain.engine import checkpoint as checkpoints
+from segtrain.core import checkpoint as checkpoints
 from segtrain.errors import UserError
 
 log = logging.getLogger("segtrain")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from segtrain.engine import distributed
+from segtrain.core import distributed
 from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.eval.evaluator import Evaluator
 
