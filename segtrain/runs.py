@@ -30,7 +30,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from segtrain import app, config_schema
+from segtrain import config_schema
+from segtrain.builders import build_model as build_network
 from segtrain.core import checkpoint as checkpoints
 from segtrain.errors import UserError
 
@@ -258,6 +259,6 @@ def build_model(run: Run, device: torch.device, in_channels: int = 3) -> nn.Modu
         cfg = OmegaConf.merge(cfg, {"model": {"pretrained": None}})
     # RGB-D runs (SUN RGB-D use_depth=true) need a 4-channel stem; RGB models keep the
     # constructor's default so families without an in_channels argument still build
-    model = app.build_model(cfg, in_channels)
+    model = build_network(cfg, in_channels)
     checkpoints.load_model_state(model, run.state, run.checkpoint)
     return model.to(device).eval()

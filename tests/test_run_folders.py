@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -213,3 +214,76 @@ def test_the_api_applies_the_schema(finished_run):
 
     with pytest.raises(ConfigError, match=r"eval.predictor.mode='foo': expected one of"):
         load_run(finished_run, device="cpu", overrides=["eval.predictor.mode=foo"])
+
+
+# -- evaluation and prediction inputs --------------------------------------------------------
+def test_a_slide_window_larger_than_the_image_scores_as_the_whole_image(finished_run):
+    from hydra import compose, initialize_config_dir
+
+    from segtrain.evaluate import evaluate
+    from tests.conftest import CONF_DIR
+
+    scores = {}
+    for name in ("whole", "slide"):  # slide: 513x513 windows, the images are 32x32
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("evaluate", [f"run={finished_run}", f"eval={name}", "num_workers=0",
+                                       "device=cpu", f"name=small_{name}"])
+        scores[name] = evaluate(cfg, name)
+    assert scores["slide"]["eval_config"]["predictor"]["crop_size"] == [513, 513]
+    assert scores["slide"]["confusion_matrix"] == scores["whole"]["confusion_matrix"]
+    assert scores["slide"]["miou"] == scores["whole"]["miou"]
+
+
+def _png(path: Path, size: tuple[int, int] = (20, 12)) -> Path:
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), np.uint8)
+                    ).save(path)
+    return path
+
+
+def test_predict_takes_a_file_or_a_glob_and_writes_what_it_can_read(finished_run, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _png(photos / "a_left.png")
+    _png(photos / "b_left.png")
+    _png(photos / "c_right.png")
+    (photos / "d_left.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "one"
+    proc = _run("segtrain.predict", f"run={finished_run}", f"images={photos / 'a_left.png'}",
+                f"out={out}", "device=cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["a_left.png"]
+    out = tmp_path / "glob"
+    proc = _run("segtrain.predict", f"run={finished_run}", f"images={photos}/*_left.png",
+                f"out={out}", "device=cpu")
+    line = _one_line_error(proc, "1 of 3 images could not be labelled", "d_left.png")
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["a_left.png", "b_left.png"], \
+        line
+
+
+def test_the_api_refuses_empty_huge_and_bomb_images_in_one_line(finished_run, tmp_path):
+    import struct
+    import zlib
+
+    from segtrain import load_run
+    from segtrain.api import InputError
+    from segtrain.data.base import DatasetError
+
+    seg = load_run(finished_run, device="cpu")
+    with pytest.raises(InputError, match="empty image: 0x0 pixels"):
+        seg.predict(np.zeros((0, 0, 3), np.uint8))
+    with pytest.raises(InputError, match="6000x6000 pixels is too large for whole-image "
+                                         "inference .*eval='slide'"):
+        seg.predict(np.zeros((6000, 6000, 3), np.uint8))
+    # a PNG whose header says 20000 x 20000 (400 megapixels): PIL refuses it unread
+    bomb = _png(tmp_path / "bomb.png", (1, 1)).read_bytes()
+    ihdr = bomb[12:16] + struct.pack(">II", 20000, 20000) + bomb[24:29]
+    bomb = bomb[:8] + bomb[8:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + bomb[33:]
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    with pytest.raises(DatasetError, match="bomb.png: .*exceeds limit"):
+        seg.predict(tmp_path / "bomb.png")
+    # sliding windows bound the network's memory: a large image is taken that way
+    wide = seg.predict(np.zeros((40, 5000, 3), np.uint8), eval="slide")
+    assert wide.shape == (40, 5000)
+    small = load_run(finished_run, device="cpu", max_pixels=100)
+    with pytest.raises(InputError, match="20x12 pixels is too large"):
+        small.predict(_png(tmp_path / "x.png"))
