@@ -49,7 +49,7 @@ from segtrain.cli import user_errors
 from segtrain.core import distributed
 from segtrain.core.json_files import write_json
 from segtrain.errors import ConfigError
-from segtrain.eval.metrics import format_table
+from segtrain.eval.metrics import SUMMARY_METRICS, format_table
 from segtrain.runs import RunError
 from segtrain.viz import comparison_strip
 
@@ -57,7 +57,6 @@ __all__ = ["RunError", "evaluate", "eval_overrides", "output_name", "result_file
 
 log = logging.getLogger("segtrain")
 
-SUMMARY_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou")
 # name=: one file-name component (no folder, no leading dot)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
 
@@ -158,7 +157,7 @@ def evaluate(cfg: DictConfig, eval_name: str,
         strip = comparison_strip(evaluator.samples, palette, run_cfg.dataset.ignore_index)
         Image.fromarray(np.ascontiguousarray(strip)).save(run_dir / f"{stem}_samples.png")
     log.info("eval=%s: %s -> %s", result["name"],
-             "  ".join(f"{k} {scores[k]:.4f}" for k in SUMMARY_KEYS), out)
+             "  ".join(f"{k} {scores[k]:.4f}" for k in SUMMARY_METRICS), out)
     return result
 
 
