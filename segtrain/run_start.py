@@ -4,15 +4,17 @@ start, and one process at a time trains in a folder.
 ``python -m segtrain`` runs the training inside ``claim(cfg, hydra_cfg)`` (rank 0; the other
 ranks share rank 0's folder). Before anything is written into the folder:
 
-- a folder that already holds a run (``.hydra/config.yaml``) is only continued with the same
-  settings: a start whose composed config differs (a crop, a model) is refused with one line
-  naming the differing keys, and the folder stays byte-identical. Keys that do not change
+- a folder that already holds a run (``.hydra/config.yaml`` and a checkpoint or
+  ``metrics.json``) is only continued with the same settings: a start whose composed
+  config differs (a crop, a model) is refused with one line naming the differing keys,
+  and the folder stays byte-identical. Keys that do not change
   what is trained (``RESTART_KEYS``: where and how the process runs) may differ.
 - the folder is locked for the life of the process (``.lock``: an ``fcntl`` lock, with the
   holder's PID and host in the file): a second start is refused with one line naming them.
   The kernel drops the lock when the process ends, however it ends, so the file a killed
   process leaves behind does not block the next start; a clean exit removes it.
-- a new folder gets ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, written
+- a new folder (or one whose start stopped before training wrote anything) gets
+  ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, written
   here instead of by Hydra (``hydra.output_subdir: null`` in conf/config.yaml), because
   Hydra writes them when the job starts, before any check could run.
 """
@@ -67,10 +69,16 @@ def _show(leaves: dict[str, Any], key: str) -> str:
     return repr(leaves[key]) if key in leaves else "(absent)"
 
 
+def holds_run(folder: Path) -> bool:
+    """Whether training wrote results into ``folder`` (a checkpoint or metrics.json); a
+    folder with only ``.hydra/`` is a start that stopped before its first step."""
+    return (folder / "metrics.json").is_file() or any((folder / "checkpoints").glob("*.pt"))
+
+
 def check_settings(folder: Path, cfg: DictConfig) -> None:
     """Refuse ``cfg`` in a folder whose saved run has other settings."""
     saved_file = folder / SAVED / "config.yaml"
-    if not saved_file.is_file():
+    if not saved_file.is_file() or not holds_run(folder):
         return
     saved = OmegaConf.load(saved_file)
     keys = changed_keys(saved, cfg)
@@ -155,7 +163,7 @@ def claim(cfg: DictConfig, hydra_cfg: DictConfig, is_main: bool = True) -> Itera
     lock.acquire()
     try:
         check_settings(folder, cfg)  # a start that won the race to an empty folder
-        if not (folder / SAVED / "config.yaml").is_file():
+        if not ((folder / SAVED / "config.yaml").is_file() and holds_run(folder)):
             save_hydra_files(folder, cfg, hydra_cfg)
         yield folder
     finally:

@@ -105,9 +105,14 @@ def hydra_folder_root(run: str) -> str:
     Hydra creates its output folder before main() runs, so a mistyped ``run=`` (or a folder
     that is not a run) would get an ``eval/`` or ``predict/`` tree. Such a ``run`` gets a
     private scratch folder instead, and main() then stops with the ``RunError`` message
-    (raising here would bury it under a traceback of Hydra's interpolation machinery).
+    (raising here would bury it under a traceback of Hydra's interpolation machinery). A
+    checkpoint file (predict takes one) gets its run folder, else its own folder.
     """
-    return str(run) if is_run_folder(Path(str(run)).expanduser()) else _scratch_folder()
+    path = Path(str(run)).expanduser()
+    if path.is_file() and path.suffix == ".pt":  # the API's and predict's lone checkpoint
+        folder = path.parent.parent
+        return str(folder if is_run_folder(folder) else path.parent)
+    return str(run) if is_run_folder(path) else _scratch_folder()
 
 
 OmegaConf.register_new_resolver("segtrain.run", hydra_folder_root, replace=True)
