@@ -159,6 +159,7 @@ def claim(cfg: DictConfig, hydra_cfg: DictConfig, is_main: bool = True) -> Itera
         yield folder
         return
     check_settings(folder, cfg)
+    folder.mkdir(parents=True, exist_ok=True)  # Hydra made it, unless called without Hydra
     lock = RunLock(folder)
     lock.acquire()
     try:
