@@ -205,12 +205,13 @@ def _with_dataset(run_cfg: DictConfig, dataset: Mapping | None) -> DictConfig:
     return cfg
 
 
-def check_schema(cfg: DictConfig) -> None:
-    """The schema of the sections a saved run is opened with (``eval``, ``dataset``); the
-    training-only sections of an older run are left as they were saved."""
-    if cfg.get("eval") is not None:
+def check_schema(cfg: DictConfig, eval: bool = True, dataset: bool = False) -> None:
+    """The schema of the sections the command sets over a saved run (``eval``, ``dataset``);
+    what an older run saved and the command leaves alone is taken as it was trained."""
+    if eval:
         config_schema.check(cfg.eval, config_schema.EvalSchema, "eval.")
-    config_schema.check(cfg.dataset, config_schema.DatasetSchema, "dataset.")
+    if dataset:
+        config_schema.check(cfg.dataset, config_schema.DatasetSchema, "dataset.")
 
 
 def open_run(run: str | Path, checkpoint: str = "best", *, eval: Mapping | None = None,
@@ -240,9 +241,10 @@ def open_run(run: str | Path, checkpoint: str = "best", *, eval: Mapping | None 
         run_dir = run_folder(path)
         source = checkpoint_path(run_dir, str(checkpoint))
     state = checkpoints.load(source, map_location="cpu")
-    cfg = _with_dataset(_with_eval(saved_config(run_dir, state, source), eval, eval_keys),
-                        dataset)
-    check_schema(cfg)
+    saved = saved_config(run_dir, state, source)
+    with_eval = _with_eval(saved, eval, eval_keys)
+    cfg = _with_dataset(with_eval, dataset)
+    check_schema(cfg, eval=eval is not None, dataset=cfg is not with_eval)
     log.info("checkpoint %s (iteration %s)", source, state.get("iteration", "?"))
     return Run(run_dir, source, state, cfg)
 
