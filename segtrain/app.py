@@ -21,7 +21,7 @@ from segtrain.core.precision import resolve_precision
 from segtrain.core.rng import seed_everything, stream_seed
 from segtrain.data.loader import eval_loader, train_loader
 from segtrain.data.transforms import compose
-from segtrain.engine.batch import per_rank_batch
+from segtrain.engine.batch import Batch, resolve_batch
 from segtrain.engine.callbacks.checkpoints import Checkpoints, best_evaluation
 from segtrain.engine.callbacks.evaluation import PeriodicEvaluation
 from segtrain.engine.callbacks.preemption import Preemption
@@ -179,6 +179,12 @@ def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimize
     return instantiate(cfg.optim)(param_groups)
 
 
+def train_batch(cfg: DictConfig, world_size: int) -> Batch:
+    """The batch of one optimizer step on ``world_size`` ranks (``segtrain.engine.batch``)."""
+    t = cfg.trainer
+    return resolve_batch(t.batch_size, t.global_batch_size, int(t.iter_size), world_size)
+
+
 def build_inference(cfg: DictConfig) -> Inference:
     """``cfg.eval``: predictor, optional dense CRF, ``eval.precision`` and
     ``eval.output_stride`` (null: as trained); the one test-time path of the evaluator,
@@ -240,6 +246,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     dist = distributed.init()
     seed_everything(cfg.seed + dist.rank, cfg.trainer.deterministic)
     device = pick_device(cfg.trainer.device, dist.local_rank)
+    batch = train_batch(cfg, dist.world_size)  # a batch that cannot be: refused before the data
 
     train_set, val_set = build_train_set(cfg), build_val_set(cfg)
     log.info("data: %s train %d / val %d images, %d classes", cfg.dataset.name,
@@ -270,14 +277,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     evaluator.check_model(model)  # eval.output_stride: refused now, not at the first eval
 
     t = cfg.trainer
-    batch_size = t.batch_size
-    if t.global_batch_size is not None:
-        batch_size = per_rank_batch(int(t.global_batch_size), dist.world_size, t.iter_size)
-    effective = batch_size * t.iter_size * dist.world_size
-    log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)%s",
-             effective, batch_size, t.iter_size, dist.world_size,
-             "" if t.global_batch_size is None else
-             f" (trainer.global_batch_size={t.global_batch_size}; trainer.batch_size unused)")
+    batch_size, effective = batch.per_rank, batch.images_per_step
+    log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)",
+             effective, batch_size, t.iter_size, dist.world_size)
     # what a resumed run must share with the checkpoint, or its poly curve bends
     schedule = {"trainer.max_iters": int(t.max_iters),
                 "lr": OmegaConf.to_container(cfg.lr, resolve=True),

@@ -44,11 +44,14 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
     node = OmegaConf.to_container(cfg.model, resolve=True)
     msc = node.pop("msc", None) or {}
     source = node.pop("init_from", None)
+    bn_momentum = node.pop("bn_momentum", None)
     node.pop("param_mults", None)  # the optimizer's (param_mults below), not the network's
     model = instantiate(node, **overrides)
     if not isinstance(model, SegmentationModel):
         raise ConfigError(f"model._target_={node['_target_']} is not a "
                           f"segtrain.models.base.SegmentationModel (the model contract)")
+    if bn_momentum is not None:
+        set_bn_momentum(model, float(bn_momentum))
     if initialise and source not in (None, ""):
         init_from(model, source)
     scales = msc.get("train_scales")
@@ -57,3 +60,13 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
 
         model = MultiScaleInputs(model, list(scales))
     return model
+
+
+def set_bn_momentum(model: torch.nn.Module, momentum: float) -> None:
+    """``model.bn_momentum``: the running-statistics momentum of every BatchNorm layer."""
+    if not 0.0 < momentum <= 1.0:
+        raise ConfigError(f"model.bn_momentum={momentum}: expected a value in (0, 1] "
+                          f"(PyTorch's convention: 1 - TensorFlow's decay)")
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
