@@ -17,10 +17,13 @@ option chosen here replaces the run's, and ``dataset.*`` keys given here are mer
 run's (the data moved, another split). Prints the per-class table and writes
 ``<run>/eval_<name>.json`` (scores, confusion matrix, the eval config and the command's
 ``eval.*`` overrides) and ``<run>/eval_<name>_samples.png`` (image | ground truth |
-prediction). ``<name>`` is ``name=`` if given, else the eval option's name with ``_os<N>``
-when ``eval.output_stride`` is set, so OS 16 and OS 8 results of one option do not overwrite
-each other (``name=msc_crf_searched`` for a CRF with other values). The file names the
-checkpoint it scored: ``eval_<name>`` is the run's ``best.pt``; another of the run's
+prediction); with ``eval.save_per_image=true`` also ``<run>/eval_<name>_per_image.npz``
+(``segtrain.eval.per_image``, what scripts/compare_runs.py reads); with
+``eval.dump_worst=N`` the N images of lowest per-image mIoU as panels in
+``<run>/eval_<name>_worst/``. ``<name>`` is ``name=`` if given, else the eval option's name
+with ``_os<N>`` when ``eval.output_stride`` is set, so OS 16 and OS 8 results of one option
+do not overwrite each other (``name=msc_crf_searched`` for a CRF with other values). The
+file names the checkpoint it scored: ``eval_<name>`` is the run's ``best.pt``; another of the run's
 checkpoints adds its stem (``eval_whole_last.json``), a checkpoint from elsewhere its stem
 and a hash of its path, so it never replaces the run's own results. Hydra's own log of
 this call goes to ``<run>/eval/<time>_<eval>/``, so evaluation leaves ``outputs/`` alone.
@@ -49,9 +52,10 @@ from segtrain.cli import user_errors
 from segtrain.core import distributed
 from segtrain.core.json_files import write_json
 from segtrain.errors import ConfigError
+from segtrain.eval import per_image
 from segtrain.eval.metrics import SUMMARY_METRICS, format_table
 from segtrain.runs import RunError
-from segtrain.viz import comparison_strip
+from segtrain.viz import comparison_strip, write_worst
 
 __all__ = ["RunError", "evaluate", "eval_overrides", "output_name", "result_file"]
 
@@ -152,8 +156,14 @@ def evaluate(cfg: DictConfig, eval_name: str,
     stem = result_file(run, name)
     out = run_dir / f"{stem}.json"
     write_json(result, out)
+    if evaluator.per_image is not None:
+        per_image.save(evaluator.per_image, list(val_set.class_names),
+                       run_dir / f"{stem}_per_image.npz")
+    palette = palette_of(val_set, run_cfg.dataset.num_classes)
+    if evaluator.worst:
+        write_worst(evaluator.worst, run_dir / f"{stem}_worst", palette,
+                    run_cfg.dataset.ignore_index)
     if evaluator.samples:
-        palette = palette_of(val_set, run_cfg.dataset.num_classes)
         strip = comparison_strip(evaluator.samples, palette, run_cfg.dataset.ignore_index)
         Image.fromarray(np.ascontiguousarray(strip)).save(run_dir / f"{stem}_samples.png")
     log.info("eval=%s: %s -> %s", result["name"],
