@@ -59,7 +59,7 @@ def test_the_schema_refuses_a_decay_outside_0_1():
 
 
 EMA_RUN = ["dataset.image_size=32", "dataset.train.num_samples=8", "dataset.val.num_samples=2",
-           "trainer.max_iters=4", "trainer.batch_size=2", "trainer.num_workers=0",
+           "trainer.max_iters=4", "trainer.global_batch_size=2", "trainer.num_workers=0",
            "trainer.eval_interval=2", "trainer.log_interval=2",
            "trainer.checkpoint_interval=2", "trainer.device=cpu", "trainer.resume=null",
            "trainer.ema.decay=0.5", "model.dropout=0.5"]
