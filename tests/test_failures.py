@@ -94,7 +94,8 @@ def test_an_old_checkpoint_gets_a_clear_message_and_can_be_upgraded(tiny_cfg, tm
     del state["schedule"]  # nor did it record the schedule: a longer run resumes from it
     torch.save(state, path)
     with pytest.raises(checkpoint.CheckpointError,
-                       match=r"refused.*numpy.*scripts/upgrade_checkpoint.py .*last.pt"):
+                       match=r"refused.*asks for numpy.*without running anything.*"
+                             r"scripts/upgrade_checkpoint.py .*last.pt"):
         checkpoint.load(path)
     proc = subprocess.run([sys.executable, "scripts/upgrade_checkpoint.py", str(path)],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
@@ -109,6 +110,41 @@ def test_an_old_checkpoint_gets_a_clear_message_and_can_be_upgraded(tiny_cfg, tm
     train(tiny_cfg("trainer.max_iters=3", "trainer.eval_interval=3", "trainer.resume=auto"),
           tmp_path / "run")
     assert checkpoint.load(path)["iteration"] == 3
+
+
+class _ShellPayload:
+    """Unpickling this runs ``os.system("touch marker")`` (the global ``posix.system``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_the_upgrader_never_runs_a_pickled_callable(tmp_path):
+    marker, path = tmp_path / "code_ran", tmp_path / "evil.pt"
+    torch.save({"model": {}, "iteration": 1, "rng": {"numpy": np.random.get_state()},
+                "payload": _ShellPayload(marker)}, path)
+    original = path.read_bytes()
+    # the loader refuses it and does not send the user to the upgrader for it
+    with pytest.raises(checkpoint.CheckpointError, match=r"asks for posix.system") as info:
+        checkpoint.load(path)
+    assert "python scripts/upgrade_checkpoint.py" not in str(info.value)
+    proc = subprocess.run([sys.executable, "scripts/upgrade_checkpoint.py", str(path)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "posix.system" in lines[0]
+    assert not marker.exists()
+    assert path.read_bytes() == original and not path.with_name("evil.pt.old").exists()
+    # an object of any other class is refused the same way, before it is built
+    other = tmp_path / "other.pt"
+    torch.save({"model": {}, "payload": _Payload(marker)}, other)
+    proc = subprocess.run([sys.executable, "scripts/upgrade_checkpoint.py", str(other)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "asks for io.open" in proc.stderr, proc.stderr
+    assert not marker.exists()
 
 
 def test_stale_temporary_checkpoints_are_removed_at_start_and_never_accumulate(tiny_cfg,
