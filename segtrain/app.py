@@ -27,7 +27,7 @@ from segtrain.engine.callbacks.preemption import Preemption
 from segtrain.engine.callbacks.run_log import RunLog
 from segtrain.engine.precision import resolve_precision
 from segtrain.engine.rng import seed_everything, stream_seed
-from segtrain.engine.trainer import Trainer
+from segtrain.engine.trainer import FINISHED, Trainer
 from segtrain.errors import ConfigError, UserError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.inference import Inference
@@ -279,7 +279,9 @@ def resume_source(resume: str | None, run_dir: Path) -> str | Path | None:
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Build everything from ``cfg`` and train; returns the final validation scores."""
+    """Build everything from ``cfg`` and train; returns the last validation scores with
+    ``status`` (``Trainer.fit``'s: finished or stopped), ``finished`` and ``stop_signal``
+    (the signal that stopped it, or None)."""
     config_schema.check(cfg)  # a wrong type or range: one line naming the key, nothing built
     run_dir = Path(run_dir)
     dist = distributed.init()
@@ -348,9 +350,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if source is not None:
         trainer.load_state_dict(checkpoint.load(source), checkpoint.resolve(source))
         log.info("resumed from %s at iteration %d", checkpoint.resolve(source), trainer.iteration)
-    metrics = trainer.fit()
+    status = trainer.fit()
+    metrics = {**trainer.scores, "status": status, "finished": status == FINISHED,
+               "stop_signal": trainer.stop.signal}
     best = best_evaluation(evaluation.history)
-    if dist.is_main and "miou" in metrics and best is not None:
+    if dist.is_main and status == FINISHED and "miou" in metrics and best is not None:
         log.info("final: mIoU %.4f  pixel acc %.4f  (best mIoU %.4f)  run folder %s",
                  metrics["miou"], metrics["pixel_acc"], best["miou"], run_dir)
     distributed.cleanup()

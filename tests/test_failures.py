@@ -24,7 +24,7 @@ from segtrain.app import build_model, train
 from segtrain.data import synthetic
 from segtrain.data.base import DatasetError
 from segtrain.engine import checkpoint
-from segtrain.engine.trainer import Trainer, TrainingInterrupted, set_rng_state
+from segtrain.engine.trainer import Trainer, set_rng_state
 from tests.conftest import REPO, TINY, compose_config
 from tests.dataset_miniatures import make_camvid
 
@@ -284,16 +284,22 @@ def test_a_stopped_run_is_marked_unfinished_and_reports_no_score(tiny_cfg, tmp_p
         return real_step(self, batches)
 
     monkeypatch.setattr(Trainer, "_step", step)
-    with pytest.raises(TrainingInterrupted, match="at iteration 5"):
-        train(tiny_cfg(), tmp_path)
+    result = train(tiny_cfg(), tmp_path)
+    assert result["status"] == "stopped" and result["finished"] is False
+    assert result["stop_signal"] == signal.SIGUSR2
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["iteration"] == 3  # the scores of the evaluation at iteration 3 ...
-    assert saved["finished"] is False and saved["status"] == "interrupted"  # ... not final
+    assert saved["finished"] is False and saved["status"] == "stopped"  # ... not final
     assert saved["stopped_at"] == 5
     assert checkpoint.load(tmp_path)["iteration"] == 5
     # what the Hydra job returns to a sweep: a score only for a finished run
-    monkeypatch.setattr(entry, "train", lambda cfg, out: {"miou": 0.5, "finished": False})
     monkeypatch.setattr(entry, "HydraConfig", _FakeHydraConfig)
+    monkeypatch.setattr(entry, "train", lambda cfg, out: result)
+    monkeypatch.delenv("SUBMITIT_FOLDER", raising=False)
+    with pytest.raises(SystemExit) as exit_:  # 128 + the signal, as a shell reports it
+        entry.main.__wrapped__(tiny_cfg())
+    assert exit_.value.code == 128 + signal.SIGUSR2
+    monkeypatch.setattr(entry, "train", lambda cfg, out: {"miou": 0.5, "finished": False})
     assert entry.main.__wrapped__(tiny_cfg()) is None
     monkeypatch.setattr(entry, "train", lambda cfg, out: {"miou": 0.5, "finished": True})
     assert entry.main.__wrapped__(tiny_cfg()) == 0.5

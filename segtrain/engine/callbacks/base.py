@@ -5,9 +5,9 @@ rank, callback by callback in the order of its list, at these points:
     on_log(terms, rate)                   every log_interval steps (and at the last)
     on_step_end                           after every optimizer step (and its on_log)
     on_evaluation(evaluation)             when a callback hands the trainer an Evaluation
-    on_exception(error)                   when the loop raised (not a non-finite loss,
+    on_exception(error) -> line | None    when the loop raised (not a non-finite loss,
                                           whose check keeps the last good state itself)
-    on_fit_end(status)                    once: "finished", "interrupted" or "failed"
+    on_fit_end(status)                    once: "finished", "stopped" or "failed"
 
 A hook that writes a file does it on rank 0 only (``trainer.dist.is_main``); a hook that
 calls a collective (``trainer.checkpoint``, ``trainer.check_finite``, an evaluation) does it
@@ -53,9 +53,11 @@ class Callback:
     def on_evaluation(self, trainer: Trainer, evaluation: Evaluation) -> None:
         pass
 
-    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+    def on_exception(self, trainer: Trainer, error: BaseException) -> str | None:
         """Called on each rank that raised, without collectives (another rank may be gone);
-        the error is raised after; a callback may add a line to a ``UserError``'s message."""
+        the error is raised after. A returned line is added to a ``UserError``'s message
+        (by the trainer). Not called for a KeyboardInterrupt (a second Ctrl-C ends at once)."""
+        return None
 
     def on_fit_end(self, trainer: Trainer, status: str) -> None:
         pass
