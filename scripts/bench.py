@@ -70,11 +70,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from segtrain import app
+from segtrain.core.distributed import DistInfo
+from segtrain.core.precision import autocast_dtype
 from segtrain.data.loader import train_loader
 from segtrain.engine.callbacks.checkpoints import Checkpoints
 from segtrain.engine.callbacks.run_log import RunLog
-from segtrain.engine.distributed import DistInfo
-from segtrain.engine.precision import autocast_dtype
 from segtrain.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@
 Older checkpoints stored the Python and NumPy RNG states as a Python tuple and a NumPy array,
 which ``torch.load(weights_only=True)`` refuses. This script reads the file with torch's
 restricted (weights-only) unpickler, allowing in addition only the NumPy globals such an RNG
-state needs (``segtrain.engine.checkpoint.LEGACY_GLOBALS``): it never calls anything else a
+state needs (``segtrain.core.checkpoint.LEGACY_GLOBALS``): it never calls anything else a
 pickle names, and refuses any other file with one line naming the global it asked for. It
 rewrites the file in place (the old one is kept as ``<name>.old``) with the RNG states as
 tensors and plain types.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from numpy._core import multiarray
 
-from segtrain.engine import checkpoint
+from segtrain.core import checkpoint
 
 # each name of checkpoint.LEGACY_GLOBALS with the object it stands for
 _OBJECTS = {"numpy._core.multiarray._reconstruct": multiarray._reconstruct,
@@ -33,7 +33,7 @@ _OBJECTS = {"numpy._core.multiarray._reconstruct": multiarray._reconstruct,
 
 
 def plain_rng(rng: dict) -> dict:
-    """The RNG states of an old checkpoint in the format of ``segtrain.engine.rng.rng_state``."""
+    """The RNG states of an old checkpoint in the format of ``segtrain.core.rng.rng_state``."""
     out = dict(rng)
     python = rng.get("python")
     if isinstance(python, tuple):

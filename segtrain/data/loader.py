@@ -121,4 +121,5 @@ def eval_loader(dataset: Dataset, num_workers: int, rank: int = 0,
     indices = list(range(rank, len(dataset), world_size))
     subset = torch.utils.data.Subset(dataset, indices)
     return DataLoader(subset, batch_size=1, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate, worker_init_fn=ignore_ctrl_c, generator=torch.Generator().manual_seed(0))
+                      collate_fn=collate, worker_init_fn=ignore_ctrl_c,
+                      generator=torch.Generator().manual_seed(0))

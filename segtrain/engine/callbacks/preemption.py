@@ -15,8 +15,8 @@ from segtrain.engine.callbacks.base import Callback
 if TYPE_CHECKING:
     from segtrain.engine.trainer import Trainer
 
-# SIGINT: Ctrl-C; SIGTERM: kill / SLURM preemption; SIGUSR1, SIGUSR2: SLURM's warning before the time limit
-# (submitit asks for USR2 and requeues the job from its own handler).
+# SIGINT: Ctrl-C; SIGTERM: kill / SLURM preemption; SIGUSR1, SIGUSR2: SLURM's warning before
+# the time limit (submitit asks for USR2 and requeues the job from its own handler).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
