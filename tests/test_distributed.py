@@ -206,7 +206,8 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     stopped = int(log.split("saved checkpoints/last.pt at iteration ")[1].split(";")[0])
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == stopped
     assert stopped < 40
-    assert "stopped by signal 10" in out and "stopped by a stop signal on another rank" in out
+    assert "signal 10 received (SIGUSR1): saved" in out  # rank 1 says why it stopped
+    assert "another rank received a stop signal: saved" in out  # and rank 0
 
 
 # -- ranks started by hand (as torchrun does, but each with its own start time and output) --

@@ -11,10 +11,12 @@ with ``torch.load(weights_only=True)``: a file whose pickle would build any othe
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -72,20 +74,43 @@ def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...] = NAMES)
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # one writer per file: any temporary of this name is left over from a killed write
-    remove_stale_temporaries(path.parent, (path.name,))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # one writer per file: any temporary of this name is left over from a killed write
+        remove_stale_temporaries(path.parent, (path.name,))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        # torch's writer reports a full disk as a RuntimeError without an errno
+        # ("[enforce fail at inline_container.cc:...] unexpected pos ...")
+        if not isinstance(err, OSError) and not (isinstance(err, RuntimeError) and any(
+                mark in str(err) for mark in ("inline_container", "PytorchStreamWriter"))):
+            raise
+        kept = f"the previous {path.name} is kept" if path.is_file() else \
+            f"no earlier {path.name} exists"
+        reason = f"{err.strerror} ({errno.errorcode.get(err.errno, err.errno)})" \
+            if isinstance(err, OSError) and err.strerror else \
+            f"torch's writer failed ({str(err).strip().splitlines()[0]}), " \
+            f"{_free_space(path.parent)}"
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason}; {kept}. Free "
+                              f"disk space or make the run folder writable, then resume with "
+                              f"trainer.resume={path.parent.parent}") from None
     return path
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**20:.0f} MiB free on its disk"
 
 
 def resolve(source: str | Path) -> Path:

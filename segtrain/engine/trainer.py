@@ -69,7 +69,7 @@ class StopState:
     @property
     def cause(self) -> str:
         if self.signal is None:
-            return "a stop signal on another rank"
+            return "another rank received a stop signal"
         return f"signal {self.signal} received ({signal.Signals(self.signal).name})"
 
     def text(self, iteration: int, run_dir: Path) -> str:
@@ -314,7 +314,7 @@ class Trainer:
                 self.stop.now = self.stop.requested
             if self.stop.now:
                 self.checkpoint()
-                if self.dist.is_main:
+                if self.dist.is_main or self.stop.requested:  # and the rank signalled
                     log.warning("%s", self.stop.text(self.iteration, self.run_dir))
                 return
 

@@ -71,7 +71,8 @@ class Checkpoints(Callback):
                 note = f"saved {last} at iteration {trainer.iteration} (the last completed " \
                        f"step): resume with trainer.resume={trainer.run_dir}"
             except Exception as save_err:  # noqa: BLE001 - report the first error
-                note = f"could not save last.pt ({save_err})"
+                log.error("could not save last.pt either: %s", save_err)
+                return None
         if trainer.dist.is_main:
             log.error("training stopped by %s at iteration %d; %s", type(error).__name__,
                       trainer.iteration, note)
