@@ -125,8 +125,9 @@ class SyntheticShapes(SegmentationDataset):
 
     def __init__(self, split: str, num_samples: int, image_size: int, max_shapes: int = 3,
                  seed: int = 0, transforms: Callable[..., dict] | None = None,
-                 ignore_index: int = IGNORE_INDEX) -> None:
-        super().__init__(transforms, ignore_index)
+                 ignore_index: int = IGNORE_INDEX, keep_rgb: bool = False,
+                 keep_rows: bool = False) -> None:
+        super().__init__(transforms, ignore_index, keep_rgb, keep_rows)
         if split not in _SPLIT_OFFSET:
             raise ValueError(f"synthetic split must be one of {sorted(_SPLIT_OFFSET)}, "
                              f"got {split!r}")
