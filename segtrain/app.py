@@ -22,7 +22,7 @@ from segtrain.core.precision import resolve_precision
 from segtrain.core.rng import seed_everything, stream_seed
 from segtrain.data.loader import eval_loader, train_loader
 from segtrain.data.transforms import compose
-from segtrain.engine.batch import per_rank_batch
+from segtrain.engine.batch import Batch, resolve_batch
 from segtrain.engine.callbacks.checkpoints import Checkpoints, best_evaluation
 from segtrain.engine.callbacks.evaluation import PeriodicEvaluation
 from segtrain.engine.callbacks.preemption import Preemption
@@ -116,11 +116,14 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
     node = OmegaConf.to_container(cfg.model, resolve=True)
     msc = node.pop("msc", None) or {}
     source = node.pop("init_from", None)
+    bn_momentum = node.pop("bn_momentum", None)
     node.pop("param_mults", None)  # the optimizer's (param_mults below), not the network's
     model = instantiate(node, **overrides)
     if not isinstance(model, SegmentationModel):
         raise ConfigError(f"model._target_={node['_target_']} is not a "
                           f"segtrain.models.base.SegmentationModel (the model contract)")
+    if bn_momentum is not None:
+        set_bn_momentum(model, float(bn_momentum))
     if initialise and source not in (None, ""):
         init_from(model, source)
     scales = msc.get("train_scales")
@@ -129,6 +132,16 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
 
         model = MultiScaleInputs(model, list(scales))
     return model
+
+
+def set_bn_momentum(model: torch.nn.Module, momentum: float) -> None:
+    """``model.bn_momentum``: the running-statistics momentum of every BatchNorm layer."""
+    if not 0.0 < momentum <= 1.0:
+        raise ConfigError(f"model.bn_momentum={momentum}: expected a value in (0, 1] "
+                          f"(PyTorch's convention: 1 - TensorFlow's decay)")
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
 
 
 def _model_class(path: Path) -> type:
@@ -223,6 +236,12 @@ def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimize
     return instantiate(cfg.optim)(param_groups)
 
 
+def train_batch(cfg: DictConfig, world_size: int) -> Batch:
+    """The batch of one optimizer step on ``world_size`` ranks (``segtrain.engine.batch``)."""
+    t = cfg.trainer
+    return resolve_batch(t.batch_size, t.global_batch_size, int(t.iter_size), world_size)
+
+
 def build_inference(cfg: DictConfig) -> Inference:
     """``cfg.eval``: predictor, optional dense CRF, ``eval.precision`` and
     ``eval.output_stride`` (null: as trained); the one test-time path of the evaluator,
@@ -300,6 +319,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     dist = distributed.init()
     seed_everything(cfg.seed + dist.rank, cfg.trainer.deterministic)
     device = pick_device(cfg.trainer.device, dist.local_rank)
+    batch = train_batch(cfg, dist.world_size)  # a batch that cannot be: refused before the data
 
     train_set, val_set = build_train_set(cfg), build_val_set(cfg)
     check_batch_fits(cfg, len(train_set), dist.world_size)  # before any batch is allocated
@@ -331,14 +351,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     evaluator.check_model(model)  # eval.output_stride: refused now, not at the first eval
 
     t = cfg.trainer
-    batch_size = t.batch_size
-    if t.global_batch_size is not None:
-        batch_size = per_rank_batch(int(t.global_batch_size), dist.world_size, t.iter_size)
-    effective = batch_size * t.iter_size * dist.world_size
-    log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)%s",
-             effective, batch_size, t.iter_size, dist.world_size,
-             "" if t.global_batch_size is None else
-             f" (trainer.global_batch_size={t.global_batch_size}; trainer.batch_size unused)")
+    batch_size, effective = batch.per_rank, batch.images_per_step
+    log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)",
+             effective, batch_size, t.iter_size, dist.world_size)
     # what a resumed run must share with the checkpoint, or its poly curve bends
     schedule = {"trainer.max_iters": int(t.max_iters),
                 "lr": OmegaConf.to_container(cfg.lr, resolve=True),

@@ -65,7 +65,7 @@ OmegaConf.register_new_resolver("segtrain.required", lambda: UNSET, replace=True
 @dataclass
 class TrainerSchema:
     max_iters: int = spec(1)
-    batch_size: int = spec(1)
+    batch_size: int | None = spec(1)
     global_batch_size: int | None = spec(1)
     iter_size: int = spec(1)
     num_workers: int = spec(0)
