@@ -284,20 +284,18 @@ def palette_of(dataset, num_classes: int):
         default_palette(num_classes)
 
 
-def check_batch_fits(cfg: DictConfig, train_images: int, world_size: int) -> None:
+def check_batch_fits(cfg: DictConfig, batch: Batch, train_images: int) -> None:
     """Refuse a per-rank batch that one rank's share of the training split cannot fill
     (the loader drops incomplete batches: it would never yield one)."""
-    t = cfg.trainer
-    batch = per_rank_batch(int(t.global_batch_size), world_size, t.iter_size) \
-        if t.global_batch_size is not None else int(t.batch_size)
-    share = train_images // world_size
-    if batch > share:
-        key = "trainer.global_batch_size" if t.global_batch_size is not None else \
-            "trainer.batch_size"
-        value = batch if t.global_batch_size is None else t.global_batch_size
-        raise ConfigError(f"{key}={value}: {batch} images per rank and micro-batch, but "
-                          f"the training split has {train_images} images ({share} per rank "
-                          f"on {world_size} rank(s)); lower {key}")
+    share = train_images // batch.world_size
+    if batch.per_rank > share:
+        t = cfg.trainer
+        key = "trainer.batch_size" if t.global_batch_size is None else \
+            "trainer.global_batch_size"
+        raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: {batch.per_rank} images per "
+                          f"rank and micro-batch, but the training split has {train_images} "
+                          f"images ({share} per rank on {batch.world_size} rank(s)); lower "
+                          f"{key}")
 
 
 def resume_source(resume: str | None, run_dir: Path) -> str | Path | None:
@@ -322,7 +320,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     batch = train_batch(cfg, dist.world_size)  # a batch that cannot be: refused before the data
 
     train_set, val_set = build_train_set(cfg), build_val_set(cfg)
-    check_batch_fits(cfg, len(train_set), dist.world_size)  # before any batch is allocated
+    check_batch_fits(cfg, batch, len(train_set))  # before any batch is allocated
     log.info("data: %s train %d / val %d images, %d classes", cfg.dataset.name,
              len(train_set), len(val_set), cfg.dataset.num_classes)
     # the model's initial weights depend on the seed only, not on the data set-up
