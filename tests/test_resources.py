@@ -95,9 +95,9 @@ def test_out_of_memory_in_a_step_names_the_batch_and_crop_and_keeps_the_last_ste
 
 def test_a_batch_larger_than_the_training_split_is_refused_before_anything_is_built(
         tiny_cfg, tmp_path):
-    with pytest.raises(ConfigError, match=r"trainer.batch_size=100000: .* the training split "
-                                          r"has 16 images"):
-        train(tiny_cfg("trainer.batch_size=100000"), tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer.global_batch_size=100000: .* the training "
+                                          r"split has 16 images"):
+        train(tiny_cfg("trainer.global_batch_size=100000"), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
 
