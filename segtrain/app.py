@@ -260,7 +260,9 @@ def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
     return Evaluator(eval_loader(val_set, cfg.trainer.num_workers, dist.rank, dist.world_size),
                      cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
                      build_inference(cfg), num_samples=cfg.eval.num_samples,
-                     show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"))
+                     show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"),
+                     per_image=bool(cfg.eval.get("save_per_image", False)),
+                     dump_worst=int(cfg.eval.get("dump_worst", 0)))
 
 
 def check_single_pyramid(train_scales, predictor) -> None:
@@ -296,6 +298,28 @@ def check_batch_fits(cfg: DictConfig, batch: Batch, train_images: int) -> None:
                           f"rank and micro-batch, but the training split has {train_images} "
                           f"images ({share} per rank on {batch.world_size} rank(s)); lower "
                           f"{key}")
+
+
+def tracker(cfg: DictConfig, class_names, palette) -> list:
+    """``logger.callback`` (``logger=mlflow``...), or none (``logger=tensorboard``: RunLog
+    writes TensorBoard for every run). A sweep's jobs share one experiment: the sweep
+    folder."""
+    node = (cfg.get("logger") or {}).get("callback")
+    if not node:
+        return []
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    experiment = node.get("experiment")
+    if experiment is None:
+        experiment = "segtrain"
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            experiment = str(Path(HydraConfig.get().sweep.dir).resolve())
+    # a partial: the config and palette are passed as they are, not merged into Hydra's node
+    build = instantiate(node, _partial_=True)
+    return [build(experiment=experiment, params=OmegaConf.to_container(cfg, resolve=True),
+                  class_names=list(class_names), palette=palette,
+                  ignore_index=cfg.dataset.ignore_index)]
 
 
 def resume_source(resume: str | None, run_dir: Path) -> str | Path | None:
@@ -362,17 +386,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                                 pin_memory=device.type == "cuda")
     evaluation = PeriodicEvaluation(evaluator, t.eval_interval)
     # in this order: last.pt after an evaluation holds it; the preemption exit comes last
+    palette = palette_of(val_set, cfg.dataset.num_classes)
     callbacks = [evaluation, Checkpoints(t.checkpoint_interval),
-                 RunLog(val_set.class_names, palette_of(val_set, cfg.dataset.num_classes),
-                        cfg.dataset.ignore_index),
-                 Preemption()]
+                 RunLog(val_set.class_names, palette, cfg.dataset.ignore_index),
+                 *tracker(cfg, val_set.class_names, palette), Preemption()]
     trainer = Trainer(
         model, loss_fn, optimizer, lr_factor, batches, run_dir, max_iters=t.max_iters,
         iter_size=t.iter_size, precision=t.precision, clip_grad_norm=t.clip_grad_norm,
         log_interval=t.log_interval, seed=cfg.seed, device=device, callbacks=callbacks,
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, compile=t.compile,
         channels_last=t.channels_last, schedule=schedule,
-        allow_schedule_change=bool(t.resume_allow_schedule_change))
+        allow_schedule_change=bool(t.resume_allow_schedule_change), ema_decay=t.ema.decay)
     source = resume_source(t.resume, run_dir)
     if source is not None:
         trainer.load_state_dict(checkpoint.load(source), checkpoint.resolve(source))
