@@ -294,6 +294,7 @@ def test_a_stopped_run_is_marked_unfinished_and_reports_no_score(tiny_cfg, tmp_p
     assert checkpoint.load(tmp_path)["iteration"] == 5
     # what the Hydra job returns to a sweep: a score only for a finished run
     monkeypatch.setattr(entry, "HydraConfig", _FakeHydraConfig)
+    monkeypatch.setattr(_FakeHydraConfig, "output_dir", str(tmp_path / "main"))
     monkeypatch.setattr(entry, "train", lambda cfg, out: result)
     monkeypatch.delenv("SUBMITIT_FOLDER", raising=False)
     with pytest.raises(SystemExit) as exit_:  # 128 + the signal, as a shell reports it
@@ -306,9 +307,12 @@ def test_a_stopped_run_is_marked_unfinished_and_reports_no_score(tiny_cfg, tmp_p
 
 
 class _FakeHydraConfig:
-    @staticmethod
-    def get():
-        return OmegaConf.create({"runtime": {"output_dir": "."}, "sweeper": {}})
+    output_dir = "."
+
+    @classmethod
+    def get(cls):
+        return OmegaConf.create({"runtime": {"output_dir": cls.output_dir}, "sweeper": {},
+                                 "overrides": {"task": []}})
 
 
 # -- preemption end to end through the submitit local launcher ---------------------------
