@@ -70,11 +70,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from segtrain import app
+from segtrain.core.distributed import DistInfo
+from segtrain.core.precision import autocast_dtype
 from segtrain.data.loader import train_loader
 from segtrain.engine.callbacks.checkpoints import Checkpoints
 from segtrain.engine.callbacks.run_log import RunLog
-from segtrain.engine.distributed import DistInfo
-from segtrain.engine.precision import autocast_dtype
 from segtrain.engine.trainer import Trainer
 from segtrain.flops import WHOLE_IMAGE_INPUT, peak_tflops, train_step_flops  # noqa: F401
 from segtrain.flops import train_input_size as paper_input

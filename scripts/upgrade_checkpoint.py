@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segtrain.engine import checkpoint
+from segtrain.core import checkpoint
 
 
 def plain_rng(rng: dict) -> dict:
-    """The RNG states of an old checkpoint in the format of ``segtrain.engine.rng.rng_state``."""
+    """The RNG states of an old checkpoint in the format of ``segtrain.core.rng.rng_state``."""
     out = dict(rng)
     python = rng.get("python")
     if isinstance(python, tuple):

@@ -37,9 +37,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from segtrain import app
+from segtrain.core import checkpoint as checkpoints
 from segtrain.data.base import read_image
 from segtrain.data.transforms import compose as compose_transforms
-from segtrain.engine import checkpoint as checkpoints
 from segtrain.errors import ConfigError, UserError
 from segtrain.eval.inference import Inference
 from segtrain.evaluate import RunError, build_model, checkpoint_path, run_config, run_folder

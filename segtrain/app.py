@@ -17,16 +17,16 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain import config_schema
+from segtrain.core import checkpoint, distributed
+from segtrain.core.precision import resolve_precision
+from segtrain.core.rng import seed_everything, stream_seed
 from segtrain.data.loader import eval_loader, train_loader
 from segtrain.data.transforms import compose
-from segtrain.engine import checkpoint, distributed
 from segtrain.engine.batch import per_rank_batch
 from segtrain.engine.callbacks.checkpoints import Checkpoints, best_evaluation
 from segtrain.engine.callbacks.evaluation import PeriodicEvaluation
 from segtrain.engine.callbacks.preemption import Preemption
 from segtrain.engine.callbacks.run_log import RunLog
-from segtrain.engine.precision import resolve_precision
-from segtrain.engine.rng import seed_everything, stream_seed
 from segtrain.engine.trainer import Trainer
 from segtrain.errors import ConfigError, UserError
 from segtrain.eval.evaluator import Evaluator

@@ -43,8 +43,8 @@ from torch import nn
 from segtrain import app
 from segtrain.app import build_evaluator, palette_of, pick_device
 from segtrain.cli import user_errors
-from segtrain.engine import checkpoint, distributed
-from segtrain.engine.json_files import write_json
+from segtrain.core import checkpoint, distributed
+from segtrain.core.json_files import write_json
 from segtrain.errors import UserError
 from segtrain.eval.metrics import format_table
 from segtrain.viz import comparison_strip

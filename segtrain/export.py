@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from segtrain.cli import user_errors
-from segtrain.engine.json_files import write_json
+from segtrain.core.json_files import write_json
 from segtrain.errors import ConfigError, UserError
 from segtrain.evaluate import build_model, load_run
 

@@ -19,8 +19,8 @@ from PIL import Image
 
 from segtrain import app, load_run
 from segtrain.api import InputError, Segmenter, eval_config
+from segtrain.core.checkpoint import save_atomic
 from segtrain.data.loader import eval_loader
-from segtrain.engine.checkpoint import save_atomic
 from segtrain.errors import ConfigError
 from segtrain.eval.crf import DenseCRF
 from segtrain.eval.evaluator import Evaluator

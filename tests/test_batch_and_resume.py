@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from segtrain.app import train
-from segtrain.engine import checkpoint
+from segtrain.core import checkpoint
 from segtrain.engine.batch import per_rank_batch
 from segtrain.engine.schedules import poly
 from segtrain.engine.trainer import ScheduleChanged, Trainer

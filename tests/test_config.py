@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from segtrain import app
 from segtrain.app import build_model, build_optimizer
-from segtrain.engine.precision import resolve_precision
+from segtrain.core.precision import resolve_precision
 from tests.conftest import CONF_DIR, REPO, compose_config
 
 

@@ -19,9 +19,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from segtrain import app
+from segtrain.core.distributed import DistInfo
 from segtrain.data.base import DatasetError, read_image
 from segtrain.data.camvid import PALETTE
-from segtrain.engine.distributed import DistInfo
 from segtrain.errors import ConfigError
 from segtrain.eval.crf import DenseCRF
 from segtrain.evaluate import evaluate

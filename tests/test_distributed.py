@@ -20,8 +20,7 @@ import torch
 from hydra.utils import instantiate
 
 from segtrain.app import build_model
-from segtrain.data.loader import train_loader
-from segtrain.engine.distributed import (
+from segtrain.core.distributed import (
     DistInfo,
     env_info,
     expand_nodelist,
@@ -29,6 +28,7 @@ from segtrain.engine.distributed import (
     master_port,
     slurm_tasks_on_node,
 )
+from segtrain.data.loader import train_loader
 from segtrain.engine.trainer import Trainer, TrainingInterrupted
 from segtrain.eval.crf import default_workers
 from segtrain.eval.evaluator import crf_pool

@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from segtrain.app import build_model
+from segtrain.core.checkpoint import CheckpointError
 from segtrain.data.base import DatasetError
 from segtrain.data.synthetic import PALETTE, render
-from segtrain.engine.checkpoint import CheckpointError
 from segtrain.evaluate import RunError, evaluate
 from segtrain.predict import PredictError, predict
 from tests.conftest import CONF_DIR, REPO, TINY, slurm_sbatch_script

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from segtrain import app
-from segtrain.engine.distributed import DistInfo
+from segtrain.core.distributed import DistInfo
 from segtrain.errors import ConfigError
 from segtrain.eval.inference import Predictor
 from segtrain.evaluate import evaluate

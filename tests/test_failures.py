@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 
 from segtrain import __main__ as entry
 from segtrain.app import build_model, train
+from segtrain.core import checkpoint
 from segtrain.data import synthetic
 from segtrain.data.base import DatasetError
-from segtrain.engine import checkpoint
 from segtrain.engine.trainer import Trainer, TrainingInterrupted, set_rng_state
 from tests.conftest import REPO, TINY, compose_config
 from tests.dataset_miniatures import make_camvid

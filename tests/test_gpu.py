@@ -31,7 +31,7 @@ import torch
 from hydra.utils import instantiate
 
 from segtrain.app import train
-from segtrain.engine import checkpoint
+from segtrain.core import checkpoint
 from segtrain.evaluate import evaluate
 from segtrain.losses.ce import CrossEntropyLoss
 from tests.conftest import REPO, TINY, compose_config

@@ -13,7 +13,7 @@ import pytest
 from segtrain.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
-LIBRARY = ["segtrain.models", "segtrain.losses", "segtrain.data", "segtrain.eval"]
+LIBRARY = ["segtrain.core", "segtrain.models", "segtrain.losses", "segtrain.data", "segtrain.eval"]
 
 
 def test_models_losses_data_and_eval_import_without_hydra():

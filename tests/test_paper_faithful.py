@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from segtrain import config_schema
+from segtrain.core import checkpoint
 from segtrain.data.transforms import compose
-from segtrain.engine import checkpoint
 from segtrain.errors import ConfigError
 from segtrain.losses.ce import CrossEntropyLoss
 from segtrain.losses.unet_weights import class_balance_map, unet_weight_map

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from segtrain.engine import checkpoint
+from segtrain.core import checkpoint
 from segtrain.engine.callbacks.base import Callback
 from segtrain.engine.callbacks.checkpoints import Checkpoints, best_evaluation
 from segtrain.engine.callbacks.evaluation import PeriodicEvaluation

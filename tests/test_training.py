@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from segtrain.app import train
-from segtrain.engine import checkpoint
+from segtrain.core import checkpoint
 from segtrain.engine.trainer import NonFiniteLossError
 from tests.conftest import REPO, TINY
 

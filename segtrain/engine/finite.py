@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segtrain.engine import checkpoint
-from segtrain.engine.distributed import all_reduce_min
+from segtrain.core import checkpoint
+from segtrain.core.distributed import all_reduce_min
 from segtrain.errors import UserError
 
 

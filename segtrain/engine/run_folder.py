@@ -17,7 +17,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from segtrain.engine import distributed
+from segtrain.core import distributed
 
 
 class SharedStartTime(Callback):

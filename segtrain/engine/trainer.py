@@ -20,13 +20,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from segtrain.engine import checkpoint, distributed, finite
+from segtrain.core import checkpoint, distributed
+from segtrain.core.checkpoint import ScheduleChanged
+from segtrain.core.distributed import DistInfo
+from segtrain.core.precision import autocast_dtype, resolve_precision
+from segtrain.core.rng import load_rank_state, rng_state, set_rng_state
+from segtrain.engine import finite
 from segtrain.engine.callbacks.base import Callback, Evaluation
-from segtrain.engine.checkpoint import ScheduleChanged
-from segtrain.engine.distributed import DistInfo
 from segtrain.engine.finite import NonFiniteLossError
-from segtrain.engine.precision import autocast_dtype, resolve_precision
-from segtrain.engine.rng import load_rank_state, rng_state, set_rng_state
 from segtrain.errors import ConfigError, UserError, from_worker
 from segtrain.models.base import bare
 

@@ -87,7 +87,7 @@ def default_workers() -> int:
     is one): the cores divided among the ranks of this node (torchrun's LOCAL_WORLD_SIZE,
     SLURM's tasks on this node), at least one, so 8 ranks on a node start cores/8 processes
     each, not cores each."""
-    from segtrain.engine.distributed import env_info
+    from segtrain.core.distributed import env_info
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
         os.cpu_count() or 1

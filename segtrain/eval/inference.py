@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segtrain.engine.precision import autocast_dtype, resolve_precision
+from segtrain.core.precision import autocast_dtype, resolve_precision
 from segtrain.errors import ConfigError
 from segtrain.eval.crf import DenseCRF, crf_labels, softmax_probs
 from segtrain.models.base import SegmentationModel, bare

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segtrain.engine import checkpoint
+from segtrain.core import checkpoint
 
 log = logging.getLogger("segtrain")
 

@@ -9,7 +9,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from segtrain.engine import checkpoint
+from segtrain.core import checkpoint
 from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.engine.finite import weights_finite_flag
 from segtrain.errors import UserError

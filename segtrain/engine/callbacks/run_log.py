@@ -15,10 +15,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from segtrain.core.json_files import write_json
 from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.engine.callbacks.checkpoints import best_evaluation
 from segtrain.engine.callbacks.evaluation import SUMMARY_KEYS
-from segtrain.engine.json_files import write_json
 from segtrain.eval.metrics import format_table
 from segtrain.viz import comparison_strip
 
