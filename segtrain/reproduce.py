@@ -91,16 +91,23 @@ class Job:
 
     label: str                      # "stage fcn16s" or the first row's name
     experiment: str
-    overrides: list[str]            # experiment=, row/stage overrides, scale, user, seed
+    base: list[str]                 # experiment=, the row's or stage's overrides
+    user: list[str]                 # the command line's training overrides
     seed: int
     stage: str | None = None        # the stage this job *is* (None for a row's job)
     after: Job | None = None        # the job whose run it starts from
     rows: list[int] = dataclasses.field(default_factory=list)  # indexes of the rows it trains
     evaluations: list[dict] = dataclasses.field(default_factory=list)  # {name, overrides}
     notes: list[str] = dataclasses.field(default_factory=list)
+    scale: list[str] = dataclasses.field(default_factory=list)  # scale=tiny's overrides
     key: str = ""
     run_dir: Path | None = None
     config: DictConfig | None = None
+
+    @property
+    def overrides(self) -> list[str]:
+        """In order: the paper file's, the scale's, the user's (winning over both), seed."""
+        return [*self.base, *self.scale, *self.user, f"seed={self.seed}"]
 
     def all_overrides(self) -> list[str]:
         extra = [f"model.init_from={self.after.run_dir}"] if self.after is not None else []
@@ -123,8 +130,8 @@ def _is_eval(key: str) -> bool:
     return key == "eval" or key.startswith("eval.")
 
 
-def read_paper(paper: str, paper_dir: Path = PAPER_DIR) -> dict:
-    path = paper_dir / f"{paper}.yml"
+def read_paper(paper: str, paper_dir: Path | None = None) -> dict:
+    path = (paper_dir or PAPER_DIR) / f"{paper}.yml"
     if not path.is_file():
         names = sorted(p.stem for p in paper_dir.glob("*.yml"))
         raise ConfigError(f"paper={paper}: no file {path.name} in conf/experiment/paper/ "
@@ -156,12 +163,15 @@ def _stage_chain(stages: dict, name: str, path: str) -> list[str]:
 def _row_label(row: dict, i: int) -> str:
     return str(row.get("name") or ", ".join(f"{k}={_value(v)}" for k, v in
                                             (row.get("overrides") or {}).items())
-               or f"row {i + 1}")
+               or "(the experiment as it is)")
 
 
-def plan_jobs(paper: str, seeds: int, extra: list[str], data: dict) -> list[Job]:
+def plan_jobs(paper: str, seeds: int, extra: list[str], data: dict,
+              per_stage: dict[str, list[str]] | None = None) -> list[Job]:
     """Stage jobs first (in dependency order), then one job per distinct row training, for
-    each seed. ``extra``: overrides given to every job (scale, the user's)."""
+    each seed. ``extra``: the user's overrides for every job; ``per_stage``: the user's
+    overrides of one stage (``stages.coco.dataset.root=...``), after ``extra``."""
+    per_stage = per_stage or {}
     stages = data.get("stages") or {}
     path = f"conf/experiment/paper/{paper}.yml"
     jobs: list[Job] = []
@@ -173,13 +183,12 @@ def plan_jobs(paper: str, seeds: int, extra: list[str], data: dict) -> list[Job]
             train = [f"{k}={_value(v)}" for k, v in items if not _is_eval(k)]
             evals = {k: _value(v) for k, v in items if _is_eval(k)}
             after = _stage_job(row["stage"], stages, stage_jobs, jobs, paper, extra, seed,
-                               path) if row.get("stage") else None
+                               path, per_stage) if row.get("stage") else None
             ident = (tuple(train), row.get("stage"))
             job = by_training.get(ident)
             if job is None:
-                job = Job(_row_label(row, i), paper,
-                          [f"experiment={paper}", *train, *extra, f"seed={seed}"], seed,
-                          after=after)
+                job = Job(_row_label(row, i), paper, [f"experiment={paper}", *train],
+                          list(extra), seed, after=after)
                 by_training[ident] = job
             job.rows.append(i)
             if evals:
@@ -190,7 +199,8 @@ def plan_jobs(paper: str, seeds: int, extra: list[str], data: dict) -> list[Job]
 
 
 def _stage_job(name: str, stages: dict, made: dict[str, Job], jobs: list[Job], paper: str,
-               extra: list[str], seed: int, path: str) -> Job:
+               extra: list[str], seed: int, path: str,
+               per_stage: dict[str, list[str]]) -> Job:
     """The job of stage ``name`` for ``seed``, appending it (and the stages it starts from,
     first) to ``jobs`` unless ``made`` has it already."""
     for step in _stage_chain(stages, name, path):
@@ -199,9 +209,11 @@ def _stage_job(name: str, stages: dict, made: dict[str, Job], jobs: list[Job], p
         spec = stages[step]
         experiment = spec.get("experiment", paper)
         overrides = [f"{k}={_value(v)}" for k, v in (spec.get("overrides") or {}).items()]
-        job = Job(f"stage {step}", experiment,
-                  [f"experiment={experiment}", *overrides, *extra, f"seed={seed}"], seed,
+        job = Job(f"stage {step}", experiment, [f"experiment={experiment}", *overrides],
+                  [*extra, *per_stage.get(step, [])], seed,
                   stage=step, after=made[spec["after"]] if spec.get("after") else None)
+        if spec.get("note"):
+            job.notes.append(str(spec["note"]))
         made[step] = job
         jobs.append(job)
     return made[name]
@@ -289,8 +301,7 @@ def resolve(jobs: list[Job], scale: str, out: Path) -> None:
             cfg = compose_job(job.all_overrides())
             if scale == "tiny":
                 extra, notes = tiny_overrides(cfg)
-                seed = job.overrides.pop()  # seed= stays last
-                job.overrides += [*extra, seed]
+                job.scale = extra
                 job.notes += notes
                 cfg = compose_job(job.all_overrides())
         except UserError:
@@ -733,10 +744,11 @@ def write_table(jobs: list[Job], data: dict, results: dict, paper: str, out: Pat
 OPTIONS = {"paper": None, "seeds": "1", "out": None, "dry_run": "false", "scale": "paper"}
 
 
-def parse_args(argv: list[str]) -> tuple[dict, list[str], list[str]]:
-    """(options, training overrides for every job, launcher overrides ``hydra/...``)."""
+def parse_args(argv: list[str]) -> tuple[dict, list[str], list[str], dict[str, list[str]]]:
+    """(options, training overrides for every job, launcher overrides ``hydra/...``, training
+    overrides of one stage ``stages.<name>.<key>=<value>``)."""
     options = dict(OPTIONS)
-    train, launcher = [], []
+    train, launcher, per_stage = [], [], {}
     for arg in argv:
         if "=" not in arg:
             raise ConfigError(f"{arg!r}: expected key=value (paper=<name>, seeds=N, out=DIR, "
@@ -747,6 +759,9 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str], list[str]]:
             options[key] = value
         elif key.startswith("hydra"):
             launcher.append(arg)
+        elif key.startswith("stages.") and key.count(".") >= 2:
+            _, stage, rest = key.split(".", 2)
+            per_stage.setdefault(stage, []).append(f"{rest}={value}")
         else:
             train.append(arg)
     if not options["paper"]:
@@ -757,13 +772,13 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str], list[str]]:
         raise ConfigError(f"dry_run={options['dry_run']}: expected true or false")
     if not options["seeds"].isdigit() or int(options["seeds"]) < 1:
         raise ConfigError(f"seeds={options['seeds']}: expected a whole number >= 1")
-    return options, train, launcher
+    return options, train, launcher, per_stage
 
 
 def main(argv: list[str] | None = None, repo: Path | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        options, train, launcher = parse_args(argv)
+        options, train, launcher, per_stage = parse_args(argv)
         paper, scale = options["paper"], options["scale"]
         seeds = int(options["seeds"])
         out = Path(options["out"] or f"outputs/reproduce/{paper}"
@@ -772,7 +787,12 @@ def main(argv: list[str] | None = None, repo: Path | None = None) -> int:
         if not data.get("rows"):
             raise ConfigError(f"conf/experiment/paper/{paper}.yml has no rows: nothing to "
                               f"reproduce (its other:/pending: entries say why)")
-        jobs = plan_jobs(paper, seeds, train, data)
+        unknown = set(per_stage) - set(data.get("stages") or {})
+        if unknown:
+            names = ", ".join(data.get("stages") or {}) or "none"
+            raise ConfigError(f"stages.{sorted(unknown)[0]}.*: conf/experiment/paper/"
+                              f"{paper}.yml has no such stage (its stages: {names})")
+        jobs = plan_jobs(paper, seeds, train, data, per_stage)
         resolve(jobs, scale, out)
         if options["dry_run"] == "true":
             print(print_plan(jobs, data, paper, out, repo or Path.cwd(), seeds, scale))

@@ -21,7 +21,8 @@ LAYERS: list[set[str]] = [
     {"engine"},                                   # the loop and its callbacks
     {"config_schema"},                            # the schema every entry point applies
     {"runs"},                                     # a run folder or .pt -> config, checkpoint, model
-    {"app", "__main__", "evaluate", "predict", "export", "protocol", "reproduce", "api", "cli",
+    {"app", "__main__", "evaluate", "predict", "export", "protocol", "reproduce", "flops", "api",
+     "cli",
      "__init__"},
 ]
 LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}
