@@ -131,7 +131,8 @@ def _is_eval(key: str) -> bool:
 
 
 def read_paper(paper: str, paper_dir: Path | None = None) -> dict:
-    path = (paper_dir or PAPER_DIR) / f"{paper}.yml"
+    paper_dir = paper_dir or PAPER_DIR
+    path = paper_dir / f"{paper}.yml"
     if not path.is_file():
         names = sorted(p.stem for p in paper_dir.glob("*.yml"))
         raise ConfigError(f"paper={paper}: no file {path.name} in conf/experiment/paper/ "
@@ -143,6 +144,9 @@ def read_paper(paper: str, paper_dir: Path | None = None) -> dict:
         if stage is not None and stage not in stages:
             raise ConfigError(f"{path.name}: rows[{i}].stage={stage} is not a key of its "
                               f"stages: block ({', '.join(stages) or 'none'})")
+    train_stage = (data.get("train") or {}).get("stage")
+    if train_stage is not None and train_stage not in stages:
+        raise ConfigError(f"{path.name}: train.stage={train_stage} is not a stage")
     for name, stage in stages.items():
         if stage.get("after") is not None and stage["after"] not in stages:
             raise ConfigError(f"{path.name}: stages.{name}.after={stage['after']} is not a stage")
@@ -195,6 +199,13 @@ def plan_jobs(paper: str, seeds: int, extra: list[str], data: dict,
                 job.evaluations.append({"row": i, "overrides": evals,
                                         "name": "repro_" + _digest(evals)[:10]})
         jobs += [j for j in by_training.values()]
+        if not data.get("rows") and data.get("train") is not None:
+            # the experiment's own run with no paper number beside it (a test-server model)
+            stage = data["train"].get("stage")
+            after = _stage_job(stage, stages, stage_jobs, jobs, paper, extra, seed, path,
+                               per_stage) if stage else None
+            jobs.append(Job(paper, paper, [f"experiment={paper}"], list(extra), seed,
+                            after=after))
     return jobs
 
 
@@ -244,7 +255,8 @@ def job_key(job: Job, cfg: DictConfig) -> str:
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     for dotted in NOT_SETTINGS:
         _drop(resolved, dotted)
-    return _digest({"config": resolved, "overrides": job.overrides,
+    given = [o for o in job.overrides if o.split("=", 1)[0].lstrip("+~") not in NOT_SETTINGS]
+    return _digest({"config": resolved, "overrides": given,
                     "after": job.after.key if job.after is not None else None})
 
 
@@ -441,7 +453,6 @@ def _job_overrides(job: Job) -> list[str]:
 def launch(jobs: list[Job], launcher_overrides: list[str], out: Path, paper: str) -> dict:
     """Run the jobs that are not done; returns ``{key: "ok" | "failed: ..." | "blocked: ..."}``
     for the jobs launched."""
-    from hydra.core.utils import JobStatus
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
     todo = [j for j in jobs if state(j) != "done"]
@@ -450,8 +461,18 @@ def launch(jobs: list[Job], launcher_overrides: list[str], out: Path, paper: str
     for job in todo:
         write_provenance(job, paper)
     launcher = _launcher(launcher_overrides, out / "runs")
-    if isinstance(launcher, BaseSubmititLauncher):
-        return _launch_submitit(launcher, todo)
+    try:
+        if isinstance(launcher, BaseSubmititLauncher):
+            return _launch_submitit(launcher, todo)
+        return _launch_in_turn(launcher, todo)
+    finally:
+        GlobalHydra.instance().clear()  # the caller composes with its own search path again
+
+
+def _launch_in_turn(launcher, todo: list[Job]) -> dict:
+    """Hydra's basic launcher: one job after the other, a dependant after its stage."""
+    from hydra.core.utils import JobStatus
+
     results: dict[str, str] = {}
     for idx, job in enumerate(todo):  # stages come before their dependants in ``jobs``
         blocked = job.after is not None and results.get(job.after.key, "ok") != "ok"
@@ -489,10 +510,12 @@ def _executor(launcher):
     return executor, dict(params.get("additional_parameters") or {})
 
 
-def _launch_submitit(launcher, todo: list[Job]) -> dict:
+def _launch_submitit(launcher, todo: list[Job], wait: bool = True,
+                     record: list | None = None) -> dict:
     """Submit every job; a dependant waits for its stage: SLURM's ``afterok`` dependency
     (a failed stage cancels it), or, for executors without dependencies (submitit's local
-    one), submission after the stage's job succeeded."""
+    one), submission after the stage's job succeeded. ``wait``: collect every job's outcome
+    (the command's table needs them); ``record``: gets the submitit jobs."""
     from hydra.core.singleton import Singleton
 
     executor, additional = _executor(launcher)
@@ -531,7 +554,9 @@ def _launch_submitit(launcher, todo: list[Job]) -> dict:
                                              idx, f"job_id_for_{idx}", Singleton.get_state())
         log.info("submitted %s (seed %d): job %s", job.label, job.seed,
                  submitted[job.key].job_id)
-    for key in submitted:
+        if record is not None:
+            record.append(submitted[job.key])
+    for key in submitted if wait else ():
         outcome(key)
     return results
 
@@ -656,7 +681,8 @@ def print_plan(jobs: list[Job], data: dict, paper: str, out: Path, repo: Path,
         ds_key = _digest(OmegaConf.to_container(job.config.dataset))
         if ds_key not in checked:
             checked[ds_key] = check_dataset(job.config)
-        served = "; ".join(_row_label(rows[i], i) for i in job.rows)
+        served = "; ".join(f"{_row_label(rows[i], i)} ({float(rows[i]['value']):.2f})"
+                           for i in job.rows)
         lines += [f"job {n}/{len(jobs)}: {job.label} (seed {job.seed}) [{state(job)}]"
                   + (f" -> rows: {served}" if served else ""),
                   f"  overrides: {' '.join(job.overrides)}",
@@ -784,7 +810,7 @@ def main(argv: list[str] | None = None, repo: Path | None = None) -> int:
         out = Path(options["out"] or f"outputs/reproduce/{paper}"
                    + ("_tiny" if scale == "tiny" else ""))
         data = read_paper(paper)
-        if not data.get("rows"):
+        if not data.get("rows") and data.get("train") is None:
             raise ConfigError(f"conf/experiment/paper/{paper}.yml has no rows: nothing to "
                               f"reproduce (its other:/pending: entries say why)")
         unknown = set(per_stage) - set(data.get("stages") or {})
