@@ -647,8 +647,8 @@ def check_dataset(cfg: DictConfig) -> str:
             split[0]
     except MissingMandatoryValue:
         return f"{name}: NOT SET: give dataset.root=<the dataset's folder>"
-    except UserError as err:
-        return f"{name}: FAILS: {plain_message(err)}"
+    except UserError as err:  # its first sentence; the training's error gives the rest
+        return f"{name}: FAILS: {plain_message(err).split('. ')[0]}"
     except Exception as exc:  # noqa: BLE001 - any failure to read is what the check reports
         return f"{name}: FAILS: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     return f"{name}: ok (train and val build, first samples read)"
