@@ -50,9 +50,9 @@ from pathlib import Path
 
 import yaml
 
+from segtrain.eval.metrics import SUMMARY_METRICS
+
 PAPER_DIR = Path(__file__).resolve().parents[1] / "conf" / "experiment" / "paper"
-METRIC_NAMES = {"miou": "mIoU", "pixel_acc": "pixel acc", "mean_acc": "mean acc",
-                "fwiou": "fwIoU"}
 SEED = "seed"
 
 
@@ -216,7 +216,7 @@ def _cells(runs: list[dict], rows: list[dict], metric: str, aggregate: bool) -> 
 
 
 def _metric_header(metric: str, aggregate: bool, prefix: str = "") -> list[str]:
-    name = METRIC_NAMES.get(metric, metric)
+    name = SUMMARY_METRICS.get(metric, metric)
     if aggregate:
         cols = [f"{name} (mean ± std)", f"{name} n", f"paper {name}", f"diff {name}"]
     else:
@@ -316,7 +316,7 @@ def contrasts(runs: list[dict], metric: str = "miou") -> list[str]:
             same = ", ".join(f"{o}={a[0]['overrides'].get(o)}" for o in label_keys if o != k)
             spread = (f" ± {math.sqrt(sa ** 2 / na + sb ** 2 / nb):.2f} (standard error)"
                       if sa is not None and sb is not None else " (one run each: no spread)")
-            lines.append(f"{METRIC_NAMES.get(metric, metric)}: {k}={a[0]['overrides'][k]} minus "
+            lines.append(f"{SUMMARY_METRICS.get(metric, metric)}: {k}={a[0]['overrides'][k]} minus "
                          f"{k}={b[0]['overrides'][k]}" + (f" at {same}" if same else "")
                          + f" = {ma - mb:+.2f}{spread}, n = {na} and {nb}")
     return lines

@@ -40,9 +40,9 @@ from segtrain.api import load_run
 from segtrain.data.loader import eval_loader
 from segtrain.errors import ConfigError, UserError
 from segtrain.eval.crf import DenseCRF, default_workers, softmax_probs
-from segtrain.eval.crf_grid import crf_matrix, load_cache, matrix
+from segtrain.eval.crf_grid import crf_matrix, load_cache
 from segtrain.eval.evaluator import crf_pool
-from segtrain.eval.metrics import scores_from_matrix
+from segtrain.eval.metrics import ConfusionMatrix, scores_from_matrix
 
 # DeepLab v2 Sec. 4.1's search range (coarse grid)
 BI_W = [3.0, 4.0, 5.0, 6.0]
@@ -108,7 +108,9 @@ def search(cache: dict[str, Any], base: dict[str, Any], grid: list[dict[str, flo
            workers: int) -> tuple[float, list[float]]:
     """mIoU without CRF and at every grid point (``base`` holds the fixed CRF values)."""
     n, ignore = cache["num_classes"], cache["ignore_index"]
-    plain = sum(matrix(p.argmax(0), m, n, ignore) for p, m in zip(cache["probs"], cache["mask"]))
+    plain = ConfusionMatrix(n, ignore)
+    for probs, mask in zip(cache["probs"], cache["mask"]):
+        plain.update(torch.from_numpy(probs.argmax(0)), torch.from_numpy(mask))
     crfs = [DenseCRF(**{**base, **point}) for point in grid]
     jobs = [(k, crf, i) for k, crf in enumerate(crfs) for i in range(len(cache["probs"]))]
     matrices = [np.zeros((n, n), np.int64) for _ in grid]
@@ -120,7 +122,7 @@ def search(cache: dict[str, Any], base: dict[str, Any], grid: list[dict[str, flo
             for k, counts in pool.map(crf_matrix, jobs, chunksize=chunk):
                 matrices[k] += counts
     miou = lambda m: scores_from_matrix(torch.from_numpy(m))["miou"]  # noqa: E731
-    return miou(plain), [miou(m) for m in matrices]
+    return plain.compute()["miou"], [miou(m) for m in matrices]
 
 
 def best_yaml(base: dict[str, Any], best: dict[str, float]) -> str:

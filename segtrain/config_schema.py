@@ -34,9 +34,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from segtrain.core.precision import PRECISIONS
 from segtrain.errors import ConfigError
+from segtrain.eval.inference import FUSIONS, PREDICTOR_MODES
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 OUTPUT_STRIDES = (8, 16, 32)
 
 
@@ -138,9 +139,9 @@ class DatasetSchema:
 
 @dataclass
 class PredictorSchema:
-    mode: str = spec(choices=("whole", "slide"))
+    mode: str = spec(choices=PREDICTOR_MODES)
     scales: list[float] = spec(0, open_low=True)
-    fusion: str = spec(choices=("max", "mean"))
+    fusion: str = spec(choices=FUSIONS)
     flip: bool = spec()
 
 

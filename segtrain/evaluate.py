@@ -46,12 +46,10 @@ from segtrain.cli import user_errors
 from segtrain.core import checkpoint, distributed
 from segtrain.core.json_files import write_json
 from segtrain.errors import UserError
-from segtrain.eval.metrics import format_table
+from segtrain.eval.metrics import SUMMARY_METRICS, format_table
 from segtrain.viz import comparison_strip
 
 log = logging.getLogger("segtrain")
-
-SUMMARY_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou")
 
 
 class RunError(UserError):
@@ -267,7 +265,7 @@ def evaluate(cfg: DictConfig, eval_name: str,
         Image.fromarray(np.ascontiguousarray(strip)).save(
             run_dir / f"eval_{result['name']}_samples.png")
     log.info("eval=%s: %s -> %s", result["name"],
-             "  ".join(f"{k} {scores[k]:.4f}" for k in SUMMARY_KEYS), out)
+             "  ".join(f"{k} {scores[k]:.4f}" for k in SUMMARY_METRICS), out)
     return result
 
 

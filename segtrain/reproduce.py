@@ -61,13 +61,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.errors import ConfigError, UserError, plain_message
+from segtrain.eval.metrics import SUMMARY_METRICS
 
 log = logging.getLogger("segtrain")
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 PAPER_DIR = CONF_DIR / "experiment" / "paper"
-METRIC_NAMES = {"miou": "mIoU", "pixel_acc": "pixel acc", "mean_acc": "mean acc",
-                "fwiou": "fwIoU"}
 PROVENANCE = "reproduce.json"
 # settings that move data or processes around without changing what is trained
 NOT_SETTINGS = ("dataset.root", "dataset.num_workers", "trainer.num_workers", "trainer.device",
@@ -739,7 +738,7 @@ def table(jobs: list[Job], data: dict, results: dict, scale: str) -> tuple[list,
                 problems.append(f"seed {j.seed}: {reason}")
         status = "ok" if not problems else (
             f"ok {len(values)} of {len(mine)}; " if values else "") + "; ".join(problems)
-        body.append([_row_label(row, i), METRIC_NAMES.get(metric, metric), f"{paper:.2f}",
+        body.append([_row_label(row, i), SUMMARY_METRICS.get(metric, metric), f"{paper:.2f}",
                      "n/a" if mean is None else f"{mean:.2f}{spread}", str(len(values)),
                      "" if mean is None else f"{mean - paper:+.2f}{spread}", status,
                      f"{row.get('paper', '')}, {row.get('table', '')}".strip(", ")])

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from segtrain.eval.metrics import SUMMARY_METRICS
 from tests.conftest import CONF_DIR, REPO, TINY
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -113,7 +114,7 @@ def test_every_paper_file_names_an_experiment_and_confirms_its_rows():
         for row in data.get("rows") or []:
             assert {"overrides", "value", "metric", "table", "paper", "confirmed"} <= set(row), \
                 f"{path.name}: {row}"
-            assert row["metric"] in ("miou", "pixel_acc", "mean_acc", "fwiou"), path.name
+            assert row["metric"] in SUMMARY_METRICS, path.name
             assert 0 < float(row["value"]) <= 100, path.name
     # every paper file belongs to an experiment config
     experiments = {p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")}

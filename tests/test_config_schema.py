@@ -47,6 +47,11 @@ BAD = [
     ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1: expected a number >= 0"),
     ("lr.warmup_ratio=0", "lr.warmup_ratio=0: expected a number in (0, 1]"),
     ("model.msc.train_scales=[]", "model.msc.train_scales=[]: expected a non-empty list"),
+    ("+eval.crf_workers=-1", "eval.crf_workers=-1: expected an integer >= 0"),
+    ("eval.predictor.mode=sliding", "eval.predictor.mode='sliding': expected one of whole, slide"),
+    ("eval.predictor.fusion=sum", "eval.predictor.fusion='sum': expected one of max, mean"),
+    ("trainer.iter_size=0", "trainer.iter_size=0: expected an integer >= 1"),
+    ("eval.precision=fp64", "eval.precision='fp64': expected one of fp32, bf16, fp16"),
 ]
 
 

@@ -32,6 +32,7 @@ from segtrain.data.loader import train_loader
 from segtrain.engine.trainer import Trainer, TrainingInterrupted
 from segtrain.eval.crf import default_workers
 from segtrain.eval.evaluator import crf_pool
+from segtrain.eval.metrics import SUMMARY_METRICS
 from tests import injected_faults
 from tests.conftest import REPO, TINY, compose_config, slurm_sbatch_script
 
@@ -120,7 +121,7 @@ def test_torchrun_evaluate_gives_the_scores_of_one_process(runs):
     assert parallel["world_size"] == 2
     assert parallel["confusion_matrix"] == single["confusion_matrix"]
     assert int(np.sum(parallel["confusion_matrix"])) == _val_pixels()
-    for key in ("miou", "pixel_acc", "mean_acc", "fwiou"):
+    for key in SUMMARY_METRICS:
         assert parallel[key] == pytest.approx(single[key], abs=1e-12), key
 
 

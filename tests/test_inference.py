@@ -135,12 +135,10 @@ def test_flip_averaging_on_a_mirror_symmetric_input():
     torch.testing.assert_close(out, out.flip(-1))
 
 
-def test_bad_predictor_options_are_clear_errors():
-    with pytest.raises(ValueError, match="eval.mode must be 'whole' or 'slide'"):
-        Predictor(mode="sliding")
-    with pytest.raises(ValueError, match="eval.fusion must be 'max' or 'mean'"):
-        Predictor(fusion="sum")
-    with pytest.raises(ValueError, match="needs eval.crop_size and eval.stride"):
+def test_slide_without_crop_and_stride_is_a_clear_error():
+    # a wrong mode or fusion is the config schema's error (tests/test_config_schema.py)
+    with pytest.raises(ValueError, match="needs eval.predictor.crop_size and "
+                                         "eval.predictor.stride"):
         Predictor(mode="slide", crop_size=8)
 
 

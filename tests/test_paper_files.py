@@ -9,6 +9,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from segtrain.eval.metrics import SUMMARY_METRICS
 from tests.conftest import CONF_DIR, compose_config
 
 PAPER_DIR = CONF_DIR / "experiment" / "paper"
@@ -16,7 +17,7 @@ PAPER_FILES = sorted(PAPER_DIR.glob("*.yml"))
 ROW_KEYS = {"overrides", "value", "metric", "split", "table", "paper", "confirmed", "crf",
             "msc", "flip"}
 OPTIONAL_KEYS = {"name", "note", "stage"}
-METRICS = {"miou", "pixel_acc", "mean_acc", "fwiou"}
+METRICS = set(SUMMARY_METRICS)
 GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 
 

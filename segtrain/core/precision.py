@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from segtrain.errors import ConfigError
-
+#: the values of ``trainer.precision`` and ``eval.precision`` (the config schema checks them)
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
-def resolve_precision(precision: str, device: torch.device,
-                      key: str = "trainer.precision") -> str:
-    """``auto``: bf16 on CUDA that supports it (else fp16), fp32 on CPU. ``key`` names the
-    config key in the error (trainer.precision, eval.precision)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"{key} must be one of {PRECISIONS}, got {precision!r}")
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA that supports it (else fp16), fp32 on CPU."""
+    assert precision in PRECISIONS, precision
     if precision != "auto":
         return precision
     if device.type == "cuda":

@@ -28,7 +28,7 @@ from segtrain.core.rng import load_rank_state, rng_state, set_rng_state
 from segtrain.engine import finite
 from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.engine.finite import NonFiniteLossError
-from segtrain.errors import ConfigError, UserError, from_worker
+from segtrain.errors import UserError, from_worker
 from segtrain.models.base import bare
 
 __all__ = ["NonFiniteLossError", "ScheduleChanged", "Trainer", "TrainingInterrupted",
@@ -78,8 +78,6 @@ class Trainer:
                  config_yaml: str = "", dist: DistInfo | None = None, compile: bool = False,
                  channels_last: bool = False, schedule: dict[str, Any] | None = None,
                  allow_schedule_change: bool = False) -> None:
-        if iter_size < 1:
-            raise ConfigError(f"trainer.iter_size must be >= 1, got {iter_size}")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.memory_format = torch.channels_last if channels_last else torch.preserve_format
         if channels_last:

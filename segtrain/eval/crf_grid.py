@@ -8,8 +8,10 @@ import pickle
 from typing import Any
 
 import numpy as np
+import torch
 
 from segtrain.eval.crf import DenseCRF, crf_labels
+from segtrain.eval.metrics import ConfusionMatrix
 
 # the cached predictions of this CRF process: probs, rgb, mask, num_classes, ignore_index
 _CACHE: dict[str, Any] = {}
@@ -21,16 +23,10 @@ def load_cache(path: str) -> None:
         _CACHE.update(pickle.load(f))  # the file this search has just written
 
 
-def matrix(labels: np.ndarray, mask: np.ndarray, n: int, ignore_index: int) -> np.ndarray:
-    """The n x n confusion matrix (rows: truth) of one label map, ignored pixels left out."""
-    keep = mask != ignore_index
-    return np.bincount(n * mask[keep].astype(np.int64) + labels[keep].astype(np.int64),
-                       minlength=n * n).reshape(n, n)
-
-
 def crf_matrix(job: tuple[int, DenseCRF, int]) -> tuple[int, np.ndarray]:
-    """One grid point on one cached image -> (point, its confusion matrix)."""
+    """One grid point on one cached image -> (point, its confusion matrix, rows: truth)."""
     point, crf, i = job
     labels = crf_labels(crf, _CACHE["rgb"][i], _CACHE["probs"][i])
-    return point, matrix(labels, _CACHE["mask"][i], _CACHE["num_classes"],
-                         _CACHE["ignore_index"])
+    counts = ConfusionMatrix(_CACHE["num_classes"], _CACHE["ignore_index"])
+    counts.update(torch.from_numpy(labels), torch.from_numpy(_CACHE["mask"][i]))
+    return point, counts.matrix.numpy()

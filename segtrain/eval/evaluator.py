@@ -1,6 +1,8 @@
-"""Evaluation loop: inference (predictor -> optional dense CRF) -> confusion matrix -> scores.
+"""Evaluation loop: inference (predictor -> optional dense CRF) -> metrics -> scores.
 
-Follows detectron2's reset/process/evaluate protocol in one plain function-like class.
+The loop goes over the data once and feeds every metric (detectron2's reset/process/evaluate
+protocol, ``segtrain.eval.metrics.Metric``): the confusion matrix gives the scores, the
+sample figures keep a few predictions, and a caller adds its own metric objects.
 
 The dense CRF runs on the CPU, one image per task, in ``crf_workers`` processes while the
 model computes the next images; results are collected in the loader's order, so scores and
@@ -36,10 +38,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from segtrain.errors import ConfigError
-from segtrain.eval.crf import crf_labels, default_workers, softmax_probs
+from segtrain.eval.crf import crf_labels, default_workers
 from segtrain.eval.inference import Inference
-from segtrain.eval.metrics import ConfusionMatrix
+from segtrain.eval.metrics import ConfusionMatrix, EvalBatch, Metric, SampleFigures
 
 log = logging.getLogger("segtrain")
 
@@ -65,25 +66,31 @@ class Evaluator:
             precision and output stride of the evaluation.
         num_samples: how many (image, gt, prediction) triples to keep for figures.
         show_progress: a progress bar on a terminal, log lines elsewhere.
-        crf_workers: processes for the CRF; None: this rank's share of the node's cores;
-            0: in this process.
+        crf_workers: processes for the CRF (``eval.crf_workers``, checked by the config
+            schema); None: this rank's share of the node's cores; 0: in this process.
+        metrics: further ``Metric`` objects fed every batch besides the confusion matrix and
+            the sample figures; their scores join the confusion matrix's.
 
-    The loader's batches carry ``"rgb"`` (the image as read) when there is a CRF or
-    ``num_samples > 0``.
+    The loader's batches carry ``"rgb"`` (the image as read) when there is a CRF or a metric
+    needs it (the sample figures while ``num_samples`` are not yet kept).
     """
 
     def __init__(self, loader: DataLoader, num_classes: int, ignore_index: int,
                  class_names: Sequence[str], inference: Inference, num_samples: int = 4,
-                 show_progress: bool = False, crf_workers: int | None = None) -> None:
-        if crf_workers is not None and (int(crf_workers) != crf_workers or crf_workers < 0):
-            raise ConfigError(f"eval.crf_workers must be null (every core), 0 (no extra "
-                              f"process) or a positive integer, got {crf_workers!r}")
+                 show_progress: bool = False, crf_workers: int | None = None,
+                 metrics: Sequence[Metric] = ()) -> None:
         self.loader, self.num_classes, self.ignore_index = loader, num_classes, ignore_index
         self.class_names, self.inference = list(class_names), inference
-        self.num_samples = num_samples
         self.show_progress = show_progress
-        self.crf_workers = default_workers() if crf_workers is None else int(crf_workers)
-        self.samples: list[dict[str, Any]] = []
+        self.crf_workers = default_workers() if crf_workers is None else crf_workers
+        self.figures = SampleFigures(num_samples)
+        self.metrics: list[Metric] = [ConfusionMatrix(num_classes, ignore_index),
+                                      self.figures, *metrics]
+
+    @property
+    def samples(self) -> list[dict[str, Any]]:
+        """The (image as read, ground truth, prediction) triples of the last evaluation."""
+        return self.figures.samples
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse ``eval.output_stride`` for a model that cannot change its stride."""
@@ -111,39 +118,45 @@ class Evaluator:
 
     def _run(self, model: nn.Module, device: torch.device,
              pool: ProcessPoolExecutor | None) -> dict[str, Any]:
-        cm = ConfusionMatrix(self.num_classes, self.ignore_index, device)
-        self.samples = []
-        # (image, target, prediction or CRF futures) in loader order, waiting to be counted
-        pending: collections.deque = collections.deque()
+        for metric in self.metrics:
+            metric.reset(device)
+        # batches in loader order whose labels (or CRF futures) wait to be processed
+        pending: collections.deque[tuple[EvalBatch, list[Future] | None]] = collections.deque()
         max_pending = 2 * self.crf_workers  # bounds the probabilities held in memory
         batches, log_every = self._progress()
         start = time.perf_counter()
         for step, batch in enumerate(batches, 1):
             image = batch["image"].to(device, non_blocking=True)
-            target = batch["mask"].to(device, non_blocking=True)
-            rgb = self._rgb(batch)
+            item = EvalBatch(pred=None, target=batch["mask"].to(device, non_blocking=True),
+                             meta=batch.get("meta"), rgb=self._rgb(batch))
             logits = self.inference.logits(model, image)
             if self.inference.crf is None or pool is None:
-                pending.append((rgb, target, self.inference.labels(logits, rgb)))
+                item.pred = self.inference.labels(logits, item.rgb)
+                pending.append((item, None))
             else:
-                pending.append((rgb, target, self._crf_submit(rgb, logits, pool)))
-            # count what is done; with a pool, wait only when too much is queued
+                jobs = self.inference.crf_jobs(logits, item.rgb)
+                pending.append((item, [pool.submit(crf_labels, *job) for job in jobs]))
+            # process what is done; with a pool, wait only when too much is queued
             while pending and (pool is None or len(pending) > max_pending
-                               or all(f.done() for f in pending[0][2])):
-                self._count(cm, *pending.popleft())
+                               or all(f.done() for f in pending[0][1])):
+                self._process(*pending.popleft())
             if log_every and (step % log_every == 0 or step == len(self.loader)):
                 log.info("eval: %d/%d batches, %.0f s", step, len(self.loader),
                          time.perf_counter() - start)
         while pending:
-            self._count(cm, *pending.popleft())
-        cm.all_reduce()
-        scores = cm.compute()
-        scores["confusion_matrix"] = cm.matrix.cpu().tolist()
+            self._process(*pending.popleft())
+        scores: dict[str, Any] = {}
+        for metric in self.metrics:
+            result = metric.evaluate()
+            if result.keys() & scores.keys():
+                raise ValueError(f"{type(metric).__name__} returns scores another metric "
+                                 f"returns: {sorted(result.keys() & scores.keys())}")
+            scores.update(result)
         return scores
 
     def _rgb(self, batch: dict[str, Any]) -> np.ndarray | None:
-        """The batch's images as read (uint8 NxHxWx3), where the CRF or figures need them."""
-        if self.inference.crf is None and len(self.samples) >= self.num_samples:
+        """The batch's images as read (uint8 NxHxWx3), where the CRF or a metric needs them."""
+        if self.inference.crf is None and not any(m.needs_rgb() for m in self.metrics):
             return None
         if "rgb" not in batch:
             raise ValueError("the evaluation loader's items carry no 'rgb' (the image as read, "
@@ -151,18 +164,9 @@ class Evaluator:
                              "set keep_rgb on the dataset (segtrain.app.build_val_set does)")
         return batch["rgb"].numpy()
 
-    def _crf_submit(self, rgb: np.ndarray, logits: torch.Tensor,
-                    pool: ProcessPoolExecutor) -> list[Future]:
-        """One CRF job per image in the pool, as ``Inference.labels`` runs it in-process:
-        float32 probabilities and the uint8 image as read."""
-        probs, crf = softmax_probs(logits), self.inference.crf
-        return [pool.submit(crf_labels, crf, rgb[i], probs[i]) for i in range(len(probs))]
-
-    def _count(self, cm: ConfusionMatrix, rgb: np.ndarray | None, target: torch.Tensor,
-               pred: torch.Tensor | list[Future]) -> None:
-        if isinstance(pred, list):
-            pred = torch.from_numpy(np.stack([f.result() for f in pred])).to(target.device)
-        cm.update(pred, target)
-        if len(self.samples) < self.num_samples:
-            self.samples.append({"image": rgb[0], "mask": target[0].cpu().numpy(),
-                                 "pred": pred[0].cpu().numpy()})
+    def _process(self, item: EvalBatch, crf_futures: list[Future] | None) -> None:
+        if crf_futures is not None:
+            labels = np.stack([f.result() for f in crf_futures])
+            item.pred = torch.from_numpy(labels).to(item.target.device)
+        for metric in self.metrics:
+            metric.process(item)

@@ -39,6 +39,10 @@ from segtrain.errors import ConfigError
 from segtrain.eval.crf import DenseCRF, crf_labels, softmax_probs
 from segtrain.models.base import SegmentationModel, bare
 
+#: ``eval.predictor.mode`` and ``eval.predictor.fusion`` (the config schema checks them)
+PREDICTOR_MODES = ("whole", "slide")
+FUSIONS = ("max", "mean")
+
 
 class Predictor:
     """Turns a model into a function ``image (N,C,H,W) -> logits (N,K,H,W)``.
@@ -55,12 +59,10 @@ class Predictor:
                  fusion: str = "max", flip: bool = False,
                  crop_size: Sequence[int] | int | None = None,
                  stride: Sequence[int] | int | None = None) -> None:
-        if mode not in ("whole", "slide"):
-            raise ValueError(f"eval.mode must be 'whole' or 'slide', got {mode!r}")
-        if fusion not in ("max", "mean"):
-            raise ValueError(f"eval.fusion must be 'max' or 'mean', got {fusion!r}")
+        assert mode in PREDICTOR_MODES and fusion in FUSIONS, (mode, fusion)
         if mode == "slide" and (crop_size is None or stride is None):
-            raise ValueError("eval.mode=slide needs eval.crop_size and eval.stride")
+            raise ValueError("eval.predictor.mode=slide needs eval.predictor.crop_size and "
+                             "eval.predictor.stride")
         self.mode, self.scales, self.fusion, self.flip = mode, list(scales), fusion, flip
         pair = lambda v: None if v is None else (  # noqa: E731
             (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1])))
@@ -167,7 +169,6 @@ class Inference:
 
     def __init__(self, predictor: Predictor, crf: DenseCRF | None = None,
                  precision: str = "fp32", output_stride: int | None = None) -> None:
-        resolve_precision(precision, torch.device("cpu"), key="eval.precision")  # checked now
         self.predictor, self.crf = predictor, crf
         self.precision, self.output_stride = precision, output_stride
 
@@ -195,8 +196,7 @@ class Inference:
     def logits(self, model: nn.Module, image: torch.Tensor,
                size: Sequence[int] | None = None) -> torch.Tensor:
         """fp32 logits (N,K,H,W) of a normalised batch, resized to ``size`` if given."""
-        dtype = autocast_dtype(resolve_precision(self.precision, image.device,
-                                                 key="eval.precision"))
+        dtype = autocast_dtype(resolve_precision(self.precision, image.device))
         with torch.autocast(image.device.type, dtype=dtype, enabled=dtype is not None):
             logits = self.predictor(model, image)
         logits = logits.float()
@@ -206,20 +206,24 @@ class Inference:
                                    align_corners=False)
         return logits
 
-    def _rgb(self, rgb: np.ndarray | None, logits: torch.Tensor) -> np.ndarray:
+    def crf_jobs(self, logits: torch.Tensor,
+                 rgb: np.ndarray | None) -> list[tuple[DenseCRF, np.ndarray, np.ndarray]]:
+        """The dense CRF's work on a batch, one ``(crf, image as read, fp32 softmax)`` job per
+        image: ``crf_labels(*job)`` is its label map, ``crf(*job[1:])`` its marginals. The
+        labels and probabilities here and the evaluator's CRF processes all run these jobs."""
         if rgb is None or tuple(rgb.shape[:3]) != (logits.shape[0], *logits.shape[-2:]):
             raise ValueError(f"the dense CRF needs the images as read, uint8 N x H x W x 3 "
                              f"matching the logits {tuple(logits.shape)}, got "
                              f"{None if rgb is None else tuple(rgb.shape)}")
-        return rgb
+        probs = softmax_probs(logits)
+        return [(self.crf, rgb[i], probs[i]) for i in range(len(probs))]
 
     def labels(self, logits: torch.Tensor, rgb: np.ndarray | None = None) -> torch.Tensor:
         """Labels (N,H,W) int64 on the logits' device: the argmax, or the CRF's on ``rgb``
         (the images as read, uint8 NxHxWx3) when there is a CRF."""
         if self.crf is None:
             return logits.argmax(1)
-        rgb, probs = self._rgb(rgb, logits), softmax_probs(logits)
-        labels = [crf_labels(self.crf, rgb[i], probs[i]) for i in range(len(probs))]
+        labels = [crf_labels(*job) for job in self.crf_jobs(logits, rgb)]
         return torch.from_numpy(np.stack(labels)).to(logits.device)
 
     def probabilities(self, logits: torch.Tensor,
@@ -228,8 +232,7 @@ class Inference:
         CRF's marginals when there is a CRF (their argmax is ``labels``)."""
         if self.crf is None:
             return logits.softmax(1)
-        rgb, probs = self._rgb(rgb, logits), softmax_probs(logits)
-        refined = [self.crf(rgb[i], probs[i]) for i in range(len(probs))]
+        refined = [crf(image, probs) for crf, image, probs in self.crf_jobs(logits, rgb)]
         return torch.from_numpy(np.stack(refined)).to(logits.device)
 
     def __call__(self, model: nn.Module, image: torch.Tensor, rgb: np.ndarray | None = None,

@@ -5,21 +5,85 @@ Rule for a class absent from both prediction and ground truth: its IoU (and accu
 undefined (0/0) and reported as NaN; means are taken over the classes where it is defined,
 so an absent class neither helps nor hurts mIoU. A class present in the prediction only has
 IoU 0 (it counts). Ignored pixels (``ignore_index``) never enter the matrix.
+
+The evaluator's metrics follow detectron2's ``DatasetEvaluator`` protocol (``Metric``):
+``reset`` before an evaluation, ``process`` for every batch of predictions, ``evaluate`` for
+the scores; the ``Evaluator`` loops over the data once and feeds every metric. A new metric
+is a ``Metric`` subclass passed to the ``Evaluator`` (``metrics=[...]``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import torch
 
+#: the summary scores of an evaluation (key -> name in tables): the run's history, best.pt,
+#: the logs, metrics.json's summary line and the ablation tables
+SUMMARY_METRICS = {"miou": "mIoU", "pixel_acc": "pixel acc", "mean_acc": "mean acc",
+                   "fwiou": "fwIoU"}
 
-class ConfusionMatrix:
-    """Accumulates ``matrix[gt, pred]`` on the tensors' device with one bincount per batch."""
+
+@dataclass
+class EvalBatch:
+    """What a metric sees of one batch of the evaluation loader, in the loader's order.
+
+    Attributes:
+        pred: predicted labels, N x H x W int64 on the evaluation device (set once the CRF
+            processes, if any, have returned them).
+        target: ground truth, N x H x W on the same device (``ignore_index`` for void).
+        meta: the items' ``"meta"`` dicts (``name``, paths, ...), one per image.
+        rgb: the images as read (uint8 N x H x W x 3) when some metric or the CRF asked for
+            them (``Metric.needs_rgb``), else None.
+    """
+
+    pred: torch.Tensor | None
+    target: torch.Tensor
+    meta: Any
+    rgb: np.ndarray | None
+
+
+class Metric:
+    """detectron2's evaluator protocol: ``reset(device)``, ``process(batch)`` for every
+    ``EvalBatch``, ``evaluate() -> dict`` of scores (keys unique among the metrics)."""
+
+    def reset(self, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def process(self, batch: EvalBatch) -> None:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def needs_rgb(self) -> bool:
+        """Whether the next ``process`` needs ``batch.rgb`` (the images as read)."""
+        return False
+
+
+class ConfusionMatrix(Metric):
+    """Accumulates ``matrix[gt, pred]`` on the tensors' device with one bincount per batch;
+    as a ``Metric``, summed over the ranks and scored by ``scores_from_matrix``."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255,
                  device: torch.device | str = "cpu") -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.reset(device)
+
+    def reset(self, device: torch.device | str) -> None:
+        self.matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64,
+                                  device=device)
+
+    def process(self, batch: EvalBatch) -> None:
+        self.update(batch.pred, batch.target)
+
+    def evaluate(self) -> dict[str, Any]:
+        """The scores over every rank's images and the matrix itself (``confusion_matrix``)."""
+        self.all_reduce()
+        return {**self.compute(), "confusion_matrix": self.matrix.cpu().tolist()}
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -77,6 +141,29 @@ def format_table(scores: dict, class_names: list[str] | tuple[str, ...]) -> str:
         fmt = lambda v: "    n/a" if v != v else f"{100 * v:7.2f}"  # noqa: E731 - NaN check
         lines.append(f"{name:<{width}}  {fmt(iou)}  {fmt(acc)}")
     lines.append("-" * (width + 18))
-    for key in ("miou", "pixel_acc", "mean_acc", "fwiou"):
+    for key in SUMMARY_METRICS:
         lines.append(f"{key:<{width}}  {100 * scores[key]:7.2f}")
     return "\n".join(lines)
+
+
+class SampleFigures(Metric):
+    """The first ``num_samples`` (image as read, ground truth, prediction) triples of this
+    rank, for the comparison figures; no score."""
+
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples = num_samples
+        self.samples: list[dict[str, np.ndarray]] = []
+
+    def reset(self, device: torch.device) -> None:
+        self.samples = []
+
+    def needs_rgb(self) -> bool:
+        return len(self.samples) < self.num_samples
+
+    def process(self, batch: EvalBatch) -> None:
+        if self.needs_rgb():
+            self.samples.append({"image": batch.rgb[0], "mask": batch.target[0].cpu().numpy(),
+                                 "pred": batch.pred[0].cpu().numpy()})
+
+    def evaluate(self) -> dict[str, Any]:
+        return {}

@@ -7,12 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.eval.evaluator import Evaluator
+from segtrain.eval.metrics import SUMMARY_METRICS
 
 if TYPE_CHECKING:
     from segtrain.engine.trainer import Trainer
-
-#: the scores an evaluation keeps in the run's history (and in best.pt)
-SUMMARY_KEYS = ("miou", "pixel_acc", "mean_acc", "fwiou")
 
 
 class PeriodicEvaluation(Callback):
@@ -34,7 +32,7 @@ class PeriodicEvaluation(Callback):
         scores = self.evaluator.run(trainer.model, trainer.device)
         evaluation = Evaluation(trainer.iteration, scores)
         if trainer.dist.is_main:
-            self.history.append({**{k: scores[k] for k in SUMMARY_KEYS},
+            self.history.append({**{k: scores[k] for k in SUMMARY_METRICS},
                                  "iteration": trainer.iteration})
             evaluation.history, evaluation.samples = self.history, self.evaluator.samples
         trainer.publish(evaluation)

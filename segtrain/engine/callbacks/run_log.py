@@ -18,8 +18,7 @@ from tqdm import tqdm
 from segtrain.core.json_files import write_json
 from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.engine.callbacks.checkpoints import best_evaluation
-from segtrain.engine.callbacks.evaluation import SUMMARY_KEYS
-from segtrain.eval.metrics import format_table
+from segtrain.eval.metrics import SUMMARY_METRICS, format_table
 from segtrain.viz import comparison_strip
 
 if TYPE_CHECKING:
@@ -82,7 +81,7 @@ class RunLog(Callback):
             return
         it, scores = evaluation.iteration, evaluation.scores
         log.info("eval at iteration %d\n%s", it, format_table(scores, self.class_names))
-        for k in SUMMARY_KEYS:
+        for k in SUMMARY_METRICS:
             self.writer.add_scalar(f"val/{k}", scores[k], it)
         for name, iou in zip(self.class_names, scores["iou"]):
             if iou == iou:  # NaN: class absent from prediction and ground truth
