@@ -200,6 +200,11 @@ def test_killed_midway_the_rerun_gives_the_uninterrupted_numbers(tmp_path, capsy
     assert _numbers((cut / "table.md").read_text()) == _numbers((whole / "table.md").read_text())
 
 
+def _submitit_jobs(out: Path) -> list[Path]:
+    """submitit's job folders (named by job id; ``%j`` holds the pickled calls)."""
+    return [p for p in out.glob("runs/.submitit/*") if p.name.isdigit()]
+
+
 @pytest.mark.slow
 def test_submitit_local_launcher_waits_for_stages_and_skips_after_a_failed_one(
         tmp_path, capsys, monkeypatch):
@@ -209,7 +214,10 @@ def test_submitit_local_launcher_waits_for_stages_and_skips_after_a_failed_one(
                         "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
     assert rc == 0
     assert "| ok |" in (out / "table.md").read_text()
-    assert len(list(out.glob("runs/.submitit/*"))) == 2  # two submitit jobs, stage first
+    assert len(_submitit_jobs(out)) == 2  # the stage, then the row once the stage succeeded
+    stage = next(out.glob("runs/stage_fcn32s_*"))
+    row = next(p for p in out.glob("runs/*_seed0_*") if p != stage)
+    assert (stage / "metrics.json").stat().st_mtime <= (row / ".hydra").stat().st_mtime
     # a stage that fails: its dependant is never submitted
     papers = tmp_path / "papers"
     papers.mkdir()
@@ -223,7 +231,7 @@ def test_submitit_local_launcher_waits_for_stages_and_skips_after_a_failed_one(
     assert rc == 0
     table = (bad / "table.md").read_text()
     assert "blocked: stage fcn32s did not finish" in table
-    assert len(list(bad.glob("runs/.submitit/*"))) == 1  # only the stage was submitted
+    assert len(_submitit_jobs(bad)) == 1  # only the stage was submitted
 
 
 def test_slurm_dependants_are_submitted_with_afterok(tmp_path):
