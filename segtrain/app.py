@@ -72,10 +72,11 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def _build_split(cfg: DictConfig, split: str) -> Any:
-    """``dataset.<split>`` with its pipeline ``dataset.<split>_transforms``."""
+def _build_split(cfg: DictConfig, split: str, **item_options: bool) -> Any:
+    """``dataset.<split>`` with its pipeline ``dataset.<split>_transforms`` and the items'
+    extra keys (``keep_rgb``, ``keep_rows``)."""
     pipeline = compose(instantiate(cfg.dataset[f"{split}_transforms"]))
-    ds = instantiate(cfg.dataset[split], transforms=pipeline)
+    ds = instantiate(cfg.dataset[split], transforms=pipeline, **item_options)
     if ds.num_classes != cfg.dataset.num_classes:
         raise ConfigError(f"dataset.num_classes={cfg.dataset.num_classes} but the {split} "
                          f"dataset {type(ds).__name__} has {ds.num_classes} classes")
@@ -90,17 +91,13 @@ def _build_split(cfg: DictConfig, split: str) -> Any:
 def build_train_set(cfg: DictConfig) -> Any:
     """The training set; with ``dataset.source_rows: true`` its items carry ``"rows"``, each
     pixel's row in the full image (``segtrain.data.source_rows``), for HANet."""
-    ds = _build_split(cfg, "train")
-    ds.keep_rows = bool(cfg.dataset.get("source_rows", False))
-    return ds
+    return _build_split(cfg, "train", keep_rows=bool(cfg.dataset.get("source_rows", False)))
 
 
 def build_val_set(cfg: DictConfig) -> Any:
     """The evaluation set; its items carry the image as read (``"rgb"``) for the CRF and
     the figures."""
-    ds = _build_split(cfg, "val")
-    ds.keep_rgb = True
-    return ds
+    return _build_split(cfg, "val", keep_rgb=True)
 
 
 def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,

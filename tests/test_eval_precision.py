@@ -101,7 +101,7 @@ def test_sliding_window_and_flip_sum_in_fp32():
 def test_msc_wrapper_fuses_in_fp32():
     out = MultiScaleInputs(HalfLogits(), [1.0, 0.5])(torch.zeros(1, 3, 16, 16))
     assert out["out"].dtype == torch.float32 and out["out_lowres"].dtype == torch.float32
-    assert out["out_s0.5"].dtype == torch.bfloat16  # each scale as the network gave it
+    assert out["scales"][0.5]["out"].dtype == torch.bfloat16  # each scale as the network gave it
 
 
 @pytest.mark.parametrize("eval_name", ["msc", "msc_crf", "msc_flip"])

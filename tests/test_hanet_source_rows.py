@@ -126,8 +126,9 @@ class RowImage(SegmentationDataset):
     class_names = ("a", "b")
     name = "rows"
 
-    def __init__(self, transforms=None, height: int = 200, width: int = 60) -> None:
-        super().__init__(transforms, 255)
+    def __init__(self, transforms=None, height: int = 200, width: int = 60,
+                 keep_rows: bool = False) -> None:
+        super().__init__(transforms, 255, keep_rows=keep_rows)
         self.height, self.width = height, width
 
     def __len__(self) -> int:
@@ -149,8 +150,7 @@ def test_rows_follow_scale_pad_crop_and_flip_of_the_image():
                                elastic_std=0, blur=0.0, crop_size=[150, 48], hflip=0.5,
                                color_jitter=0.0)
     pipeline = compose(steps)
-    ds = RowImage(pipeline)
-    ds.keep_rows = True
+    ds = RowImage(pipeline, keep_rows=True)
     padded = shifted = 0
     for position in range(12):
         seed_independently(pipeline, 0, position)
@@ -165,16 +165,16 @@ def test_rows_follow_scale_pad_crop_and_flip_of_the_image():
         padded += pad.any()
         shifted += source[0, 0] > 0
     assert padded and shifted  # both a padded crop and one away from the top were seen
-    ds.keep_rows = False
-    assert "rows" not in ds[0]
+    assert "rows" not in RowImage(compose(steps))[0]
 
 
 def test_collate_stacks_rows_only_where_items_have_them():
     from segtrain.data.loader import collate
 
-    ds = RowImage(compose([A.Normalize(mean=[0, 0, 0], std=[1, 1, 1])]), height=8, width=4)
+    normalize = [A.Normalize(mean=[0, 0, 0], std=[1, 1, 1])]
+    ds = RowImage(compose(normalize), height=8, width=4)
     assert "rows" not in collate([ds[0], ds[0]])
-    ds.keep_rows = True
+    ds = RowImage(compose(normalize), height=8, width=4, keep_rows=True)
     batch = collate([ds[0], ds[0]])
     assert batch["rows"].shape == (2, 8, 4)
     assert torch.equal(batch["rows"][0, :, 0], torch.arange(8) / 8)  # no augmentation: identity

@@ -84,9 +84,10 @@ def test_msc_wrapper_declares_its_per_scale_keys_and_delegates_the_rest():
     net = DeepLabV2(K, "resnet18", 8, "largefov", RATES)
     wrapped = MultiScaleInputs(net, [1.0, 0.5])
     out = wrapped.train()(torch.randn(2, 3, 33, 41))
-    assert set(out) == wrapped.output_keys == {
-        "out", "out_lowres", "out_s1", "out_s0.5", "out_lowres_s1", "out_lowres_s0.5"}
-    assert out["out_s0.5"].shape[-2:] == (16, 20)
+    assert set(out) == wrapped.output_keys == {"out", "out_lowres", "scales"}
+    assert list(out["scales"]) == [1.0, 0.5]
+    assert all(set(per_scale) == {"out", "out_lowres"} for per_scale in out["scales"].values())
+    assert out["scales"][0.5]["out"].shape[-2:] == (16, 20)
     wrapped.eval()
     with torch.no_grad():
         assert set(wrapped(torch.randn(1, 3, 33, 41))) == wrapped.output_keys == {"out"}

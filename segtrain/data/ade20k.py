@@ -125,8 +125,9 @@ class ADE20K(SegmentationDataset):
     name = "ade20k"
 
     def __init__(self, root: str | Path, split: str = "train", transforms=None,
-                 ignore_index: int = IGNORE_INDEX) -> None:
-        super().__init__(transforms, ignore_index)
+                 ignore_index: int = IGNORE_INDEX, keep_rgb: bool = False,
+                 keep_rows: bool = False) -> None:
+        super().__init__(transforms, ignore_index, keep_rgb, keep_rows)
         require_split("ade20k", split, SPLITS)
         self.root = find_ade_root(root)
         self.split = split

@@ -159,25 +159,29 @@ class SegmentationDataset(Dataset):
         transforms: the albumentations pipeline (``segtrain.data.transforms.compose``).
         ignore_index: the label of pixels that count nowhere (``dataset.ignore_index``); a
             uint8 value (masks are stored as uint8) that is no class id.
+        keep_rgb: items also carry ``"rgb"``, the image as read (the module docstring).
+        keep_rows: items also carry ``"rows"``, each pixel's source row (idem).
     """
 
     class_names: Sequence[str] = ()
     palette: np.ndarray = np.zeros((0, 3), np.uint8)
     #: a short name used in messages and cache file names
     name: str = "dataset"
-    #: items also carry "rgb", the image as read (see the module docstring)
-    keep_rgb: bool = False
-    #: items also carry "rows", each pixel's source row (see the module docstring)
-    keep_rows: bool = False
 
     def __init__(self, transforms: Callable[..., dict] | None = None,
-                 ignore_index: int = IGNORE_INDEX) -> None:
+                 ignore_index: int = IGNORE_INDEX, keep_rgb: bool = False,
+                 keep_rows: bool = False) -> None:
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or \
                 not 0 <= ignore_index <= 255:
             raise DatasetError(f"{self.name}: dataset.ignore_index={ignore_index!r}: expected "
                                f"an integer in 0..255 that is no class id (masks are uint8)")
         self.transforms = transforms
         self.ignore_index = ignore_index
+        self.keep_rgb, self.keep_rows = keep_rgb, keep_rows
+        extra = [key for key, kept in (("rgb", keep_rgb), ("rows", keep_rows)) if kept]
+        if transforms is not None and extra:
+            # second masks that follow every geometric step of the pipeline (nearest neighbour)
+            transforms.add_targets(dict.fromkeys(extra, "mask"))
 
     @property
     def num_classes(self) -> int:
@@ -219,14 +223,12 @@ class SegmentationDataset(Dataset):
             )
         self.check_labels(mask, source)
         meta = {**meta, "index": index, "orig_size": tuple(mask.shape[:2])}
-        extra = {}  # second masks that follow every geometric transform (nearest neighbour)
+        extra = {}  # the pipeline's second masks (the constructor's add_targets)
         if self.keep_rgb:
             extra["rgb"] = raw_rgb(image)  # no colour or normalisation step touches it
         if self.keep_rows:
             extra["rows"] = source_rows.encode(*mask.shape[:2])
         if self.transforms is not None:
-            if extra:
-                self.transforms.add_targets(dict.fromkeys(extra, "mask"))
             out = self.transforms(image=image, mask=mask, **extra)
             image, mask = out["image"], out["mask"]
             extra = {key: out[key] for key in extra}

@@ -60,8 +60,9 @@ class CamVid(SegmentationDataset):
     name = "camvid"
 
     def __init__(self, root: str | Path, split: str = "train", transforms=None,
-                 ignore_index: int = IGNORE_INDEX) -> None:
-        super().__init__(transforms, ignore_index)
+                 ignore_index: int = IGNORE_INDEX, keep_rgb: bool = False,
+                 keep_rows: bool = False) -> None:
+        super().__init__(transforms, ignore_index, keep_rgb, keep_rows)
         require_split("camvid", split, SPLITS)
         self.root = require_root(root, "camvid", LAYOUT, HOW_TO_GET)
         self.split = split

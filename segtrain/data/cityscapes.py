@@ -68,8 +68,9 @@ class Cityscapes(SegmentationDataset):
     name = "cityscapes"
 
     def __init__(self, root: str | Path, split: str = "train", transforms=None,
-                 ignore_index: int = IGNORE_INDEX) -> None:
-        super().__init__(transforms, ignore_index)
+                 ignore_index: int = IGNORE_INDEX, keep_rgb: bool = False,
+                 keep_rows: bool = False) -> None:
+        super().__init__(transforms, ignore_index, keep_rgb, keep_rows)
         require_split("cityscapes", split, SPLITS)
         self.root = require_root(root, "cityscapes", LAYOUT, HOW_TO_GET)
         self.split = split

@@ -104,8 +104,9 @@ class COCOSegmentation(SegmentationDataset):
     def __init__(self, root: str | Path, split: str = "train", classes: str = "voc",
                  cache: bool = False, cache_dir: str | Path | None = None,
                  min_area: float | None = None, transforms=None,
-                 ignore_index: int = IGNORE_INDEX) -> None:
-        super().__init__(transforms, ignore_index)
+                 ignore_index: int = IGNORE_INDEX, keep_rgb: bool = False,
+                 keep_rows: bool = False) -> None:
+        super().__init__(transforms, ignore_index, keep_rgb, keep_rows)
         require_split("coco", split, SPLITS)
         self.cat_to_train, self.class_names = category_map(classes)
         self.palette = voc_colormap(len(self.class_names))

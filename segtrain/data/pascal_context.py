@@ -108,8 +108,9 @@ class PascalContext(SegmentationDataset):
     name = "pascal_context"
 
     def __init__(self, root: str | Path, split: str = "train", classes: int = 59,
-                 transforms=None, ignore_index: int = IGNORE_INDEX) -> None:
-        super().__init__(transforms, ignore_index)
+                 transforms=None, ignore_index: int = IGNORE_INDEX, keep_rgb: bool = False,
+                 keep_rows: bool = False) -> None:
+        super().__init__(transforms, ignore_index, keep_rgb, keep_rows)
         require_split("pascal_context", split, SPLITS)
         self.class_names = class_names(classes)
         self.palette = PALETTE_60[1:] if classes == 59 else PALETTE_60

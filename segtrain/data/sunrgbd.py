@@ -72,8 +72,9 @@ class SUNRGBD(SegmentationDataset):
     name = "sunrgbd"
 
     def __init__(self, root: str | Path, split: str = "train", use_depth: bool = False,
-                 transforms=None, ignore_index: int = IGNORE_INDEX) -> None:
-        super().__init__(transforms, ignore_index)
+                 transforms=None, ignore_index: int = IGNORE_INDEX, keep_rgb: bool = False,
+                 keep_rows: bool = False) -> None:
+        super().__init__(transforms, ignore_index, keep_rgb, keep_rows)
         require_split("sunrgbd", split, SPLITS)
         self.root = require_root(root, "sunrgbd", LAYOUT, HOW_TO_GET)
         self.split = split

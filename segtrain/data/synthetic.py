@@ -137,8 +137,9 @@ class SyntheticShapes(SegmentationDataset):
 
     def __init__(self, split: str, num_samples: int, image_size: int, max_shapes: int = 3,
                  seed: int = 0, transforms: Callable[..., dict] | None = None,
-                 ignore_index: int = IGNORE_INDEX, num_classes: int = len(CLASS_NAMES)) -> None:
-        super().__init__(transforms, ignore_index)
+                 ignore_index: int = IGNORE_INDEX, keep_rgb: bool = False,
+                 keep_rows: bool = False, num_classes: int = len(CLASS_NAMES)) -> None:
+        super().__init__(transforms, ignore_index, keep_rgb, keep_rows)
         if not 2 <= num_classes <= 255:
             raise ValueError(f"dataset.num_classes must be 2..255, got {num_classes}")
         extra = range(len(CLASS_NAMES), num_classes)

@@ -161,7 +161,7 @@ class Evaluator:
         if "rgb" not in batch:
             raise ValueError("the evaluation loader's items carry no 'rgb' (the image as read, "
                              "uint8 HxWx3), which the dense CRF and the sample figures need: "
-                             "set keep_rgb on the dataset (segtrain.app.build_val_set does)")
+                             "build the dataset with keep_rgb=True (app.build_val_set does)")
         return batch["rgb"].numpy()
 
     def _process(self, item: EvalBatch, crf_futures: list[Future] | None) -> None:

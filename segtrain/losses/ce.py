@@ -14,9 +14,10 @@ Two DeepLab v2 training details (Sec. 4.1 and the released train prototxts):
   (``"out_lowres"``) with the label subsampled to their size, as the Caffe models do (an
   ``Interp`` layer shrinks the label by 8, the logits are not upsampled), instead of the
   upsampled logits with the full label.
-- multi-scale inputs (``segtrain.models.msc``): each scale's output ``"out_s<scale>"`` adds
-  its own cross-entropy against the label resized to that output's size (terms
-  ``ce_s1``, ``ce_s0.75``, ...); ``ce`` is then the term of the max-fused output.
+- multi-scale inputs (``segtrain.models.msc``): each scale's output
+  (``outputs["scales"][scale]``, its ``"out"`` or ``"out_lowres"``) adds its own
+  cross-entropy against the label resized to that output's size (terms ``ce_s1``,
+  ``ce_s0.75``, ...); ``ce`` is then the term of the max-fused output.
 
 Labels are resized by nearest neighbour (``label_grid``): ``aligned`` (default) on the
 aligned-corners grid, output position i reads input position round(i * (H - 1) / (h - 1)):
@@ -50,7 +51,6 @@ that does not declare them all.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -140,7 +140,6 @@ class CrossEntropyLoss(nn.Module):
         self.key = "out" if label_stride is None else "out_lowres"
         if label_stride is not None:
             self.required_keys = frozenset({self.key})
-        self._scale_key = re.compile(rf"^{self.key}_s([0-9.]+)$")
         self.unet_map = None
         if unet_weight_map is not None:
             unknown = set(unet_weight_map) - {"w0", "sigma", "background"}
@@ -213,14 +212,12 @@ class CrossEntropyLoss(nn.Module):
         main = self._ce if self.unet_map is None else self._unet_ce
         terms = {"ce": main(logits, target)}
         total = terms["ce"]
-        for key, scale_logits in outputs.items():
-            match = self._scale_key.match(key)
-            if match:
-                name = f"ce_s{match.group(1)}"
-                terms[name] = self._ce(scale_logits,
-                                       resize_labels(mask, scale_logits.shape[-2:],
-                                                     self.label_grid))
-                total = total + terms[name]
+        for scale, scale_outputs in outputs.get("scales", {}).items():
+            scale_logits = scale_outputs[self.key]
+            name = f"ce_s{scale:g}"
+            terms[name] = self._ce(scale_logits, resize_labels(mask, scale_logits.shape[-2:],
+                                                               self.label_grid))
+            total = total + terms[name]
         if "aux" in outputs and self.aux_weight > 0:
             terms["aux"] = self._ce(outputs["aux"],
                                    resize_labels(mask, outputs["aux"].shape[-2:],

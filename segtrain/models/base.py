@@ -8,7 +8,8 @@ the evaluator and the trainer use nothing else of it:
   In training mode (``model.train()``) the dict has exactly ``model.train_keys``: ``"out"``
   and what a loss needs (``"out_lowres"`` logits before the final upsampling for
   ``loss.label_stride``, ``"aux"`` of an auxiliary head, CPNet's ``"prior"``, DSRL's
-  ``"sr"``, ``"fa_seg"``, ``"fa_sr"``, the MSC wrapper's per-scale ``"out_s<scale>"``). In
+  ``"sr"``, ``"fa_seg"``, ``"fa_sr"``, the MSC wrapper's ``"scales"``: a mapping from each
+  input scale to that scale's own ``{"out", ["out_lowres"]}``). In
   eval mode it has exactly ``EVAL_KEYS``, ``{"out"}``: inference never pays for what only
   training uses. ``output_keys`` is the set of the current mode.
 - ``TRAIN_KEYS`` (class constant): every key a model of the class can return in training,
@@ -35,6 +36,10 @@ the evaluator and the trainer use nothing else of it:
   ``dataset.source_rows: true``; the trainer passes them, sliding-window inference passes
   each window's rows; None stands for the input's own rows. Other models take the image
   only.
+
+- ``freeze_bn``: ``set_freeze_bn(True)`` keeps every BatchNorm of the network at its
+  statistics and affine weights (DeepLab v2 Sec. 4.1 and v3 Sec. 4.1's second stage), in
+  training mode too (``train()`` re-freezes them); a network calls it once its layers exist.
 
 Wrappers: ``bare(model)`` is the ``SegmentationModel`` under ``DistributedDataParallel``
 (or ``DataParallel``); its ``state_dict`` is the one checkpoints hold. The multi-scale
@@ -76,6 +81,22 @@ class SegmentationModel(nn.Module):
         """The keys ``forward`` returns in the current mode."""
         return self.train_keys if self.training else self.EVAL_KEYS
 
+    #: every BatchNorm fixed (``set_freeze_bn``)
+    freeze_bn: bool = False
+
+    def set_freeze_bn(self, freeze_bn: bool) -> None:
+        """Keep every BatchNorm's statistics and affine weights fixed (or not); called once
+        every layer exists."""
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            freeze_batchnorm(self)
+
+    def train(self, mode: bool = True) -> SegmentationModel:
+        super().train(mode)
+        if self.freeze_bn:
+            freeze_batchnorm(self)
+        return self
+
     def param_groups(self, mults: ParamMults | None = None) -> list[dict]:
         """One role (``all``) at the base rate, split by kind (``single_group``)."""
         return single_group(self, mults)
@@ -92,6 +113,16 @@ class SegmentationModel(nn.Module):
         raise ConfigError(f"output stride {output_stride}: {type(self).__name__} cannot change "
                           f"its output stride (built with {stride}; only models with "
                           f"CAN_SET_OUTPUT_STRIDE can)")
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every BatchNorm of ``module`` in eval mode and stop its affine parameters' gradients
+    (``SegmentationModel.set_freeze_bn``; ``train()`` calls it again)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
 
 
 def bare(model: nn.Module) -> nn.Module:

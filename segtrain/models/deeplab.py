@@ -37,7 +37,7 @@ from segtrain.errors import ConfigError
 from segtrain.models.backbones.resnet import ResNet, resnet
 from segtrain.models.backbones.vgg import VGG, vgg16
 from segtrain.models.base import SegmentationModel
-from segtrain.models.param_groups import ParamMults, backbone_head_groups, freeze_batchnorm
+from segtrain.models.param_groups import ParamMults, backbone_head_groups
 
 
 class AtrousBranch(nn.Module):
@@ -188,15 +188,7 @@ class DeepLab(SegmentationModel):
                 for branch in self.head.branches:
                     _transplant_vgg_fc(self.backbone, branch)
             self.backbone.drop_classifier()
-        self.freeze_bn = freeze_bn
-        if freeze_bn:
-            freeze_batchnorm(self.backbone)
-
-    def train(self, mode: bool = True) -> DeepLab:
-        super().train(mode)
-        if self.freeze_bn:
-            freeze_batchnorm(self.backbone)
-        return self
+        self.set_freeze_bn(freeze_bn)  # the backbone's BatchNorms: the head has none
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone.forward_features(image)["c5"]

@@ -37,7 +37,7 @@ from segtrain.models.backbones.build import build_backbone, set_backbone_output_
 from segtrain.models.base import SegmentationModel
 from segtrain.models.modules.aspp import ASPP
 from segtrain.models.modules.conv import ConvBNReLU, SeparableConv2d
-from segtrain.models.param_groups import ParamMults, backbone_head_groups, freeze_batchnorm
+from segtrain.models.param_groups import ParamMults, backbone_head_groups
 
 ASPP_CHANNELS = 256  # every ASPP branch and the projection (Sec. 3.3)
 
@@ -51,8 +51,22 @@ def _scaled_rates(rates_at_16: Sequence[int], output_stride: int) -> list[int]:
     return [int(r) for r in rates]
 
 
-def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resizing with aligned corners, as the official DeepLab code (and HANet's)."""
     return F.interpolate(x, size, mode="bilinear", align_corners=True)
+
+
+def plus_decoder(low_level_in: int, low_level_channels: int, decoder_channels: int,
+                 separable: bool) -> tuple[nn.Module, nn.Sequential]:
+    """DeepLab v3+'s decoder parts (Sec. 3.1): the 1x1 reduction of the stride-4 features
+    (``reduce``) and the two 3x3 convs on [upsampled ASPP, reduced] (``decoder``)."""
+    reduce = ConvBNReLU(low_level_in, low_level_channels, 1)
+    in_ch = ASPP_CHANNELS + low_level_channels
+    if separable:
+        return reduce, nn.Sequential(SeparableConv2d(in_ch, decoder_channels),
+                                     SeparableConv2d(decoder_channels, decoder_channels))
+    return reduce, nn.Sequential(ConvBNReLU(in_ch, decoder_channels, 3),
+                                 ConvBNReLU(decoder_channels, decoder_channels, 3))
 
 
 class AtrousEncoder(SegmentationModel):
@@ -67,26 +81,28 @@ class AtrousEncoder(SegmentationModel):
         separable: depthwise separable ASPP branches.
         pretrained: ImageNet checkpoint of the backbone or ``None``.
         in_channels: input channels.
-        freeze_bn: keep every BatchNorm's statistics and affine weights fixed, as DeepLab v3's
-            second stage trains (Sec. 4.1: "we then freeze batch normalization parameters,
-            employ output stride = 8, and train on ... trainval").
+        contract_dilation: ResNets: ``False`` dilates the first block of a dilated stage like
+            the others (HANet's reference), kept by ``set_output_stride``.
+
+    The subclasses' ``freeze_bn`` keeps every BatchNorm's statistics and affine weights
+    fixed, as DeepLab v3's second stage trains (Sec. 4.1: "we then freeze batch
+    normalization parameters, employ output stride = 8, and train on ... trainval").
     """
 
     # "out_lowres": the logits before the final upsampling, for loss.label_stride
     TRAIN_KEYS = frozenset({"out", "out_lowres"})
     CAN_SET_OUTPUT_STRIDE = True
-    freeze_bn: bool = False
 
     def __init__(self, backbone: str, output_stride: int, multi_grid: Sequence[int] | None,
                  atrous_rates: Sequence[int], aspp_dropout: float, separable: bool,
-                 pretrained: str | None, in_channels: int) -> None:
+                 pretrained: str | None, in_channels: int, contract_dilation: bool = True) -> None:
         super().__init__()
         self.backbone_name = backbone
         self.multi_grid = tuple(multi_grid) if multi_grid else None
         self.in_channels = in_channels
         self.rates_at_16 = tuple(atrous_rates)
         self.backbone = build_backbone(backbone, output_stride, pretrained, self.multi_grid,
-                                       in_channels)
+                                       in_channels, contract_dilation)
         self.aspp = ASPP(self.backbone.feature_channels["c5"], ASPP_CHANNELS,
                          _scaled_rates(atrous_rates, output_stride), separable, aspp_dropout)
 
@@ -100,18 +116,6 @@ class AtrousEncoder(SegmentationModel):
     @property
     def output_stride(self) -> int:
         return self.backbone.output_stride
-
-    def _set_freeze_bn(self, freeze_bn: bool) -> None:
-        """Called by the subclasses once every layer exists (the decoder's BN included)."""
-        self.freeze_bn = freeze_bn
-        if freeze_bn:
-            freeze_batchnorm(self)
-
-    def train(self, mode: bool = True) -> AtrousEncoder:
-        super().train(mode)
-        if self.freeze_bn:
-            freeze_batchnorm(self)
-        return self
 
     head_lr_mult: float = 1.0
     head_bias_lr_mult: float = 1.0
@@ -139,7 +143,8 @@ class DeepLabV3(AtrousEncoder):
         aspp_dropout: dropout after the ASPP projection (0.1 in the official code).
         pretrained: ImageNet checkpoint of the backbone or ``None``.
         in_channels: input channels (e.g. 4 for RGB-D).
-        freeze_bn: fixed BatchNorm (DeepLab v3 Sec. 4.1, second stage; see AtrousEncoder).
+        freeze_bn: fixed BatchNorm (DeepLab v3 Sec. 4.1, second stage;
+            ``SegmentationModel.set_freeze_bn``).
     """
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
@@ -151,12 +156,12 @@ class DeepLabV3(AtrousEncoder):
                          False, pretrained, in_channels)
         self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         self.classifier = nn.Conv2d(ASPP_CHANNELS, num_classes, 1)
-        self._set_freeze_bn(freeze_bn)
+        self.set_freeze_bn(freeze_bn)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         c5 = self.backbone.forward_features(image)["c5"]
         logits = self.classifier(self.aspp(c5))  # at the output stride (loss.label_stride)
-        out = _upsample(logits, image.shape[-2:])
+        out = upsample(logits, image.shape[-2:])
         return {"out": out, "out_lowres": logits} if self.training else {"out": out}
 
     def _new_layers(self) -> list[nn.Module]:
@@ -178,7 +183,8 @@ class DeepLabV3Plus(AtrousEncoder):
         decoder_channels: channels of the two 3x3 decoder convs (256, Table 2).
         pretrained: ImageNet checkpoint of the backbone or ``None``.
         in_channels: input channels.
-        freeze_bn: fixed BatchNorm (DeepLab v3 Sec. 4.1, second stage; see AtrousEncoder).
+        freeze_bn: fixed BatchNorm (DeepLab v3 Sec. 4.1, second stage;
+            ``SegmentationModel.set_freeze_bn``).
     """
 
     def __init__(self, num_classes: int, backbone: str, output_stride: int,
@@ -190,24 +196,18 @@ class DeepLabV3Plus(AtrousEncoder):
         super().__init__(backbone, output_stride, multi_grid, atrous_rates, aspp_dropout,
                          separable, pretrained, in_channels)
         self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
-        self.reduce = ConvBNReLU(self.backbone.feature_channels["c2"], low_level_channels, 1)
-        in_ch = ASPP_CHANNELS + low_level_channels
-        if separable:
-            self.decoder = nn.Sequential(SeparableConv2d(in_ch, decoder_channels),
-                                         SeparableConv2d(decoder_channels, decoder_channels))
-        else:
-            self.decoder = nn.Sequential(ConvBNReLU(in_ch, decoder_channels, 3),
-                                         ConvBNReLU(decoder_channels, decoder_channels, 3))
+        self.reduce, self.decoder = plus_decoder(self.backbone.feature_channels["c2"],
+                                                 low_level_channels, decoder_channels, separable)
         self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
-        self._set_freeze_bn(freeze_bn)
+        self.set_freeze_bn(freeze_bn)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone.forward_features(image)
         low = self.reduce(feats["c2"])
-        x = _upsample(self.aspp(feats["c5"]), low.shape[-2:])
+        x = upsample(self.aspp(feats["c5"]), low.shape[-2:])
         x = self.decoder(torch.cat([x, low], dim=1))
         logits = self.classifier(x)  # at stride 4, the decoder's (loss.label_stride=4)
-        out = _upsample(logits, image.shape[-2:])
+        out = upsample(logits, image.shape[-2:])
         return {"out": out, "out_lowres": logits} if self.training else {"out": out}
 
     def _new_layers(self) -> list[nn.Module]:

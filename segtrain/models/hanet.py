@@ -1,4 +1,4 @@
-"""HANet: DeepLab v3+ with height-driven attention.
+"""HANet: DeepLab v3+'s parts with height-driven attention.
 
 Choi, Kim and Choo, "Cars Can't Fly up in the Sky: Improving Urban-Scene Segmentation via
 Height-driven Attention Networks", CVPR 2020. Sec. 3.3 and Fig. 4: HANet modules
@@ -63,25 +63,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from segtrain.errors import ConfigError
-from segtrain.models.backbones.build import set_backbone_output_stride
-from segtrain.models.backbones.resnet import ResNet
-from segtrain.models.deeplabv3 import ASPP_CHANNELS, DeepLabV3Plus
+from segtrain.models.backbones.build import RESNETS
+from segtrain.models.deeplabv3 import ASPP_CHANNELS, AtrousEncoder, plus_decoder, upsample
 from segtrain.models.modules.heads import FCNHead
 from segtrain.models.modules.height_attention import HeightAttention
 
 STAGES = ("layer1", "layer2", "layer3", "layer4", "layer5")
 
 
-def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return F.interpolate(x, size, mode="bilinear", align_corners=True)
-
-
-class HANet(DeepLabV3Plus):
-    """DeepLab v3+ with HANet at the ``attach`` stages and an optional auxiliary head.
+class HANet(AtrousEncoder):
+    """The atrous encoder (backbone + ASPP), DeepLab v3+'s decoder parts and HANet modules at
+    the ``attach`` stages, plus an optional auxiliary head; the module names (and so the
+    ``state_dict`` keys) are DeepLab v3+'s plus ``attention.<stage>`` and ``aux_head``.
 
     Args:
         num_classes: number of classes.
@@ -134,21 +130,20 @@ class HANet(DeepLabV3Plus):
                               f"{kernel_size}")
         if pos_noise < 0:
             raise ConfigError(f"model.pos_noise must be >= 0, got {pos_noise}")
-        super().__init__(num_classes, backbone, output_stride, multi_grid, atrous_rates,
-                         aspp_dropout, separable, low_level_channels, decoder_channels,
-                         pretrained, in_channels, head_lr_mult, head_bias_lr_mult)
-        if not contract_dilation:
-            if not isinstance(self.backbone, ResNet):
-                raise ConfigError(f"model.contract_dilation=false needs a ResNet backbone, "
-                                  f"got model.backbone={backbone}")
-            set_backbone_output_stride(self.backbone, backbone, output_stride, multi_grid,
-                                       in_channels, contract_dilation=False)
+        if not contract_dilation and backbone not in RESNETS:
+            raise ConfigError(f"model.contract_dilation=false needs a ResNet backbone, "
+                              f"got model.backbone={backbone}")
+        super().__init__(backbone, output_stride, multi_grid, atrous_rates, aspp_dropout,
+                         separable, pretrained, in_channels, contract_dilation)
+        self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         ch = self.backbone.feature_channels
-        concat = (len(self.aspp.branches) + 1) * ASPP_CHANNELS
+        self.reduce, self.decoder = plus_decoder(ch["c2"], low_level_channels,
+                                                 decoder_channels, separable)
+        self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
         lower_higher = {
             "layer1": (ch["c4"], ch["c5"]),
-            "layer2": (ch["c5"], concat),
-            "layer3": (concat, ASPP_CHANNELS),
+            "layer2": (ch["c5"], self.aspp.pyramid_channels),
+            "layer3": (self.aspp.pyramid_channels, ASPP_CHANNELS),
             "layer4": (ASPP_CHANNELS + low_level_channels, decoder_channels),
             "layer5": (decoder_channels, num_classes),
         }
@@ -179,14 +174,13 @@ class HANet(DeepLabV3Plus):
                              f"{size[1]} like the image, got shape {tuple(rows.shape)}")
         feats = self.backbone.forward_features(image)
         c5 = self._attend("layer1", feats["c4"], feats["c5"], rows)
-        branches = [branch(c5) for branch in self.aspp.branches] + [self.aspp.pooling(c5)]
-        concat = self._attend("layer2", c5, torch.cat(branches, dim=1), rows)
-        aspp = self._attend("layer3", concat, self.aspp.project(concat), rows)
+        pyramid = self._attend("layer2", c5, self.aspp.pyramid(c5), rows)
+        aspp = self._attend("layer3", pyramid, self.aspp.project(pyramid), rows)
         low = self.reduce(feats["c2"])
-        decoder_in = torch.cat([_upsample(aspp, low.shape[-2:]), low], dim=1)
+        decoder_in = torch.cat([upsample(aspp, low.shape[-2:]), low], dim=1)
         x = self._attend("layer4", decoder_in, self.decoder(decoder_in), rows)
         logits = self._attend("layer5", x, self.classifier(x), rows)
-        outputs = {"out": _upsample(logits, size)}
+        outputs = {"out": upsample(logits, size)}
         if self.training and self.aux_head is not None:
             outputs["aux"] = self.aux_head(feats["c4"])  # at stride 8, as the reference
         return outputs

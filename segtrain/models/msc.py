@@ -9,11 +9,12 @@ is the sum of the cross-entropy of each scale's output and of the fused output
 Outputs of ``MultiScaleInputs(model, scales)`` in training (its ``train_keys``):
 
 - ``"out"``: the max fusion at the input resolution (what the 1.0 scale gives);
-- ``"out_s<scale>"`` (``out_s1``, ``out_s0.75``, ``out_s0.5``): each scale's ``"out"`` at
-  its own resolution, which the loss compares with the label resized to that size;
+- ``"scales"``: ``{scale: {"out": ..., ["out_lowres": ...]}}``, each scale's own logits at
+  its own resolution (``outputs["scales"][0.75]["out"]``), which the loss compares with the
+  label resized to that size;
 - when the model returns logits before the final upsampling (``"out_lowres"``, for
   ``loss.label_stride``): ``"out_lowres"`` fused at the 1.0 scale's low resolution (the
-  released prototxt fuses there) and ``"out_lowres_s<scale>"`` per scale;
+  released prototxt fuses there), and each scale's in ``"scales"``;
 - the model's other outputs (``"aux"``, ...) from the 1.0 scale.
 
 In evaluation, as every model (``segtrain.models.base``), only the fused ``"out"``. The
@@ -33,11 +34,6 @@ from segtrain.models.base import SegmentationModel
 from segtrain.models.param_groups import ParamMults
 
 FUSED_KEYS = ("out", "out_lowres")
-
-
-def scale_key(key: str, scale: float) -> str:
-    """``out`` at scale 0.75 -> ``out_s0.75``."""
-    return f"{key}_s{scale:g}"
 
 
 class MultiScaleInputs(SegmentationModel):
@@ -64,9 +60,8 @@ class MultiScaleInputs(SegmentationModel):
 
     @property
     def train_keys(self) -> frozenset[str]:
-        """The network's keys and, for each fused one, one per scale (``out_s0.5``, ...)."""
-        inner = self.model.train_keys
-        return inner | {scale_key(k, s) for k in FUSED_KEYS if k in inner for s in self.scales}
+        """The network's keys and ``"scales"``, the per-scale logits."""
+        return self.model.train_keys | {"scales"}
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = {}
@@ -75,16 +70,16 @@ class MultiScaleInputs(SegmentationModel):
                                                      align_corners=False)
             outputs[s] = self.model(x)
         result = {k: v for k, v in outputs[1.0].items() if k not in FUSED_KEYS}
+        if self.training:
+            result["scales"] = {s: {k: outputs[s][k] for k in FUSED_KEYS if k in outputs[s]}
+                                  for s in self.scales}
         for key in FUSED_KEYS:
             if key not in outputs[1.0]:
                 continue
             size = outputs[1.0][key].shape[-2:]
             fused = None
             for s in self.scales:
-                logits = outputs[s][key]
-                if self.training:
-                    result[scale_key(key, s)] = logits
-                logits = logits.float()
+                logits = outputs[s][key].float()
                 if logits.shape[-2:] != size:
                     logits = F.interpolate(logits, size=size, mode="bilinear",
                                            align_corners=False)

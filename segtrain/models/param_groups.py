@@ -122,15 +122,3 @@ def single_group(model: nn.Module, mults: ParamMults | None = None) -> list[dict
     backbone (U-Net, SegNet-Basic) or trained at one rate (FCN)."""
     mults = mults or UNIFORM
     return _role_groups("all", _by_kind([model], set()), 1.0, mults.bias.lr, mults)
-
-
-def freeze_batchnorm(module: nn.Module) -> None:
-    """Keep BatchNorm statistics and affine parameters fixed (DeepLab v2 trains this way).
-
-    Call after ``model.train()``; the trainer does so through ``model.train()`` overrides.
-    """
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)

@@ -60,10 +60,12 @@ class ASPP(nn.Module):
         self.branches = nn.ModuleList(branches)
         self.pooling = ImagePooling(in_channels, out_channels)
         self.project = nn.Sequential(
-            ConvBNReLU((len(branches) + 1) * out_channels, out_channels, 1),
+            ConvBNReLU((len(branches) + 1) * out_channels, out_channels, 1),  # pyramid_channels
             nn.Dropout(dropout),
         )
         self.out_channels = out_channels
+        #: channels of ``pyramid``'s output, the projection's input
+        self.pyramid_channels = (len(branches) + 1) * out_channels
         self.atrous_rates = tuple(atrous_rates)
 
     def set_rates(self, atrous_rates: Sequence[int]) -> None:
@@ -75,7 +77,11 @@ class ASPP(nn.Module):
             set_dilation(conv, rate)
         self.atrous_rates = tuple(atrous_rates)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pyramid(self, x: torch.Tensor) -> torch.Tensor:
+        """The branches and the image pooling, concatenated (before the projection)."""
         outs = [branch(x) for branch in self.branches]
         outs.append(self.pooling(x))
-        return self.project(torch.cat(outs, dim=1))
+        return torch.cat(outs, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.pyramid(x))
