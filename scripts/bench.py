@@ -92,7 +92,7 @@ def config(*overrides: str) -> DictConfig:
 
 def memory_batches(cfg: DictConfig, count: int) -> list[dict]:
     """``count`` collated training batches, made once and shared by every loop."""
-    loader = train_loader(app.build_train_set(cfg), cfg.trainer.batch_size, 0, cfg.seed)
+    loader = train_loader(app.build_train_set(cfg), app.train_batch(cfg, 1).per_rank, 0, cfg.seed)
     return [b for b, _ in zip(loader, range(count))]
 
 
@@ -136,7 +136,7 @@ def bare_loop(cfg: DictConfig, batches: list[dict], steps: int, warmup: int,
         sched.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return images_per_s(stamps, warmup, cfg.trainer.batch_size)
+    return images_per_s(stamps, warmup, app.train_batch(cfg, 1).per_rank)
 
 
 # -- segtrain's trainer ---------------------------------------------------------------------
@@ -171,7 +171,7 @@ def trainer_loop(cfg: DictConfig, batches: list[dict], steps: int, warmup: int,
         trainer.fit()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return images_per_s(stamps, warmup, cfg.trainer.batch_size)
+    return images_per_s(stamps, warmup, app.train_batch(cfg, 1).per_rank)
 
 
 def alternate(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
@@ -221,8 +221,8 @@ def section_data(args, rows: list[list[str]]) -> None:
                      else f"skipped: no CamVid at {args.camvid}"])
         return
     cfg = config("dataset=camvid", f"dataset.root={args.camvid}", "model=deeplabv3plus",
-                 "model.backbone=mobilenetv2", "trainer.batch_size=4")
-    batch_size = cfg.trainer.batch_size
+                 "model.backbone=mobilenetv2", "trainer.global_batch_size=4")
+    batch_size = app.train_batch(cfg, 1).per_rank
     batches = memory_batches(cfg, 2)
     # the model's consumption: bare training steps at the full 360x480 crop, on the wall
     # clock like the loader
@@ -386,7 +386,7 @@ def deeplabv3_precisions(plan: CudaPlan, tmp: Path) -> list[dict]:
     Trainer on batches already on the device), peak memory, model FLOP utilisation."""
     size = (plan.size, plan.size)
     cfg = config(*PRECISION_MODEL, f"dataset.image_size={plan.size}",
-                 f"trainer.batch_size={plan.batch}")
+                 f"trainer.global_batch_size={plan.batch}")
     batches = random_batches(cfg.dataset.num_classes, 3, size, plan.batch, 4, plan.device)
     flops = train_step_flops(cfg, size)
     name = torch.cuda.get_device_name(plan.device) if not plan.dry_run else "cpu (dry run)"

@@ -70,7 +70,7 @@ def markdown(results: list[dict], load_before: float, load_after: float) -> str:
         f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with "
         f"{os.cpu_count()} CPU cores (load average {load_before:.1f} before, "
         f"{load_after:.1f} after), precision {t['precision']}, {first['iterations']} iterations "
-        f"of batch {t['batch_size']}"
+        f"of batch {t['global_batch_size'] or t['batch_size']}"
         + (f" at {first['image_size']}x{first['image_size']}" if first["image_size"] else "")
         + "; regenerate with `python scripts/readme_numbers.py`.",
     ]

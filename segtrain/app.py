@@ -22,7 +22,7 @@ from segtrain.core.precision import resolve_precision
 from segtrain.core.rng import seed_everything, stream_seed
 from segtrain.data.loader import eval_loader, train_loader
 from segtrain.data.transforms import compose
-from segtrain.engine.batch import per_rank_batch
+from segtrain.engine.batch import Batch, resolve_batch
 from segtrain.engine.callbacks.checkpoints import Checkpoints, best_evaluation
 from segtrain.engine.callbacks.evaluation import PeriodicEvaluation
 from segtrain.engine.callbacks.preemption import Preemption
@@ -116,11 +116,14 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
     node = OmegaConf.to_container(cfg.model, resolve=True)
     msc = node.pop("msc", None) or {}
     source = node.pop("init_from", None)
+    bn_momentum = node.pop("bn_momentum", None)
     node.pop("param_mults", None)  # the optimizer's (param_mults below), not the network's
     model = instantiate(node, **overrides)
     if not isinstance(model, SegmentationModel):
         raise ConfigError(f"model._target_={node['_target_']} is not a "
                           f"segtrain.models.base.SegmentationModel (the model contract)")
+    if bn_momentum is not None:
+        set_bn_momentum(model, float(bn_momentum))
     if initialise and source not in (None, ""):
         init_from(model, source)
     scales = msc.get("train_scales")
@@ -129,6 +132,16 @@ def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
 
         model = MultiScaleInputs(model, list(scales))
     return model
+
+
+def set_bn_momentum(model: torch.nn.Module, momentum: float) -> None:
+    """``model.bn_momentum``: the running-statistics momentum of every BatchNorm layer."""
+    if not 0.0 < momentum <= 1.0:
+        raise ConfigError(f"model.bn_momentum={momentum}: expected a value in (0, 1] "
+                          f"(PyTorch's convention: 1 - TensorFlow's decay)")
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
 
 
 def _model_class(path: Path) -> type:
@@ -223,6 +236,12 @@ def build_optimizer(cfg: DictConfig, groups: list[dict]) -> torch.optim.Optimize
     return instantiate(cfg.optim)(param_groups)
 
 
+def train_batch(cfg: DictConfig, world_size: int) -> Batch:
+    """The batch of one optimizer step on ``world_size`` ranks (``segtrain.engine.batch``)."""
+    t = cfg.trainer
+    return resolve_batch(t.batch_size, t.global_batch_size, int(t.iter_size), world_size)
+
+
 def build_inference(cfg: DictConfig) -> Inference:
     """``cfg.eval``: predictor, optional dense CRF, ``eval.precision`` and
     ``eval.output_stride`` (null: as trained); the one test-time path of the evaluator,
@@ -241,7 +260,9 @@ def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
     return Evaluator(eval_loader(val_set, cfg.trainer.num_workers, dist.rank, dist.world_size),
                      cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
                      build_inference(cfg), num_samples=cfg.eval.num_samples,
-                     show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"))
+                     show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"),
+                     per_image=bool(cfg.eval.get("save_per_image", False)),
+                     dump_worst=int(cfg.eval.get("dump_worst", 0)))
 
 
 def check_single_pyramid(train_scales, predictor) -> None:
@@ -265,6 +286,28 @@ def palette_of(dataset, num_classes: int):
         default_palette(num_classes)
 
 
+def tracker(cfg: DictConfig, class_names, palette) -> list:
+    """``logger.callback`` (``logger=mlflow``...), or none (``logger=tensorboard``: RunLog
+    writes TensorBoard for every run). A sweep's jobs share one experiment: the sweep
+    folder."""
+    node = (cfg.get("logger") or {}).get("callback")
+    if not node:
+        return []
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    experiment = node.get("experiment")
+    if experiment is None:
+        experiment = "segtrain"
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            experiment = str(Path(HydraConfig.get().sweep.dir).resolve())
+    # a partial: the config and palette are passed as they are, not merged into Hydra's node
+    build = instantiate(node, _partial_=True)
+    return [build(experiment=experiment, params=OmegaConf.to_container(cfg, resolve=True),
+                  class_names=list(class_names), palette=palette,
+                  ignore_index=cfg.dataset.ignore_index)]
+
+
 def resume_source(resume: str | None, run_dir: Path) -> str | Path | None:
     """``auto`` resumes this run folder's last.pt when it exists (a requeued SLURM job)."""
     if resume in (None, "", "null"):
@@ -282,6 +325,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     dist = distributed.init()
     seed_everything(cfg.seed + dist.rank, cfg.trainer.deterministic)
     device = pick_device(cfg.trainer.device, dist.local_rank)
+    batch = train_batch(cfg, dist.world_size)  # a batch that cannot be: refused before the data
 
     train_set, val_set = build_train_set(cfg), build_val_set(cfg)
     log.info("data: %s train %d / val %d images, %d classes", cfg.dataset.name,
@@ -312,14 +356,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     evaluator.check_model(model)  # eval.output_stride: refused now, not at the first eval
 
     t = cfg.trainer
-    batch_size = t.batch_size
-    if t.global_batch_size is not None:
-        batch_size = per_rank_batch(int(t.global_batch_size), dist.world_size, t.iter_size)
-    effective = batch_size * t.iter_size * dist.world_size
-    log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)%s",
-             effective, batch_size, t.iter_size, dist.world_size,
-             "" if t.global_batch_size is None else
-             f" (trainer.global_batch_size={t.global_batch_size}; trainer.batch_size unused)")
+    batch_size, effective = batch.per_rank, batch.images_per_step
+    log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)",
+             effective, batch_size, t.iter_size, dist.world_size)
     # what a resumed run must share with the checkpoint, or its poly curve bends
     schedule = {"trainer.max_iters": int(t.max_iters),
                 "lr": OmegaConf.to_container(cfg.lr, resolve=True),
@@ -330,17 +369,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                                 pin_memory=device.type == "cuda")
     evaluation = PeriodicEvaluation(evaluator, t.eval_interval)
     # in this order: last.pt after an evaluation holds it; the preemption exit comes last
+    palette = palette_of(val_set, cfg.dataset.num_classes)
     callbacks = [evaluation, Checkpoints(t.checkpoint_interval),
-                 RunLog(val_set.class_names, palette_of(val_set, cfg.dataset.num_classes),
-                        cfg.dataset.ignore_index),
-                 Preemption()]
+                 RunLog(val_set.class_names, palette, cfg.dataset.ignore_index),
+                 *tracker(cfg, val_set.class_names, palette), Preemption()]
     trainer = Trainer(
         model, loss_fn, optimizer, lr_factor, batches, run_dir, max_iters=t.max_iters,
         iter_size=t.iter_size, precision=t.precision, clip_grad_norm=t.clip_grad_norm,
         log_interval=t.log_interval, seed=cfg.seed, device=device, callbacks=callbacks,
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, compile=t.compile,
         channels_last=t.channels_last, schedule=schedule,
-        allow_schedule_change=bool(t.resume_allow_schedule_change))
+        allow_schedule_change=bool(t.resume_allow_schedule_change), ema_decay=t.ema.decay)
     source = resume_source(t.resume, run_dir)
     if source is not None:
         trainer.load_state_dict(checkpoint.load(source), checkpoint.resolve(source))

@@ -16,10 +16,14 @@ run's, and ``dataset.*`` keys given here are merged over the run's (the data mov
 split). Prints the per-class table and writes
 ``<run>/eval_<name>.json`` (scores, confusion matrix, the eval config and the command's
 ``eval.*`` overrides) and ``<run>/eval_<name>_samples.png`` (image | ground truth |
-prediction). ``<name>`` is ``name=`` if given, else the eval option's name with ``_os<N>``
-when ``eval.output_stride`` is set, so OS 16 and OS 8 results of one option do not overwrite
-each other (``name=msc_crf_searched`` for a CRF with other values). Hydra's own log of
-this call goes to ``<run>/eval/<time>_<eval>/``, so evaluation leaves ``outputs/`` alone.
+prediction); with ``eval.save_per_image=true`` also ``<run>/eval_<name>_per_image.npz``
+(``segtrain.eval.per_image``, what scripts/compare_runs.py reads); with
+``eval.dump_worst=N`` the N images of lowest per-image mIoU as panels in
+``<run>/eval_<name>_worst/``. ``<name>`` is ``name=``
+if given, else the eval option's name with ``_os<N>`` when ``eval.output_stride`` is set,
+so OS 16 and OS 8 results of one option do not overwrite each other
+(``name=msc_crf_searched`` for a CRF with other values). Hydra's own log of this call
+goes to ``<run>/eval/<time>_<eval>/``, so evaluation leaves ``outputs/`` alone.
 
 Under torchrun (or SLURM tasks) each rank scores every W-th image, the confusion matrices
 are summed across ranks, and rank 0 prints and writes: the scores equal one process's.
@@ -46,8 +50,9 @@ from segtrain.cli import user_errors
 from segtrain.core import checkpoint, distributed
 from segtrain.core.json_files import write_json
 from segtrain.errors import UserError
+from segtrain.eval import per_image
 from segtrain.eval.metrics import SUMMARY_METRICS, format_table
-from segtrain.viz import comparison_strip
+from segtrain.viz import comparison_strip, write_worst
 
 log = logging.getLogger("segtrain")
 
@@ -185,7 +190,7 @@ def build_model(run_cfg: DictConfig, state: dict[str, Any], device: torch.device
     # RGB-D runs (SUN RGB-D use_depth=true) need a 4-channel stem; RGB models keep the
     # constructor's default so families without an in_channels argument still build
     model = app.build_model(OmegaConf.merge(run_cfg, {"model": model_cfg}), in_channels)
-    checkpoint.load_model_state(model, state, source)
+    checkpoint.load_model_state(model, checkpoint.inference_weights(state), source)
     return model.to(device).eval()
 
 
@@ -259,8 +264,14 @@ def evaluate(cfg: DictConfig, eval_name: str,
     print(table, flush=True)
     out = run_dir / f"eval_{result['name']}.json"
     write_json(result, out)
+    if evaluator.per_image is not None:
+        per_image.save(evaluator.per_image, list(val_set.class_names),
+                       run_dir / f"eval_{result['name']}_per_image.npz")
+    palette = palette_of(val_set, run_cfg.dataset.num_classes)
+    if evaluator.worst:
+        write_worst(evaluator.worst, run_dir / f"eval_{result['name']}_worst", palette,
+                    run_cfg.dataset.ignore_index)
     if evaluator.samples:
-        palette = palette_of(val_set, run_cfg.dataset.num_classes)
         strip = comparison_strip(evaluator.samples, palette, run_cfg.dataset.ignore_index)
         Image.fromarray(np.ascontiguousarray(strip)).save(
             run_dir / f"eval_{result['name']}_samples.png")

@@ -40,7 +40,7 @@ def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sweep")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "segtrain", "-m", "experiment=unet", "lr=poly,step",
-            *TINY, "model.base_channels=4", "trainer.batch_size=2",
+            *TINY, "model.base_channels=4", "trainer.global_batch_size=2",
             f"hydra.sweep.dir={root / 'multirun'}",
             # the default subdir (all overrides) would exceed the 255-byte file-name limit
             "hydra.sweep.subdir=${hydra.job.num}"]

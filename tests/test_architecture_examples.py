@@ -20,7 +20,7 @@ from tests.conftest import CONF_DIR, REPO
 from tests.dataset_miniatures import save_jpg, save_png
 
 DOC = REPO / "docs" / "architecture.md"
-RUN = ["trainer.max_iters=2", "trainer.batch_size=2", "trainer.num_workers=0",
+RUN = ["trainer.max_iters=2", "trainer.global_batch_size=2", "trainer.num_workers=0",
        "trainer.eval_interval=2", "trainer.log_interval=1", "trainer.checkpoint_interval=2",
        "trainer.device=cpu", "trainer.resume=null"]
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from segtrain import app
 from segtrain.app import train
 from segtrain.core import checkpoint
 from segtrain.engine.batch import per_rank_batch
@@ -35,23 +36,31 @@ PAPER_BATCH = {"deeplabv1_voc": 20, "deeplabv2_voc": 10, "deeplabv2_aspp_ablatio
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_BATCH))
-def test_paper_experiments_set_their_papers_batch(name, tmp_path):
+def test_paper_experiments_train_their_papers_batch_on_1_and_2_ranks(name, tmp_path):
     root = [] if name == "unet" else [f"dataset.root={tmp_path}"]  # unet: embedded data
     cfg = compose_config([f"experiment={name}", *root])
-    t = cfg.trainer
-    assert t.global_batch_size == PAPER_BATCH[name]
-    assert per_rank_batch(t.global_batch_size, 1, t.iter_size) * t.iter_size == PAPER_BATCH[name]
+    assert app.train_batch(cfg, 1).images_per_step == PAPER_BATCH[name]
+    if PAPER_BATCH[name] % (2 * cfg.trainer.iter_size) == 0:
+        assert app.train_batch(cfg, 2).images_per_step == PAPER_BATCH[name]
 
 
 def test_global_batch_size_sets_the_per_rank_batch_and_the_log_states_it(tiny_cfg, tmp_path,
                                                                          caplog):
     cfg = tiny_cfg("trainer.global_batch_size=4", "trainer.iter_size=2",
-                   "trainer.batch_size=7", "trainer.max_iters=1", "trainer.eval_interval=100")
+                   "trainer.max_iters=1", "trainer.eval_interval=100")
     with caplog.at_level(logging.INFO, logger="segtrain"):
         train(cfg, tmp_path)
     assert "batch: 4 images per step = 2 per rank x trainer.iter_size 2 x 1 rank(s)" \
         in caplog.text
     assert checkpoint.load(tmp_path)["schedule"]["images per step"] == 4
+
+
+def test_a_per_rank_batch_beside_the_global_batch_is_refused_before_anything_is_built(
+        tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.batch_size=3 and "
+                                          r"trainer.global_batch_size=2 are both set"):
+        train(tiny_cfg("trainer.batch_size=3"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_global_batch_size_that_does_not_divide_is_refused(tiny_cfg, tmp_path):
@@ -70,7 +79,7 @@ def test_resume_with_another_max_iters_or_batch_is_refused_with_both_values(tiny
     assert "\n" not in message and "trainer.max_iters 2 -> 4" in message
     assert "trainer.resume_allow_schedule_change=true" in message
     with pytest.raises(ScheduleChanged, match="images per step 2 -> 4"):
-        train(tiny_cfg(*common, resume, "trainer.batch_size=4"), tmp_path / "b")
+        train(tiny_cfg(*common, resume, "trainer.global_batch_size=4"), tmp_path / "b")
     with pytest.raises(ScheduleChanged, match=r"lr \{.*'power': 0.9.*\} -> \{.*'power': 1.0"):
         train(tiny_cfg(*common, resume, "lr.power=1.0"), tmp_path / "c")
     # the same schedule resumes; asked for explicitly, a new max_iters continues to its end

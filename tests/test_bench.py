@@ -12,7 +12,7 @@ from tests.conftest import REPO
 sys.path.insert(0, str(REPO / "scripts"))
 import bench  # noqa: E402
 
-TINY = ["dataset.image_size=32", "dataset.train.num_samples=8", "trainer.batch_size=2",
+TINY = ["dataset.image_size=32", "dataset.train.num_samples=8", "trainer.global_batch_size=2",
         "trainer.log_interval=2"]
 
 

@@ -29,7 +29,7 @@ from segtrain.predict import predict
 from tests.conftest import CONF_DIR, compose_config
 from tests.dataset_miniatures import make_camvid, make_sunrgbd
 
-SHORT = ["trainer.max_iters=2", "trainer.batch_size=2", "trainer.num_workers=0",
+SHORT = ["trainer.max_iters=2", "trainer.global_batch_size=2", "trainer.num_workers=0",
          "trainer.eval_interval=2", "trainer.checkpoint_interval=2", "trainer.log_interval=1",
          "trainer.device=cpu", "trainer.resume=null"]
 

@@ -75,9 +75,9 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
     """One process with batch 4, and two ranks with batch 2 each: the same global batch."""
     root = tmp_path_factory.mktemp("ddp")
     one, two = root / "one", root / "two"
-    _run([sys.executable, "-m", "segtrain", *EQUIVALENT, "trainer.batch_size=4",
+    _run([sys.executable, "-m", "segtrain", *EQUIVALENT, "trainer.global_batch_size=4",
           f"hydra.run.dir={one}"])
-    _run([*TORCHRUN, "-m", "segtrain", *EQUIVALENT, "trainer.batch_size=2",
+    _run([*TORCHRUN, "-m", "segtrain", *EQUIVALENT, "trainer.global_batch_size=4",
           f"hydra.run.dir={two}"])
     return one, two
 
@@ -182,9 +182,10 @@ def _rank_pid(run_dir: Path, rank: int) -> int | None:
 
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([*TORCHRUN, "-m", "segtrain", *EQUIVALENT, "trainer.batch_size=2",
-                             "trainer.max_iters=40", "trainer.checkpoint_interval=1",
-                             "trainer.eval_interval=100", f"hydra.run.dir={run}"],
+    proc = subprocess.Popen([*TORCHRUN, "-m", "segtrain", *EQUIVALENT,
+                             "trainer.global_batch_size=4", "trainer.max_iters=40",
+                             "trainer.checkpoint_interval=1", "trainer.eval_interval=100",
+                             f"hydra.run.dir={run}"],
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:

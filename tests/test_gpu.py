@@ -40,7 +40,7 @@ pytestmark = pytest.mark.cuda
 
 # TINY, on the GPU (later overrides win); images of 64 so that ResNet-101 at output stride 16
 # still has a 4x4 feature map
-CUDA_TINY = [*TINY, "trainer.device=cuda", "dataset.image_size=64", "trainer.batch_size=4"]
+CUDA_TINY = [*TINY, "trainer.device=cuda", "dataset.image_size=64", "trainer.global_batch_size=4"]
 # the same run on every device: no dropout (its masks come from per-device generators), SGD
 # (Adam's normalisation would magnify tiny gradient differences), fp32
 SAME_RUN = ["model.dropout=0.0", "optim=sgd", "optim.lr=0.01", "trainer.precision=fp32",
@@ -251,11 +251,11 @@ def test_two_gpus_with_sync_bn_train_to_the_weights_of_one_process(tmp_path):
     (statistics of the global batch) gives the one-process weights and running statistics;
     the same run without it is the control that shows SyncBatchNorm was used."""
     one, two, unsynced = tmp_path / "one", tmp_path / "two", tmp_path / "unsynced"
-    _run([sys.executable, "-m", "segtrain", *DDP_RUN, "trainer.batch_size=4",
+    _run([sys.executable, "-m", "segtrain", *DDP_RUN, "trainer.global_batch_size=4",
           f"hydra.run.dir={one}"], cwd=tmp_path)
-    _run([*_torchrun(2), "-m", "segtrain", *DDP_RUN, "trainer.batch_size=2",
+    _run([*_torchrun(2), "-m", "segtrain", *DDP_RUN, "trainer.global_batch_size=4",
           "trainer.sync_bn=true", f"hydra.run.dir={two}"], cwd=tmp_path)
-    _run([*_torchrun(2), "-m", "segtrain", *DDP_RUN, "trainer.batch_size=2",
+    _run([*_torchrun(2), "-m", "segtrain", *DDP_RUN, "trainer.global_batch_size=4",
           "trainer.sync_bn=false", f"hydra.run.dir={unsynced}"], cwd=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two", "unsynced"]
     a, b, c = (checkpoint.load(r)["model"] for r in (one, two, unsynced))
@@ -323,7 +323,7 @@ def test_crf_worker_pool_starts_after_cuda_initialisation(trained_run):
 def test_peak_memory_of_deeplabv3_resnet101_at_512_batch_8_bf16(tmp_path):
     cfg = compose_config([*CUDA_TINY, "model=deeplabv3", "dataset.image_size=512",
                           "dataset.train.num_samples=8", "dataset.val.num_samples=1",
-                          "trainer.batch_size=8", "trainer.precision=bf16",
+                          "trainer.global_batch_size=8", "trainer.precision=bf16",
                           "trainer.max_iters=2", "trainer.eval_interval=2",
                           "trainer.checkpoint_interval=2"])
     torch.cuda.empty_cache()

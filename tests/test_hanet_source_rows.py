@@ -206,7 +206,7 @@ def test_hanet_experiment_trains_with_rows_through_the_app(tmp_path, monkeypatch
         "model.backbone=resnet18", "model.decoder_channels=32", "model.aux_channels=32",
         "model.output_stride=16", "dataset.crop_size=[32,32]", "dataset.num_workers=0",
         "trainer.num_workers=0", "trainer.device=cpu", "trainer.resume=null",
-        "trainer.max_iters=1", "trainer.batch_size=2", "trainer.global_batch_size=2",
+        "trainer.max_iters=1", "trainer.global_batch_size=2",
         "trainer.eval_interval=1", "trainer.log_interval=1", "trainer.checkpoint_interval=1"])
     assert cfg.dataset.source_rows is True and cfg.model.pos_noise == 0.5
     metrics = app.train(cfg, tmp_path / "run")

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from segtrain import config_schema
+from segtrain import app, config_schema
 from segtrain.core import checkpoint
 from segtrain.data.transforms import compose
 from segtrain.errors import ConfigError
@@ -133,7 +133,7 @@ def test_deeplabv1_voc_experiment_is_the_released_solver(tmp_path):
     assert (cfg.model.head_lr_mult, cfg.model.head_bias_lr_mult) == (10, 20)
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.001, 0.9, 0.0005)
     assert cfg.trainer.max_iters == 6000
-    assert cfg.trainer.batch_size * cfg.trainer.iter_size == 20
+    assert app.train_batch(cfg, 1).images_per_step == 20
     assert list(cfg.dataset.crop_size) == [321, 321]
     factor = instantiate(cfg.lr)(max_iters=cfg.trainer.max_iters)
     assert [factor(i) for i in (0, 1999, 2000, 3999, 4000, 5999)] == \
@@ -256,7 +256,8 @@ def test_fcn_experiments_use_the_reference_solver(tmp_path):
         assert cfg.optim.lr == pytest.approx(ref_lr * pixels, rel=1e-9)
         assert cfg.optim.weight_decay == pytest.approx(5e-4 / pixels, rel=1e-3)
         assert cfg.optim.momentum == 0.99
-        assert (cfg.trainer.batch_size, cfg.trainer.iter_size) == (1, 1)
+        batch = app.train_batch(cfg, 1)
+        assert (batch.images_per_step, batch.iter_size) == (1, 1)
         assert cfg.trainer.max_iters == 100_000
         assert instantiate(cfg.lr)(max_iters=100_000)(99_999) == 1.0  # "fixed"
         # staged: 16s and 8s must name the net they start from
@@ -372,7 +373,7 @@ def test_new_configs_train_two_steps_through_the_app(overrides, tiny_cfg, tmp_pa
     from segtrain.app import train
 
     cfg = tiny_cfg(*overrides, "trainer.max_iters=2", "trainer.eval_interval=2",
-                   "trainer.batch_size=2", "dataset.val.num_samples=2")
+                   "trainer.global_batch_size=2", "dataset.val.num_samples=2")
     metrics = train(cfg, tmp_path)
     assert 0.0 <= metrics["miou"] <= 1.0
     assert (tmp_path / "checkpoints" / "last.pt").is_file()

@@ -16,7 +16,7 @@ PAPER_DIR = CONF_DIR / "experiment" / "paper"
 PAPER_FILES = sorted(PAPER_DIR.glob("*.yml"))
 ROW_KEYS = {"overrides", "value", "metric", "split", "table", "paper", "confirmed", "crf",
             "msc", "flip"}
-OPTIONAL_KEYS = {"name", "note", "stage"}
+OPTIONAL_KEYS = {"name", "note", "protocol", "stage"}
 METRICS = set(SUMMARY_METRICS)
 GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 
@@ -34,7 +34,8 @@ def _norm(value) -> str:
 @pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)
 def test_paper_file_is_well_formed(path):
     data = _load(path)
-    assert set(data) <= {"rows", "other", "pending", "stages", "train"}, path.name
+    assert set(data) <= {"rows", "other", "pending", "protocol", "deviations", "stages",
+                         "train"}, path.name
     stages = data.get("stages") or {}
     for name, stage in stages.items():
         assert set(stage) <= {"experiment", "overrides", "after", "note"}, f"{path.name}: {name}"
@@ -100,30 +101,9 @@ def test_inference_flags_agree_with_the_eval_overrides():
         assert bool(cfg.eval.predictor.flip) == row["flip"], (experiment, index)
 
 
-def test_deeplabv2_table2_is_one_sweep_of_its_five_rows():
-    rows = _load(PAPER_DIR / "deeplabv2_lr_policy.yml")["rows"]
-    swept = OmegaConf.load(CONF_DIR / "experiment" / "deeplabv2_lr_policy.yaml")
-    options = [o.strip() for o in swept.hydra.sweeper.params["+paper_row"].split(",")]
-    assert options == [r["overrides"]["+paper_row"] for r in rows]
-    # TABLE 2 of arXiv 1606.00915v2: policy, batch, iterations -> mIoU (before CRF)
-    table = [("step", 30, 6000, 62.25), ("poly", 30, 6000, 63.42), ("poly", 30, 10000, 64.90),
-             ("poly", 10, 10000, 64.71), ("poly", 10, 20000, 65.88)]
-    for row, (policy, batch, iters, value) in zip(rows, table):
-        cfg = compose_config(["experiment=deeplabv2_lr_policy", "dataset.root=/x",
-                              f"+paper_row={row['overrides']['+paper_row']}"])
-        assert cfg.lr._target_.endswith(f".{policy}")
-        assert cfg.trainer.batch_size * cfg.trainer.iter_size == batch
-        assert cfg.trainer.max_iters == iters and row["value"] == value
-        if policy == "step":  # DeepLab v1: x0.1 every 2000 iterations
-            assert list(cfg.lr.milestones) == [2000, 4000] and cfg.lr.gamma == 0.1
-        else:
-            assert cfg.lr.power == 0.9
-        assert cfg.optim.lr == 0.001 and cfg.dataset.split == "train_aug"
-
-
-def test_deeplabv1_batch_20_and_step_every_2000():
+def test_deeplabv1_steps_every_2000():
+    # the batch of 20 is checked through training's resolution in tests/test_protocol.py
     cfg = compose_config(["experiment=deeplabv1_voc", "dataset.root=/x"])
-    assert cfg.trainer.batch_size * cfg.trainer.iter_size == 20
     assert list(cfg.lr.milestones) == [2000, 4000] and cfg.lr.gamma == 0.1
     assert cfg.lr._target_.endswith(".step")
 
@@ -133,7 +113,7 @@ def test_deeplabv3_two_stages():
     second = compose_config(["experiment=deeplabv3_voc_trainval", "dataset.root=/x",
                              "model.init_from=/runs/stage1"])
     assert (first.dataset.split, first.model.output_stride, first.optim.lr,
-            first.trainer.max_iters, first.trainer.batch_size, first.model.freeze_bn) == \
+            first.trainer.max_iters, first.trainer.global_batch_size, first.model.freeze_bn) == \
         ("train_aug", 16, 0.007, 30000, 16, False)
     assert (second.dataset.split, second.model.output_stride, second.optim.lr,
             second.trainer.max_iters, second.model.freeze_bn, second.model.init_from) == \
@@ -141,7 +121,7 @@ def test_deeplabv3_two_stages():
     assert second.model.pretrained is None
     # everything else is the first stage's protocol
     assert second.dataset.crop_size == first.dataset.crop_size
-    assert second.trainer.batch_size == 16 and second.lr.power == 0.9
+    assert second.trainer.global_batch_size == 16 and second.lr.power == 0.9
 
 
 @pytest.mark.parametrize("cls_name", ["DeepLabV3", "DeepLabV3Plus"])

@@ -40,7 +40,7 @@ def test_the_trainer_sets_each_groups_rate_at_each_step(tiny_cfg, tmp_path, monk
     monkeypatch.setattr(torch.optim.SGD, "step", step)
     cfg = tiny_cfg("optim=sgd", "optim.lr=0.01", "model.head_lr_mult=10",
                    "model.head_bias_lr_mult=20", "lr.warmup_iters=2", "lr.warmup_ratio=0.1",
-                   "trainer.max_iters=5", "trainer.eval_interval=5", "trainer.batch_size=1",
+                   "trainer.max_iters=5", "trainer.eval_interval=5", "trainer.global_batch_size=1",
                    "dataset.image_size=16", "dataset.val.num_samples=1")
     train(cfg, tmp_path)
     assert len(seen) == 5

@@ -154,8 +154,8 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_cfg, tmp_path):
     # has no batch statistics (frozen BN) and no dropout
     common = ["model.freeze_bn=true", "model.dropout=0.0", "trainer.max_iters=2",
               "trainer.eval_interval=100", "optim=sgd", "optim.lr=0.01"]
-    train(tiny_cfg(*common, "trainer.batch_size=4", "trainer.iter_size=1"), tmp_path / "a")
-    train(tiny_cfg(*common, "trainer.batch_size=2", "trainer.iter_size=2"), tmp_path / "b")
+    train(tiny_cfg(*common, "trainer.global_batch_size=4", "trainer.iter_size=1"), tmp_path / "a")
+    train(tiny_cfg(*common, "trainer.global_batch_size=4", "trainer.iter_size=2"), tmp_path / "b")
     a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

@@ -35,6 +35,8 @@ class Evaluation:
     scores: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    per_image: dict[str, Any] | None = None  # eval.save_per_image: segtrain.eval.per_image
+    worst: list[dict[str, Any]] = field(default_factory=list)  # eval.dump_worst
 
 
 class Callback:

@@ -29,12 +29,14 @@ class PeriodicEvaluation(Callback):
         if not trainer.due(self.interval):
             return
         trainer.check_finite()
-        scores = self.evaluator.run(trainer.model, trainer.device)
+        scores = self.evaluator.run(trainer.eval_model, trainer.device)  # EMA if trainer.ema
         evaluation = Evaluation(trainer.iteration, scores)
         if trainer.dist.is_main:
             self.history.append({**{k: scores[k] for k in SUMMARY_METRICS},
                                  "iteration": trainer.iteration})
             evaluation.history, evaluation.samples = self.history, self.evaluator.samples
+            evaluation.per_image, evaluation.worst = self.evaluator.per_image, \
+                self.evaluator.worst
         trainer.publish(evaluation)
 
     def state_dict(self) -> dict[str, Any]:
