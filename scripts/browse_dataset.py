@@ -81,8 +81,8 @@ def browse(overrides: list[str], out: Path, count: int = 12, columns: int = 4) -
         cfg = compose(config_name="config", overrides=overrides)
     train_set = app.build_train_set(cfg)
     palette = app.palette_of(train_set, cfg.dataset.num_classes)
-    # the run's own stream (its batch size and seed), in process
-    loader = train_loader(train_set, int(cfg.trainer.batch_size), 0, cfg.seed)
+    # the run's own stream (its per-rank batch on one process, its seed), in process
+    loader = train_loader(train_set, app.train_batch(cfg, 1).per_rank, 0, cfg.seed)
     cells = []
     for batch in loader:
         for image, mask in zip(batch["image"].numpy(), batch["mask"].numpy()):

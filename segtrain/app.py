@@ -5,21 +5,23 @@ other module takes plain arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain import config_schema
+from segtrain.builders import build_model, instantiate
 from segtrain.core import checkpoint, distributed
 from segtrain.core.precision import resolve_precision
 from segtrain.core.rng import seed_everything, stream_seed
+from segtrain.data.class_uniform import ClassUniformPlan, class_uniform_plan
 from segtrain.data.loader import eval_loader, train_loader
 from segtrain.data.transforms import compose
 from segtrain.engine.batch import Batch, resolve_batch
@@ -28,11 +30,10 @@ from segtrain.engine.callbacks.evaluation import PeriodicEvaluation
 from segtrain.engine.callbacks.preemption import Preemption
 from segtrain.engine.callbacks.run_log import RunLog
 from segtrain.engine.trainer import Trainer
-from segtrain.errors import ConfigError, UserError
+from segtrain.errors import ConfigError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.inference import Inference
 from segtrain.models.base import SegmentationModel
-from segtrain.models.init_from import init_from
 from segtrain.models.param_groups import ParamMults
 from segtrain.viz import default_palette
 
@@ -40,17 +41,6 @@ log = logging.getLogger("segtrain")
 
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # conf/, installed as segtrain/conf
-
-
-def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, letting a ``UserError`` of the constructor through as it
-    is (Hydra would wrap it in a three-line 'Error in call to target' message)."""
-    try:
-        return hydra_instantiate(config, *args, **kwargs)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, UserError):
-            raise err.__cause__ from None
-        raise
 
 
 def dataset_config(overrides: list[str]) -> DictConfig:
@@ -94,54 +84,21 @@ def build_train_set(cfg: DictConfig) -> Any:
     return _build_split(cfg, "train", keep_rows=bool(cfg.dataset.get("source_rows", False)))
 
 
+def build_sampling(cfg: DictConfig, train_set: Any) -> ClassUniformPlan | None:
+    """``dataset.class_uniform`` (``segtrain.data.class_uniform``): the plan of class-uniform
+    sampling over ``train_set``, its class index read from the cache or built; None: off
+    (also where a saved config predates the key)."""
+    options = cfg.dataset.get("class_uniform")
+    if not options or not options.pct:
+        return None
+    return class_uniform_plan(train_set, float(options.pct), int(options.tile),
+                              cfg.trainer.num_workers)
+
+
 def build_val_set(cfg: DictConfig) -> Any:
     """The evaluation set; its items carry the image as read (``"rgb"``) for the CRF and
     the figures."""
     return _build_split(cfg, "val", keep_rgb=True)
-
-
-def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
-                **overrides: Any) -> torch.nn.Module:
-    """``cfg.model``; a dataset with extra input channels (RGB-D) widens the first layer.
-
-    ``model.msc.train_scales`` (set for every model in conf/config.yaml, null = off) wraps
-    the network in ``MultiScaleInputs`` (DeepLab v2's multi-scale inputs, max fusion).
-    ``initialise``: apply ``model.init_from`` (a run folder or .pt; null = off, the default
-    of conf/config.yaml; run folders saved before that key existed lack it), copying the
-    matching weights of that checkpoint into the network (FCN's staged training, 32s -> 16s
-    -> 8s); training does, evaluation and prediction load the run's own checkpoint instead.
-    """
-    if in_channels != 3:
-        overrides["in_channels"] = in_channels
-    node = OmegaConf.to_container(cfg.model, resolve=True)
-    msc = node.pop("msc", None) or {}
-    source = node.pop("init_from", None)
-    bn_momentum = node.pop("bn_momentum", None)
-    node.pop("param_mults", None)  # the optimizer's (param_mults below), not the network's
-    model = instantiate(node, **overrides)
-    if not isinstance(model, SegmentationModel):
-        raise ConfigError(f"model._target_={node['_target_']} is not a "
-                          f"segtrain.models.base.SegmentationModel (the model contract)")
-    if bn_momentum is not None:
-        set_bn_momentum(model, float(bn_momentum))
-    if initialise and source not in (None, ""):
-        init_from(model, source)
-    scales = msc.get("train_scales")
-    if scales is not None:
-        from segtrain.models.msc import MultiScaleInputs
-
-        model = MultiScaleInputs(model, list(scales))
-    return model
-
-
-def set_bn_momentum(model: torch.nn.Module, momentum: float) -> None:
-    """``model.bn_momentum``: the running-statistics momentum of every BatchNorm layer."""
-    if not 0.0 < momentum <= 1.0:
-        raise ConfigError(f"model.bn_momentum={momentum}: expected a value in (0, 1] "
-                          f"(PyTorch's convention: 1 - TensorFlow's decay)")
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = momentum
 
 
 def _model_class(path: Path) -> type:
@@ -254,10 +211,12 @@ def build_inference(cfg: DictConfig) -> Inference:
 
 
 def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
-                    show_progress: bool = False) -> Evaluator:
+                    show_progress: bool = False, num_workers: int | None = None) -> Evaluator:
     """``cfg.eval``'s inference on ``val_set`` (this rank's share), the CRF in
-    ``eval.crf_workers`` processes."""
-    return Evaluator(eval_loader(val_set, cfg.trainer.num_workers, dist.rank, dist.world_size),
+    ``eval.crf_workers`` processes; ``num_workers`` loader workers (None: the run's
+    ``trainer.num_workers``)."""
+    workers = cfg.trainer.num_workers if num_workers is None else num_workers
+    return Evaluator(eval_loader(val_set, workers, dist.rank, dist.world_size),
                      cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
                      build_inference(cfg), num_samples=cfg.eval.num_samples,
                      show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"),
@@ -318,6 +277,55 @@ def resume_source(resume: str | None, run_dir: Path) -> str | Path | None:
     return checkpoint.resolve(resume)
 
 
+@dataclasses.dataclass
+class Training:
+    """What ``train`` trains: built from the config by ``build_training``."""
+
+    model: torch.nn.Module
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    lr_factor: Callable[[int], float]  # iteration -> multiplier of every group's rate
+    batch: Batch  # of one optimizer step (segtrain.engine.batch)
+
+
+def build_training(cfg: DictConfig, in_channels: int = 3, batch: Batch | None = None
+                   ) -> Training:
+    """The model (weights seeded by ``cfg.seed``, ``model.init_from`` applied), loss,
+    optimizer, schedule and batch (``train_batch``; default: one rank) of a run, checked
+    against each other (model and loss outputs, source rows); built on the current default
+    device (``torch.device("meta")`` builds any experiment without memory)."""
+    t = cfg.trainer
+    batch = train_batch(cfg, 1) if batch is None else batch
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
+    model = build_model(cfg, in_channels, initialise=True)
+    loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg))
+    check_outputs(cfg, model, loss_fn)
+    check_takes_rows(cfg, model)
+    optimizer = build_optimizer(cfg, param_groups(cfg, model))
+    lr_factor = instantiate(cfg.lr)(max_iters=t.max_iters)
+    return Training(model, loss_fn, optimizer, lr_factor, batch)
+
+
+def build_trainer(cfg: DictConfig, training: Training, batches: Callable[[int], Any],
+                  run_dir: Path, device: torch.device, dist: distributed.DistInfo,
+                  callbacks: list) -> Trainer:
+    """The loop over ``batches`` (``start -> stream``) with ``cfg.trainer``'s settings;
+    ``training.model`` as it will run (on ``device``, wrapped for DDP where needed)."""
+    t = cfg.trainer
+    # what a resumed run must share with the checkpoint, or its poly curve bends
+    schedule = {"trainer.max_iters": int(t.max_iters),
+                "lr": OmegaConf.to_container(cfg.lr, resolve=True),
+                "optim.lr": float(cfg.optim.lr),
+                "images per step": training.batch.images_per_step}
+    return Trainer(
+        training.model, training.loss_fn, training.optimizer, training.lr_factor, batches,
+        run_dir, max_iters=t.max_iters, iter_size=t.iter_size, precision=t.precision,
+        clip_grad_norm=t.clip_grad_norm, log_interval=t.log_interval, seed=cfg.seed,
+        device=device, callbacks=callbacks, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        dist=dist, compile=t.compile, channels_last=t.channels_last, schedule=schedule,
+        allow_schedule_change=bool(t.resume_allow_schedule_change), ema_decay=t.ema.decay)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Build everything from ``cfg`` and train; returns the final validation scores."""
     config_schema.check(cfg)  # a wrong type or range: one line naming the key, nothing built
@@ -330,56 +338,41 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     train_set, val_set = build_train_set(cfg), build_val_set(cfg)
     log.info("data: %s train %d / val %d images, %d classes", cfg.dataset.name,
              len(train_set), len(val_set), cfg.dataset.num_classes)
-    # the model's initial weights depend on the seed only, not on the data set-up
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, getattr(train_set, "in_channels", 3), initialise=True)
-    loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg))
-    check_outputs(cfg, model, loss_fn)
-    check_takes_rows(cfg, model)
-    groups = param_groups(cfg, model)
-    model.to(device)
+    training = build_training(cfg, getattr(train_set, "in_channels", 3), batch)
+    model, loss_fn = training.model, training.loss_fn
+    model.to(device)  # the optimizer's parameters are these, moved in place
     loss_fn.to(device)
     if dist.enabled:
         if cfg.trainer.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+        training = dataclasses.replace(training, model=model)  # what the loop runs
     # from here on each rank draws its own stream (dropout masks), a function of seed and rank
     seed_everything(stream_seed(cfg.seed, dist.rank))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2fM parameters, device %s, precision %s", cfg.model._target_,
              n_params / 1e6, device, resolve_precision(cfg.trainer.precision, device))
 
-    optimizer = build_optimizer(cfg, groups)
-    lr_factor = instantiate(cfg.lr)(max_iters=cfg.trainer.max_iters)
     evaluator = build_evaluator(cfg, val_set, dist)
     evaluator.check_model(model)  # eval.output_stride: refused now, not at the first eval
 
     t = cfg.trainer
-    batch_size, effective = batch.per_rank, batch.images_per_step
+    batch_size = training.batch.per_rank
     log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)",
-             effective, batch_size, t.iter_size, dist.world_size)
-    # what a resumed run must share with the checkpoint, or its poly curve bends
-    schedule = {"trainer.max_iters": int(t.max_iters),
-                "lr": OmegaConf.to_container(cfg.lr, resolve=True),
-                "optim.lr": float(cfg.optim.lr), "images per step": int(effective)}
+             training.batch.images_per_step, batch_size, t.iter_size, dist.world_size)
     # the endless, resumable sample stream; the trainer starts it at its own iteration
     batches = functools.partial(train_loader, train_set, batch_size, t.num_workers, cfg.seed,
                                 rank=dist.rank, world_size=dist.world_size,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda",
+                                class_uniform=build_sampling(cfg, train_set))
     evaluation = PeriodicEvaluation(evaluator, t.eval_interval)
     # in this order: last.pt after an evaluation holds it; the preemption exit comes last
     palette = palette_of(val_set, cfg.dataset.num_classes)
     callbacks = [evaluation, Checkpoints(t.checkpoint_interval),
                  RunLog(val_set.class_names, palette, cfg.dataset.ignore_index),
                  *tracker(cfg, val_set.class_names, palette), Preemption()]
-    trainer = Trainer(
-        model, loss_fn, optimizer, lr_factor, batches, run_dir, max_iters=t.max_iters,
-        iter_size=t.iter_size, precision=t.precision, clip_grad_norm=t.clip_grad_norm,
-        log_interval=t.log_interval, seed=cfg.seed, device=device, callbacks=callbacks,
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, compile=t.compile,
-        channels_last=t.channels_last, schedule=schedule,
-        allow_schedule_change=bool(t.resume_allow_schedule_change), ema_decay=t.ema.decay)
+    trainer = build_trainer(cfg, training, batches, run_dir, device, dist, callbacks)
     source = resume_source(t.resume, run_dir)
     if source is not None:
         trainer.load_state_dict(checkpoint.load(source), checkpoint.resolve(source))

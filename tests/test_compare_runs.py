@@ -100,7 +100,7 @@ def test_seed_sweeps_widen_the_interval_and_the_point_is_the_mean_over_seeds():
 
 
 RUN = ["dataset.image_size=32", "dataset.train.num_samples=8", "dataset.val.num_samples=3",
-       "trainer.max_iters=2", "trainer.batch_size=2", "trainer.num_workers=0",
+       "trainer.max_iters=2", "trainer.global_batch_size=2", "trainer.num_workers=0",
        "trainer.eval_interval=2", "trainer.log_interval=2", "trainer.checkpoint_interval=2",
        "trainer.device=cpu", "trainer.resume=null", "eval.save_per_image=true",
        "eval.dump_worst=2"]

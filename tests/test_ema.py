@@ -12,13 +12,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
+from segtrain import runs
 from segtrain.app import train
 from segtrain.core import checkpoint
 from segtrain.engine.ema import WeightEMA
 from segtrain.engine.trainer import Trainer, TrainingInterrupted
 from segtrain.errors import ConfigError
 from segtrain.eval.evaluator import Evaluator
-from segtrain.evaluate import build_model, evaluate
+from segtrain.evaluate import evaluate
 from segtrain.models.base import bare
 from tests.conftest import CONF_DIR, compose_config
 
@@ -58,7 +59,7 @@ def test_the_schema_refuses_a_decay_outside_0_1():
 
 
 EMA_RUN = ["dataset.image_size=32", "dataset.train.num_samples=8", "dataset.val.num_samples=2",
-           "trainer.max_iters=4", "trainer.batch_size=2", "trainer.num_workers=0",
+           "trainer.max_iters=4", "trainer.global_batch_size=2", "trainer.num_workers=0",
            "trainer.eval_interval=2", "trainer.log_interval=2",
            "trainer.checkpoint_interval=2", "trainer.device=cpu", "trainer.resume=null",
            "trainer.ema.decay=0.5", "model.dropout=0.5"]
@@ -108,7 +109,8 @@ def test_an_interrupted_ema_run_resumes_to_the_uninterrupted_one(tmp_path, monke
     assert len(scored) == 2 and all(torch.equal(scored[-1][k], v)
                                     for k, v in a["ema"]["model"].items())
     run_cfg = OmegaConf.create(a["config"])
-    loaded = build_model(run_cfg, a, torch.device("cpu"), source="last.pt").state_dict()
+    opened = runs.Run(None, full / "checkpoints" / "last.pt", a, run_cfg)
+    loaded = runs.build_model(opened, torch.device("cpu")).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in a["ema"]["model"].items())
     scores_a = json.loads((full / "metrics.json").read_text())
     scores_b = json.loads((split / "metrics.json").read_text())
@@ -125,7 +127,9 @@ def test_an_interrupted_ema_run_resumes_to_the_uninterrupted_one(tmp_path, monke
         best = checkpoint.load(full / "checkpoints" / "best.pt")["metrics"]
         expected = scores_a if choice == "last" else best
         assert result["miou"] == expected["miou"]
-        written = json.loads((full / f"eval_{choice}.json").read_text())
+        # the file names the checkpoint it scored: last.pt adds _last to name=last
+        written = json.loads((full / ("eval_last_last.json" if choice == "last"
+                                      else "eval_best.json")).read_text())
         if choice == "last":
             assert written["iou"] == scores_a["iou"]
             assert written["confusion_matrix"] == scores_a["confusion_matrix"]

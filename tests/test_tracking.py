@@ -15,7 +15,7 @@ from tests.conftest import compose_config
 mlflow = pytest.importorskip("mlflow")  # the tracking extra (make install installs it)
 
 RUN = ["dataset.image_size=32", "dataset.train.num_samples=8", "dataset.val.num_samples=2",
-       "trainer.batch_size=2", "trainer.num_workers=0", "trainer.eval_interval=2",
+       "trainer.global_batch_size=2", "trainer.num_workers=0", "trainer.eval_interval=2",
        "trainer.log_interval=1", "trainer.checkpoint_interval=2", "trainer.device=cpu",
        "logger=mlflow"]
 

@@ -158,6 +158,10 @@ class SyntheticShapes(SegmentationDataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def item_names(self) -> list[str]:
+        return [f"seed{self.seed}_size{self.image_size}_shapes{self.max_shapes}_{self.split}_{i}"
+                for i in range(self.num_samples)]
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} items")

@@ -212,6 +212,8 @@ class Trainer:
                          "(raise max_iters to train further)", self.iteration, self.max_iters)
             else:
                 self._loop(iter(self.batches(self.iteration * self.iter_size)))
+            if self.iteration >= self.max_iters:
+                self._call("on_train_end")  # the final evaluation, if it is missing
             status = "interrupted" if self._stopped and self.iteration < self.max_iters \
                 else "finished"
         except NonFiniteLossError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from segtrain.core import distributed
 from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.metrics import SUMMARY_METRICS
@@ -38,6 +39,17 @@ class PeriodicEvaluation(Callback):
             evaluation.per_image, evaluation.worst = self.evaluator.per_image, \
                 self.evaluator.worst
         trainer.publish(evaluation)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """The final evaluation, when the run has none at ``max_iters`` (it failed, and the
+        resumed run starts at the end): scored now, and last.pt records it."""
+        done = bool(self.history) and self.history[-1]["iteration"] == trainer.iteration
+        if trainer.dist.enabled:  # rank 0 keeps the history: every rank evaluates, or none
+            done = distributed.all_gather_objects(done)[0]
+        if done:
+            return
+        self.on_step_end(trainer)
+        trainer.checkpoint()
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
