@@ -133,6 +133,13 @@ class AugmentSchema:
 
 
 @dataclass
+class ClassUniformSchema:
+    """``segtrain.data.class_uniform``: the share of centred crops and the index's tile."""
+    pct: float | None = spec(0, 1)
+    tile: int = spec(1)
+
+
+@dataclass
 class DatasetSchema:
     name: str = spec()
     # absent for the embedded data sets (synthetic); ??? for those on disk
@@ -149,6 +156,7 @@ class DatasetSchema:
     crop_size: list[int] | None = spec(1, optional=True, length=2)
     augment: AugmentSchema = spec(optional=True)  # absent where a dataset lists its own steps
     source_rows: bool = spec(optional=True)  # absent: false
+    class_uniform: ClassUniformSchema = spec(optional=True)  # absent (older runs): off
 
 
 @dataclass
