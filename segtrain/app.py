@@ -29,7 +29,7 @@ from segtrain.engine.callbacks.checkpoints import Checkpoints, best_evaluation
 from segtrain.engine.callbacks.evaluation import PeriodicEvaluation
 from segtrain.engine.callbacks.preemption import Preemption
 from segtrain.engine.callbacks.run_log import RunLog
-from segtrain.engine.trainer import Trainer
+from segtrain.engine.trainer import FINISHED, Trainer
 from segtrain.errors import ConfigError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.inference import Inference
@@ -243,6 +243,20 @@ def palette_of(dataset, num_classes: int):
         default_palette(num_classes)
 
 
+def check_batch_fits(cfg: DictConfig, batch: Batch, train_images: int) -> None:
+    """Refuse a per-rank batch that one rank's share of the training split cannot fill
+    (the loader drops incomplete batches: it would never yield one)."""
+    share = train_images // batch.world_size
+    if batch.per_rank > share:
+        t = cfg.trainer
+        key = "trainer.batch_size" if t.global_batch_size is None else \
+            "trainer.global_batch_size"
+        raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: {batch.per_rank} images per "
+                          f"rank and micro-batch, but the training split has {train_images} "
+                          f"images ({share} per rank on {batch.world_size} rank(s)); lower "
+                          f"{key}")
+
+
 def tracker(cfg: DictConfig, class_names, palette) -> list:
     """``logger.callback`` (``logger=mlflow``...), or none (``logger=tensorboard``: RunLog
     writes TensorBoard for every run). A sweep's jobs share one experiment: the sweep
@@ -325,7 +339,9 @@ def build_trainer(cfg: DictConfig, training: Training, batches: Callable[[int], 
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Build everything from ``cfg`` and train; returns the final validation scores."""
+    """Build everything from ``cfg`` and train; returns the last validation scores with
+    ``status`` (``Trainer.fit``'s: finished or stopped), ``finished`` and ``stop_signal``
+    (the signal that stopped it, or None)."""
     config_schema.check(cfg)  # a wrong type or range: one line naming the key, nothing built
     run_dir = Path(run_dir)
     dist = distributed.init()
@@ -334,6 +350,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     batch = train_batch(cfg, dist.world_size)  # a batch that cannot be: refused before the data
 
     train_set, val_set = build_train_set(cfg), build_val_set(cfg)
+    check_batch_fits(cfg, batch, len(train_set))  # before any batch is allocated
     log.info("data: %s train %d / val %d images, %d classes", cfg.dataset.name,
              len(train_set), len(val_set), cfg.dataset.num_classes)
     training = build_training(cfg, getattr(train_set, "in_channels", 3), batch)
@@ -375,9 +392,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if source is not None:
         trainer.load_state_dict(checkpoint.load(source), checkpoint.resolve(source))
         log.info("resumed from %s at iteration %d", checkpoint.resolve(source), trainer.iteration)
-    metrics = trainer.fit()
+    status = trainer.fit()
+    metrics = {**trainer.scores, "status": status, "finished": status == FINISHED,
+               "stop_signal": trainer.stop.signal}
     best = best_evaluation(evaluation.history)
-    if dist.is_main and "miou" in metrics and best is not None:
+    if dist.is_main and status == FINISHED and "miou" in metrics and best is not None:
         log.info("final: mIoU %.4f  pixel acc %.4f  (best mIoU %.4f)  run folder %s",
                  metrics["miou"], metrics["pixel_acc"], best["miou"], run_dir)
     distributed.cleanup()

@@ -14,6 +14,7 @@ entries carry the centroid their crop covers; the same rules hold.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,6 +122,13 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def ignore_ctrl_c(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn
+    """A loader worker ignores SIGINT: a terminal's Ctrl-C reaches the whole process group,
+    and the training process stops at a step boundary itself (a worker that died of it
+    would end the run with 'DataLoader worker exited unexpectedly')."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
                  start_iter: int = 0, rank: int = 0, world_size: int = 1,
                  pin_memory: bool = False,
@@ -135,7 +143,7 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
                                       world_size)
     return DataLoader(SeededAugmentation(dataset, seed), batch_size=batch_size,
                       sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=pin_memory, drop_last=True,
+                      pin_memory=pin_memory, drop_last=True, worker_init_fn=ignore_ctrl_c,
                       # a private generator: creating the iterator must not draw from the
                       # global RNG, or a resumed run's dropout would differ
                       generator=torch.Generator().manual_seed(seed))
@@ -147,4 +155,5 @@ def eval_loader(dataset: Dataset, num_workers: int, rank: int = 0,
     indices = list(range(rank, len(dataset), world_size))
     subset = torch.utils.data.Subset(dataset, indices)
     return DataLoader(subset, batch_size=1, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate, generator=torch.Generator().manual_seed(0))
+                      collate_fn=collate, worker_init_fn=ignore_ctrl_c,
+                      generator=torch.Generator().manual_seed(0))
