@@ -22,7 +22,7 @@ install: $(BIN)/python
 		$(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
 	fi
 	rm -rf $(VENV)/.torch-probe
-	$(BIN)/pip install -e ".[dev,export]"
+	$(BIN)/pip install -e ".[dev,export,tracking]"
 	$(BIN)/python -c "import torch, segtrain; print('segtrain ready, torch', torch.__version__)"
 
 $(BIN)/python:

@@ -6,6 +6,8 @@
     python -m segtrain -m hydra/sweeper=optuna_miou 'optim.lr=tag(log,interval(1e-4,1e-1))'
     torchrun --nproc_per_node=8 -m segtrain dataset=cityscapes model=deeplabv3plus
 
+The run folder is claimed first (``segtrain.run_start``): a folder holding a run with other
+settings, or one another process is training in, is refused before anything is written.
 A user error (``segtrain.errors.UserError``: data, config, checkpoint) ends the command with
 its message on stderr and exit status 1, no traceback (``segtrain.cli``; ``HYDRA_FULL_ERROR=1``
 shows it).
@@ -19,7 +21,9 @@ from omegaconf import DictConfig
 
 from segtrain.app import train
 from segtrain.cli import user_errors
+from segtrain.core.distributed import env_info
 from segtrain.errors import ConfigError
+from segtrain.run_start import claim
 
 
 def check_sweep_direction(sweeper: DictConfig) -> None:
@@ -37,7 +41,10 @@ def check_sweep_direction(sweeper: DictConfig) -> None:
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
         check_sweep_direction(HydraConfig.get().sweeper)
-        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+        # settings compared with a run already in the folder, the folder locked, .hydra/
+        # written: before anything else touches it
+        with claim(cfg, HydraConfig.get(), is_main=env_info().is_main) as run_dir:
+            metrics = train(cfg, run_dir)
     # the value a Hydra sweeper optimises: only the score of a finished run. None is not a
     # score: hydra-optuna-sweeper records it (like an exception) as a FAIL trial, not as 0
     return metrics.get("miou") if metrics.get("finished") else None

@@ -36,18 +36,23 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from segtrain import app
-from segtrain.core import checkpoint as checkpoints
+from segtrain import app, runs
 from segtrain.data.base import read_image
 from segtrain.data.transforms import compose as compose_transforms
 from segtrain.errors import ConfigError, UserError
 from segtrain.eval.inference import Inference
-from segtrain.evaluate import RunError, build_model, checkpoint_path, run_config, run_folder
+from segtrain.runs import RunError
 
 log = logging.getLogger("segtrain")
 
 #: what ``Segmenter.predict`` takes as one image
 ImageLike = np.ndarray | Image.Image | str | Path
+
+#: the largest image (pixels, times the largest predictor scale squared) run through the
+#: network in one piece: whole-image activations grow with the image (a 6000x6000 photo
+#: needs tens of GB in a ResNet-101 at output stride 8); larger ones are refused with the
+#: advice to slide a window (eval="slide"), whose network memory is that of one window
+MAX_WHOLE_PIXELS = 4096 * 4096
 
 
 class InputError(UserError):
@@ -78,17 +83,25 @@ def eval_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def as_rgb(image: ImageLike) -> np.ndarray:
-    """An HxWx3 uint8 array: the array itself, a PIL image in RGB, or an image file read."""
+    """An HxWx3 uint8 array: the array itself, a PIL image in RGB, or an image file read
+    (PIL's decompression-bomb limit refuses a file of more than twice
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels before decoding it)."""
     if isinstance(image, (str, Path)):
-        return read_image(image)
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 \
+        rgb = read_image(image)
+    elif isinstance(image, Image.Image):
+        rgb = np.asarray(image.convert("RGB"))
+    elif isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 \
             and image.dtype == np.uint8:
-        return image
-    what = f"an array of shape {image.shape} and dtype {image.dtype}" \
-        if isinstance(image, np.ndarray) else f"a {type(image).__name__}"
-    raise InputError(f"expected an HxWx3 uint8 array, a PIL image or an image path, got {what}")
+        rgb = image
+    else:
+        what = f"an array of shape {image.shape} and dtype {image.dtype}" \
+            if isinstance(image, np.ndarray) else f"a {type(image).__name__}"
+        raise InputError(f"expected an HxWx3 uint8 array, a PIL image or an image path, "
+                         f"got {what}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise InputError(f"empty image: {rgb.shape[0]}x{rgb.shape[1]} pixels (height x width "
+                         f"must be at least 1x1)")
+    return rgb
 
 
 class Segmenter:
@@ -102,13 +115,15 @@ class Segmenter:
             inference: ``default``).
         overrides: ``eval.*`` overrides applied to every eval option named in ``predict``.
         source: the checkpoint file (for ``repr`` and the log).
+        max_pixels: the largest image whole-image inference takes (``MAX_WHOLE_PIXELS``;
+            None: no limit); sliding-window inference takes any size.
     """
 
     def __init__(self, model: torch.nn.Module, config: DictConfig, device: torch.device,
                  eval: DictConfig, overrides: Sequence[str] = (),
-                 source: Path | None = None) -> None:
+                 source: Path | None = None, max_pixels: int | None = MAX_WHOLE_PIXELS) -> None:
         self.model, self.config, self.device = model.eval(), config, device
-        self.overrides, self.source = list(overrides), source
+        self.overrides, self.source, self.max_pixels = list(overrides), source, max_pixels
         self.transforms = compose_transforms(app.instantiate(config.dataset.val_transforms))
         self.num_classes = int(config.dataset.num_classes)
         self.ignore_index = int(config.dataset.ignore_index)
@@ -127,9 +142,8 @@ class Segmenter:
                 f"{self.num_classes} classes, {self.source}, device={self.device})")
 
     def _inference(self, eval: DictConfig) -> Inference:
-        config = self.config.copy()
-        config.eval = eval  # replaced, not merged, as segtrain.evaluate does
-        inference = app.build_inference(config)
+        # replaced, not merged, as segtrain.evaluate does; the schema checks it
+        inference = app.build_inference(runs.with_eval(self.config, eval))
         inference.check(self.model)  # eval.output_stride on a model that cannot: now
         return inference
 
@@ -147,6 +161,20 @@ class Segmenter:
         return torch.from_numpy(image.transpose(2, 0, 1).copy())[None].to(self.device,
                                                                          torch.float32)
 
+    def check_size(self, rgb: np.ndarray, inference: Inference) -> None:
+        """Refuse an image too large for whole-image inference (``max_pixels``)."""
+        predictor = inference.predictor
+        if self.max_pixels is None or predictor.mode != "whole":
+            return
+        h, w = rgb.shape[:2]
+        pixels = h * w * max(predictor.scales) ** 2
+        if pixels > self.max_pixels:
+            raise InputError(
+                f"image of {w}x{h} pixels is too large for whole-image inference "
+                f"({pixels / 1e6:.1f} MP at scales {predictor.scales}, more than max_pixels="
+                f"{self.max_pixels}): use eval='slide' (a window at a time), shrink the image, "
+                f"or pass a larger max_pixels to load_run")
+
     def predict(self, image: ImageLike | Sequence[ImageLike], eval: str | None = None,
                 return_probs: bool = False) -> np.ndarray | list[np.ndarray]:
         """Labels (HxW int64) of an image, or probabilities (KxHxW float32) with
@@ -159,6 +187,7 @@ class Segmenter:
         with self._lock, inference.applied_to(self.model):
             for item in images:
                 rgb = as_rgb(item)
+                self.check_size(rgb, inference)
                 out = inference(self.model, self.image_tensor(rgb), rgb[None], return_probs)
                 results.append(out[0].cpu().numpy())
         return results[0] if single else results
@@ -175,41 +204,36 @@ def _device(name: str | torch.device | None, config: DictConfig) -> torch.device
                           f": CUDA is not available on this machine; pass device='cpu'") from None
 
 
-def read_run(run: str | Path, checkpoint: str = "best") -> tuple[Path, dict, DictConfig]:
-    """(checkpoint file, its state, the run's config) of a run folder or a checkpoint file;
-    see ``load_run``."""
-    path = Path(str(run)).expanduser()
-    if path.is_file():
-        source = path
-        folder = path.parent.parent
-        run_dir = folder if (folder / ".hydra" / "config.yaml").is_file() else None
-    else:
-        run_dir = run_folder(path)
-        source = checkpoint_path(run_dir, str(checkpoint))
-    state = checkpoints.load(source, map_location="cpu")
-    config = run_config(run_dir, state, source)
-    if config.dataset.get("use_depth"):
-        raise RunError(f"the run {run_dir or source} was trained on RGB-D input "
-                       f"(dataset.use_depth=true); predict takes RGB images only")
-    return source, state, config
+def open_run(run: str | Path, checkpoint: str = "best") -> runs.Run:
+    """A run folder or a checkpoint file opened by the run layer (``segtrain.runs``), refused
+    when it takes RGB-D input; see ``load_run``."""
+    opened = runs.open_run(run, checkpoint)
+    if opened.config.dataset.get("use_depth"):
+        raise RunError(f"the run {opened.folder or opened.checkpoint} was trained on RGB-D "
+                       f"input (dataset.use_depth=true); predict takes RGB images only")
+    return opened
 
 
-def segmenter(source: Path, state: dict, config: DictConfig,
-              device: str | torch.device | None = None,
-              eval: str | Mapping[str, Any] = "whole", overrides: Sequence[str] = ()) -> Segmenter:
-    """The ``Segmenter`` of what ``read_run`` returned; see ``load_run``."""
+def segmenter(run: runs.Run, device: str | torch.device | None = None,
+              eval: str | Mapping[str, Any] = "whole", overrides: Sequence[str] = (),
+              max_pixels: int | None = MAX_WHOLE_PIXELS) -> Segmenter:
+    """The ``Segmenter`` of an opened run (``open_run``); see ``load_run``."""
     if isinstance(eval, str):
         eval = eval_config(eval, overrides)
     elif overrides:
         raise ConfigError("overrides go with an eval option's name, not an eval config node")
-    device = _device(device, config)
-    model = build_model(config, state, device, source=source)
-    log.info("checkpoint %s (iteration %s) on %s", source, state.get("iteration", "?"), device)
-    return Segmenter(model, config, device, OmegaConf.create(eval), overrides, source)
+    runs.with_eval(run.config, eval)  # a bad eval value: refused before the model is built
+    device = _device(device, run.config)
+    model = runs.build_model(run, device)
+    log.info("checkpoint %s (iteration %s) on %s", run.checkpoint, run.state.get("iteration", "?"),
+             device)
+    return Segmenter(model, run.config, device, OmegaConf.create(eval), overrides,
+                     run.checkpoint, max_pixels)
 
 
 def load_run(run: str | Path, checkpoint: str = "best", device: str | torch.device | None = None,
-             eval: str | Mapping[str, Any] = "whole", overrides: Sequence[str] = ()) -> Segmenter:
+             eval: str | Mapping[str, Any] = "whole", overrides: Sequence[str] = (),
+             max_pixels: int | None = MAX_WHOLE_PIXELS) -> Segmenter:
     """A trained run, ready to predict.
 
     Args:
@@ -221,5 +245,9 @@ def load_run(run: str | Path, checkpoint: str = "best", device: str | torch.devi
             ``trainer.device``.
         eval: the default eval option of conf/eval/ (or an eval config node).
         overrides: ``eval.*`` overrides, e.g. ``["eval.output_stride=8"]``.
+        max_pixels: the largest image whole-image inference takes (``MAX_WHOLE_PIXELS``;
+            None: no limit); a larger one is refused with one line (an ``InputError``)
+            advising ``eval="slide"``, which takes any size PIL reads.
     """
-    return segmenter(*read_run(run, checkpoint), device=device, eval=eval, overrides=overrides)
+    return segmenter(open_run(run, checkpoint), device=device, eval=eval, overrides=overrides,
+                     max_pixels=max_pixels)

@@ -12,11 +12,10 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain import config_schema
+from segtrain.builders import build_model, instantiate
 from segtrain.core import checkpoint, distributed
 from segtrain.core.precision import resolve_precision
 from segtrain.core.rng import seed_everything, stream_seed
@@ -28,11 +27,10 @@ from segtrain.engine.callbacks.evaluation import PeriodicEvaluation
 from segtrain.engine.callbacks.preemption import Preemption
 from segtrain.engine.callbacks.run_log import RunLog
 from segtrain.engine.trainer import Trainer
-from segtrain.errors import ConfigError, UserError
+from segtrain.errors import ConfigError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.inference import Inference
 from segtrain.models.base import SegmentationModel
-from segtrain.models.init_from import init_from
 from segtrain.models.param_groups import ParamMults
 from segtrain.viz import default_palette
 
@@ -40,17 +38,6 @@ log = logging.getLogger("segtrain")
 
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # conf/, installed as segtrain/conf
-
-
-def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, letting a ``UserError`` of the constructor through as it
-    is (Hydra would wrap it in a three-line 'Error in call to target' message)."""
-    try:
-        return hydra_instantiate(config, *args, **kwargs)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, UserError):
-            raise err.__cause__ from None
-        raise
 
 
 def dataset_config(overrides: list[str]) -> DictConfig:
@@ -98,50 +85,6 @@ def build_val_set(cfg: DictConfig) -> Any:
     """The evaluation set; its items carry the image as read (``"rgb"``) for the CRF and
     the figures."""
     return _build_split(cfg, "val", keep_rgb=True)
-
-
-def build_model(cfg: DictConfig, in_channels: int = 3, initialise: bool = False,
-                **overrides: Any) -> torch.nn.Module:
-    """``cfg.model``; a dataset with extra input channels (RGB-D) widens the first layer.
-
-    ``model.msc.train_scales`` (set for every model in conf/config.yaml, null = off) wraps
-    the network in ``MultiScaleInputs`` (DeepLab v2's multi-scale inputs, max fusion).
-    ``initialise``: apply ``model.init_from`` (a run folder or .pt; null = off, the default
-    of conf/config.yaml; run folders saved before that key existed lack it), copying the
-    matching weights of that checkpoint into the network (FCN's staged training, 32s -> 16s
-    -> 8s); training does, evaluation and prediction load the run's own checkpoint instead.
-    """
-    if in_channels != 3:
-        overrides["in_channels"] = in_channels
-    node = OmegaConf.to_container(cfg.model, resolve=True)
-    msc = node.pop("msc", None) or {}
-    source = node.pop("init_from", None)
-    bn_momentum = node.pop("bn_momentum", None)
-    node.pop("param_mults", None)  # the optimizer's (param_mults below), not the network's
-    model = instantiate(node, **overrides)
-    if not isinstance(model, SegmentationModel):
-        raise ConfigError(f"model._target_={node['_target_']} is not a "
-                          f"segtrain.models.base.SegmentationModel (the model contract)")
-    if bn_momentum is not None:
-        set_bn_momentum(model, float(bn_momentum))
-    if initialise and source not in (None, ""):
-        init_from(model, source)
-    scales = msc.get("train_scales")
-    if scales is not None:
-        from segtrain.models.msc import MultiScaleInputs
-
-        model = MultiScaleInputs(model, list(scales))
-    return model
-
-
-def set_bn_momentum(model: torch.nn.Module, momentum: float) -> None:
-    """``model.bn_momentum``: the running-statistics momentum of every BatchNorm layer."""
-    if not 0.0 < momentum <= 1.0:
-        raise ConfigError(f"model.bn_momentum={momentum}: expected a value in (0, 1] "
-                          f"(PyTorch's convention: 1 - TensorFlow's decay)")
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = momentum
 
 
 def _model_class(path: Path) -> type:
@@ -254,13 +197,17 @@ def build_inference(cfg: DictConfig) -> Inference:
 
 
 def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
-                    show_progress: bool = False) -> Evaluator:
+                    show_progress: bool = False, num_workers: int | None = None) -> Evaluator:
     """``cfg.eval``'s inference on ``val_set`` (this rank's share), the CRF in
-    ``eval.crf_workers`` processes."""
-    return Evaluator(eval_loader(val_set, cfg.trainer.num_workers, dist.rank, dist.world_size),
+    ``eval.crf_workers`` processes; ``num_workers`` loader workers (None: the run's
+    ``trainer.num_workers``)."""
+    workers = cfg.trainer.num_workers if num_workers is None else num_workers
+    return Evaluator(eval_loader(val_set, workers, dist.rank, dist.world_size),
                      cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
                      build_inference(cfg), num_samples=cfg.eval.num_samples,
-                     show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"))
+                     show_progress=show_progress, crf_workers=cfg.eval.get("crf_workers"),
+                     per_image=bool(cfg.eval.get("save_per_image", False)),
+                     dump_worst=int(cfg.eval.get("dump_worst", 0)))
 
 
 def check_single_pyramid(train_scales, predictor) -> None:
@@ -282,6 +229,28 @@ def palette_of(dataset, num_classes: int):
     palette = getattr(dataset, "palette", None)
     return palette if palette is not None and len(palette) >= num_classes else \
         default_palette(num_classes)
+
+
+def tracker(cfg: DictConfig, class_names, palette) -> list:
+    """``logger.callback`` (``logger=mlflow``...), or none (``logger=tensorboard``: RunLog
+    writes TensorBoard for every run). A sweep's jobs share one experiment: the sweep
+    folder."""
+    node = (cfg.get("logger") or {}).get("callback")
+    if not node:
+        return []
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    experiment = node.get("experiment")
+    if experiment is None:
+        experiment = "segtrain"
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            experiment = str(Path(HydraConfig.get().sweep.dir).resolve())
+    # a partial: the config and palette are passed as they are, not merged into Hydra's node
+    build = instantiate(node, _partial_=True)
+    return [build(experiment=experiment, params=OmegaConf.to_container(cfg, resolve=True),
+                  class_names=list(class_names), palette=palette,
+                  ignore_index=cfg.dataset.ignore_index)]
 
 
 def resume_source(resume: str | None, run_dir: Path) -> str | Path | None:
@@ -345,17 +314,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                                 pin_memory=device.type == "cuda")
     evaluation = PeriodicEvaluation(evaluator, t.eval_interval)
     # in this order: last.pt after an evaluation holds it; the preemption exit comes last
+    palette = palette_of(val_set, cfg.dataset.num_classes)
     callbacks = [evaluation, Checkpoints(t.checkpoint_interval),
-                 RunLog(val_set.class_names, palette_of(val_set, cfg.dataset.num_classes),
-                        cfg.dataset.ignore_index),
-                 Preemption()]
+                 RunLog(val_set.class_names, palette, cfg.dataset.ignore_index),
+                 *tracker(cfg, val_set.class_names, palette), Preemption()]
     trainer = Trainer(
         model, loss_fn, optimizer, lr_factor, batches, run_dir, max_iters=t.max_iters,
         iter_size=t.iter_size, precision=t.precision, clip_grad_norm=t.clip_grad_norm,
         log_interval=t.log_interval, seed=cfg.seed, device=device, callbacks=callbacks,
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, compile=t.compile,
         channels_last=t.channels_last, schedule=schedule,
-        allow_schedule_change=bool(t.resume_allow_schedule_change))
+        allow_schedule_change=bool(t.resume_allow_schedule_change), ema_decay=t.ema.decay)
     source = resume_source(t.resume, run_dir)
     if source is not None:
         trainer.load_state_dict(checkpoint.load(source), checkpoint.resolve(source))

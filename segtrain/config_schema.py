@@ -61,6 +61,11 @@ OmegaConf.register_new_resolver("segtrain.required", lambda: UNSET, replace=True
 
 
 @dataclass
+class EMASchema:
+    decay: float | None = spec(0, 1, open_high=True)
+
+
+@dataclass
 class TrainerSchema:
     max_iters: int = spec(1)
     batch_size: int | None = spec(1)
@@ -80,6 +85,7 @@ class TrainerSchema:
     channels_last: bool = spec()
     resume: str | None = spec()
     resume_allow_schedule_change: bool = spec()
+    ema: EMASchema = spec()
 
 
 @dataclass
@@ -152,6 +158,8 @@ class EvalSchema:
     precision: str = spec(choices=PRECISIONS)
     num_samples: int = spec(0)
     crf_workers: int | None = spec(0, optional=True)
+    save_per_image: bool = spec(optional=True)  # absent (a run saved before it): false
+    dump_worst: int = spec(0, optional=True)  # absent: 0
 
 
 @dataclass

@@ -8,17 +8,24 @@
     python -m segtrain.evaluate -m run=outputs/<run> eval=whole,msc,msc_crf   # one table each
     torchrun --nproc_per_node=4 -m segtrain.evaluate run=outputs/<run> eval=msc_crf  # 4 ranks
 
-The run's config (``<run>/.hydra/config.yaml``, else the resolved copy stored in its
-checkpoint) rebuilds the validation set and the model exactly as training did. Without an
-``eval=`` option the run's own eval config is used (its metrics.json scores are reproduced;
-``eval.*`` keys given here are set over it); an ``eval`` option chosen here replaces the
-run's, and ``dataset.*`` keys given here are merged over the run's (the data moved, another
-split). Prints the per-class table and writes
+The run is opened by the run layer (``segtrain.runs.open_run``): its config
+(``<run>/.hydra/config.yaml``, else the resolved copy stored in its checkpoint), with the
+command's options and the config schema applied, rebuilds the validation set and the model
+exactly as training did. Without an ``eval=`` option the run's own eval config is used (its
+metrics.json scores are reproduced; ``eval.*`` keys given here are set over it); an ``eval``
+option chosen here replaces the run's, and ``dataset.*`` keys given here are merged over the
+run's (the data moved, another split). Prints the per-class table and writes
 ``<run>/eval_<name>.json`` (scores, confusion matrix, the eval config and the command's
 ``eval.*`` overrides) and ``<run>/eval_<name>_samples.png`` (image | ground truth |
-prediction). ``<name>`` is ``name=`` if given, else the eval option's name with ``_os<N>``
-when ``eval.output_stride`` is set, so OS 16 and OS 8 results of one option do not overwrite
-each other (``name=msc_crf_searched`` for a CRF with other values). Hydra's own log of
+prediction); with ``eval.save_per_image=true`` also ``<run>/eval_<name>_per_image.npz``
+(``segtrain.eval.per_image``, what scripts/compare_runs.py reads); with
+``eval.dump_worst=N`` the N images of lowest per-image mIoU as panels in
+``<run>/eval_<name>_worst/``. ``<name>`` is ``name=`` if given, else the eval option's name
+with ``_os<N>`` when ``eval.output_stride`` is set, so OS 16 and OS 8 results of one option
+do not overwrite each other (``name=msc_crf_searched`` for a CRF with other values). The
+file names the checkpoint it scored: ``eval_<name>`` is the run's ``best.pt``; another of the run's
+checkpoints adds its stem (``eval_whole_last.json``), a checkpoint from elsewhere its stem
+and a hash of its path, so it never replaces the run's own results. Hydra's own log of
 this call goes to ``<run>/eval/<time>_<eval>/``, so evaluation leaves ``outputs/`` alone.
 
 Under torchrun (or SLURM tasks) each rank scores every W-th image, the confusion matrices
@@ -27,175 +34,61 @@ are summed across ranks, and rank 0 prints and writes: the scores equal one proc
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch import nn
 
-from segtrain import app
+from segtrain import app, runs
 from segtrain.app import build_evaluator, palette_of, pick_device
 from segtrain.cli import user_errors
-from segtrain.core import checkpoint, distributed
+from segtrain.core import distributed
 from segtrain.core.json_files import write_json
-from segtrain.errors import UserError
+from segtrain.errors import ConfigError
+from segtrain.eval import per_image
 from segtrain.eval.metrics import SUMMARY_METRICS, format_table
-from segtrain.viz import comparison_strip
+from segtrain.runs import RunError
+from segtrain.viz import comparison_strip, write_worst
+
+__all__ = ["RunError", "evaluate", "eval_overrides", "output_name", "result_file"]
 
 log = logging.getLogger("segtrain")
 
-
-class RunError(UserError):
-    """The ``run=`` folder is missing or is not a training run (no config)."""
-
-
-# -- the run: folder, checkpoint, config ---------------------------------------------------
-def run_folder(run: str | Path) -> Path:
-    path = Path(str(run)).expanduser()
-    if not path.is_dir():
-        raise RunError(f"run folder not found: {path} (run= takes a training run folder, "
-                       f"e.g. outputs/<date>/<time>_<model>_<dataset>)")
-    return path
-
-
-def _hydra_folder_root(run: str) -> str:
-    """``${segtrain.run:${run}}``, where hydra.run.dir starts (conf/evaluate.yaml, predict.yaml).
-
-    Hydra creates its output folder before main() runs, so a mistyped ``run=`` would leave
-    an empty folder tree behind. A run that does not exist gets a scratch folder instead,
-    and main() then stops with the RunError message (raising here would bury it under a
-    traceback of Hydra's interpolation machinery).
-    """
-    if Path(str(run)).expanduser().is_dir():
-        return str(run)
-    return str(Path(tempfile.gettempdir()) / "segtrain_missing_run")
-
-
-OmegaConf.register_new_resolver("segtrain.run", _hydra_folder_root, replace=True)
-
-
-def checkpoint_path(run_dir: Path, choice: str) -> Path:
-    """``best`` (falls back to ``last`` when the run never evaluated), ``last``, or a path."""
-    ckpts = run_dir / "checkpoints"
-    if choice == "best":
-        best = ckpts / "best.pt"
-        if best.is_file():
-            return best
-        if (ckpts / "last.pt").is_file():
-            log.info("%s has no best.pt (the run never evaluated): using last.pt", ckpts)
-            return ckpts / "last.pt"
-        raise checkpoint.CheckpointError(
-            f"checkpoint not found: the run {run_dir} has neither checkpoints/best.pt nor "
-            f"checkpoints/last.pt (checkpoint=best|last|<path to a .pt>)")
-    if choice == "last":
-        return checkpoint.resolve(ckpts / "last.pt")
-    return checkpoint.resolve(choice)
-
-
-def run_config(run_dir: Path | None, state: dict[str, Any], source: Path) -> DictConfig:
-    """The training config: Hydra's copy in the run folder, else the checkpoint's (a lone
-    checkpoint: ``run_dir`` None)."""
-    where = run_dir or source
-    saved = None if run_dir is None else run_dir / ".hydra" / "config.yaml"
-    if saved is not None and saved.is_file():
-        cfg = OmegaConf.load(saved)
-    elif state.get("config"):
-        if saved is not None:
-            log.info("%s not found: using the config stored in %s", saved, source)
-        cfg = OmegaConf.create(state["config"])
-    else:
-        raise RunError(f"the run {where} has no config: neither .hydra/config.yaml nor a "
-                       f"'config' entry in {source}")
-    if not isinstance(cfg, DictConfig) or "model" not in cfg or "dataset" not in cfg:
-        raise RunError(f"the config of {where} is not a segtrain training config "
-                       f"(no model/dataset section)")
-    return cfg
-
-
-def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:
-    if isinstance(node, dict):
-        return [kv for k, v in node.items() for kv in _leaves(v, f"{prefix}.{k}")]
-    return [(prefix, node)]
-
-
-def apply_overrides(run_cfg: DictConfig, cfg: DictConfig,
-                    eval_keys: list[str] | None = None) -> DictConfig:
-    """Replace the run's ``eval`` with this command's; merge non-null ``dataset.*`` keys.
-
-    ``eval_keys``: keep the run's own ``eval`` (the one its training evaluation used, e.g. an
-    experiment's ``eval.predictor.scales``) and set only these ``eval.*`` keys of the command
-    over it: what ``segtrain.evaluate`` does when no ``eval=`` option is chosen."""
-    if eval_keys is None:
-        # replaced, not merged: whole.yaml over slide.yaml must not keep the slide crop
-        run_cfg.eval = cfg.eval
-    else:
-        # a run older than an eval key (eval.precision) gets the command's value of it
-        for key in cfg.eval:
-            if key not in run_cfg.eval:
-                run_cfg.eval[key] = cfg.eval[key]
-        for key in eval_keys:
-            OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge=False,
-                             force_add=True)
-    if cfg.get("dataset") is None:  # segtrain.predict reads no dataset
-        return run_cfg
-    new_root = cfg.dataset.get("root")
-    if new_root is not None:
-        old_root = run_cfg.dataset.get("root")
-        # a config taken from a checkpoint is resolved: its splits hold the old root
-        # literally instead of ${dataset.root}, so they follow the new root by hand
-        for split in ("train", "val"):
-            node = run_cfg.dataset.get(split)
-            if isinstance(node, DictConfig) and "root" in node and node.root == old_root:
-                node.root = new_root
-    given = OmegaConf.to_container(cfg.dataset, resolve=True)
-    for key, value in _leaves(given, "dataset"):
-        if value is not None:
-            OmegaConf.update(run_cfg, key, value, merge=False, force_add=True)
-    return run_cfg
-
-
-def load_run(cfg: DictConfig, eval_keys: list[str] | None = None,
-             ) -> tuple[Path, DictConfig, dict[str, Any], Path]:
-    """(run folder, its config with this command's overrides, checkpoint state and path);
-    ``eval_keys``: see ``apply_overrides``."""
-    run_dir = run_folder(cfg.run)
-    path = checkpoint_path(run_dir, str(cfg.checkpoint))
-    state = checkpoint.load(path, map_location="cpu")
-    run_cfg = apply_overrides(run_config(run_dir, state, path), cfg, eval_keys)
-    log.info("checkpoint %s (iteration %s)", path, state.get("iteration", "?"))
-    return run_dir, run_cfg, state, path
-
-
-# -- building from the run config ----------------------------------------------------------
-def build_model(run_cfg: DictConfig, state: dict[str, Any], device: torch.device,
-                in_channels: int = 3, source: str | Path = "the checkpoint") -> nn.Module:
-    """The run's model with the checkpoint's weights, in eval mode on ``device``."""
-    model_cfg = run_cfg.model.copy()
-    if "pretrained" in model_cfg:
-        # every weight comes from the checkpoint: fetching ImageNet weights again would be
-        # wasted time, and fails offline or when the file has moved since training
-        model_cfg.pretrained = None
-    # RGB-D runs (SUN RGB-D use_depth=true) need a 4-channel stem; RGB models keep the
-    # constructor's default so families without an in_channels argument still build
-    model = app.build_model(OmegaConf.merge(run_cfg, {"model": model_cfg}), in_channels)
-    checkpoint.load_model_state(model, state, source)
-    return model.to(device).eval()
+# name=: one file-name component (no folder, no leading dot)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
 
 
 # -- evaluation ----------------------------------------------------------------------------
 def output_name(cfg: DictConfig, eval_name: str) -> str:
     """``name=``, else the eval option with ``_os<N>`` when ``eval.output_stride`` is set."""
     if cfg.get("name"):
-        return str(cfg.name)
+        name = str(cfg.name)
+        if not NAME_PATTERN.fullmatch(name):
+            raise ConfigError(f"name={name!r}: expected a file-name part of letters, digits "
+                              f"and _ . + = - (the result is <run>/eval_<name>.json)")
+        return name
     output_stride = cfg.eval.get("output_stride")
     return eval_name if output_stride is None else f"{eval_name}_os{output_stride}"
+
+
+def result_file(run: runs.Run, name: str) -> str:
+    """The result's file stem: ``eval_<name>`` for the run's best.pt; the run's other
+    checkpoints add their stem (``eval_whole_last``); a checkpoint from elsewhere adds its
+    stem and a hash of its path, so it never replaces the run's own results."""
+    stem = f"eval_{name}"
+    if run.checkpoint == run.folder / "checkpoints" / "best.pt":
+        return stem
+    if run.own_checkpoint:
+        return f"{stem}_{run.checkpoint.stem}"
+    digest = hashlib.sha1(str(run.checkpoint.resolve()).encode()).hexdigest()[:8]
+    return f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]', '_', run.checkpoint.stem)}_{digest}"
 
 
 def eval_overrides(task_overrides: list[str]) -> dict[str, str]:
@@ -229,15 +122,18 @@ def evaluate(cfg: DictConfig, eval_name: str,
             metrics.json) and only ``overrides`` set over it; the command line's default when
             it chooses no ``eval=`` option.
     """
+    name = output_name(cfg, eval_name)  # a bad name= stops here, before any work
+    run = runs.open_run(cfg.run, str(cfg.checkpoint), eval=cfg.eval,
+                        eval_keys=list(overrides or {}) if keep_run_eval else None,
+                        dataset=cfg.get("dataset"), folder_only=True)
+    run_dir, run_cfg, state, path = run.folder, run.config, run.state, run.checkpoint
     dist = distributed.init()
-    run_dir, run_cfg, state, path = load_run(
-        cfg, list(overrides or {}) if keep_run_eval else None)
-    run_cfg.trainer.num_workers = cfg.num_workers  # build_evaluator reads it from there
     device = pick_device(cfg.device, dist.local_rank)
     val_set = app.build_val_set(run_cfg)
-    model = build_model(run_cfg, state, device, getattr(val_set, "in_channels", 3), path)
+    model = runs.build_model(run, device, getattr(val_set, "in_channels", 3))
     # each rank a strided share of the images; Evaluator sums the confusion matrices
-    evaluator = build_evaluator(run_cfg, val_set, dist, show_progress=dist.is_main)
+    evaluator = build_evaluator(run_cfg, val_set, dist, show_progress=dist.is_main,
+                                num_workers=int(cfg.num_workers))
     log.info("evaluating %s on %s/%s (%d images), eval=%s, device %s", run_dir,
              run_cfg.dataset.name, getattr(val_set, "split", "val"), len(val_set), eval_name,
              device)
@@ -245,7 +141,7 @@ def evaluate(cfg: DictConfig, eval_name: str,
     distributed.cleanup()
     result = {
         "run": str(run_dir), "checkpoint": str(path), "iteration": state.get("iteration"),
-        "eval": eval_name, "name": output_name(cfg, eval_name),
+        "own_checkpoint": run.own_checkpoint, "eval": eval_name, "name": name,
         "overrides": dict(overrides or {}),
         "eval_config": OmegaConf.to_container(run_cfg.eval, resolve=True),
         "dataset": run_cfg.dataset.name, "split": getattr(val_set, "split", None),
@@ -257,13 +153,19 @@ def evaluate(cfg: DictConfig, eval_name: str,
 
     table = format_table(scores, val_set.class_names)
     print(table, flush=True)
-    out = run_dir / f"eval_{result['name']}.json"
+    stem = result_file(run, name)
+    out = run_dir / f"{stem}.json"
     write_json(result, out)
+    if evaluator.per_image is not None:
+        per_image.save(evaluator.per_image, list(val_set.class_names),
+                       run_dir / f"{stem}_per_image.npz")
+    palette = palette_of(val_set, run_cfg.dataset.num_classes)
+    if evaluator.worst:
+        write_worst(evaluator.worst, run_dir / f"{stem}_worst", palette,
+                    run_cfg.dataset.ignore_index)
     if evaluator.samples:
-        palette = palette_of(val_set, run_cfg.dataset.num_classes)
         strip = comparison_strip(evaluator.samples, palette, run_cfg.dataset.ignore_index)
-        Image.fromarray(np.ascontiguousarray(strip)).save(
-            run_dir / f"eval_{result['name']}_samples.png")
+        Image.fromarray(np.ascontiguousarray(strip)).save(run_dir / f"{stem}_samples.png")
     log.info("eval=%s: %s -> %s", result["name"],
              "  ".join(f"{k} {scores[k]:.4f}" for k in SUMMARY_METRICS), out)
     return result

@@ -29,10 +29,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from segtrain import runs
 from segtrain.cli import user_errors
 from segtrain.core.json_files import write_json
 from segtrain.errors import ConfigError, UserError
-from segtrain.evaluate import build_model, load_run
 
 log = logging.getLogger("segtrain")
 
@@ -129,8 +129,9 @@ def export(model: nn.Module, fmt: str, path: Path, size: tuple[int, int], dynami
 
 
 def main_export(cfg: DictConfig) -> dict[str, Any]:
-    run_dir, run_cfg, state, source = load_run(cfg)
-    model = build_model(run_cfg, state, torch.device("cpu"), source=source)
+    run = runs.open_run(cfg.run, str(cfg.checkpoint), folder_only=True)
+    run_dir, run_cfg, source = run.folder, run.config, run.checkpoint
+    model = runs.build_model(run, torch.device("cpu"))
     size = input_size(run_cfg, cfg.height, cfg.width)
     suffix = ".onnx" if cfg.format == "onnx" else ".pt"
     path = Path(str(cfg.out)).expanduser() / f"model_{size[0]}x{size[1]}{suffix}"

@@ -1,13 +1,16 @@
 """Prediction entry point: label a folder of images with a trained run.
 
     python -m segtrain.predict run=outputs/<run> images=some/folder
+    python -m segtrain.predict run=outputs/<run> images=photo.jpg
+    python -m segtrain.predict run=outputs/<run> "images=shots/*_left.png"
     python -m segtrain.predict run=outputs/<run> images=some/folder out=preds eval=msc
     python -m segtrain.predict run=outputs/<run> images=some/folder eval=msc_crf checkpoint=last
     python -m segtrain.predict run=outputs/<run> images=<root>/leftImg8bit/test recursive=true \
         format=cityscapes                                   # also format=voc, format=ade20k
 
-For each ``.jpg/.jpeg/.png/.bmp`` in ``images`` (sorted; with ``recursive=true`` also in its
-subfolders) it writes, under ``out`` (default ``<run>/predict/<time>/``):
+``images`` is an image file, a folder or a glob pattern. For each ``.jpg/.jpeg/.png/.bmp``
+in it (sorted; with ``recursive=true`` also in its subfolders, or ``**`` in a pattern) it
+writes, under ``out`` (default ``<run>/predict/<time>/``):
 
     labels/<name>.png    uint8 train ids (0..num_classes-1), the raw prediction
     color/<name>.png     the prediction in the dataset's palette
@@ -21,11 +24,15 @@ validation transforms (its normalisation), then the one inference path of
 ``segtrain.evaluate`` with the ``eval`` option (whole image by default; ``eval=msc`` /
 ``slide`` / ``msc_crf`` as there) at the image's own size, at ``eval.precision``. The dense
 CRF gets the image as read, exactly as in ``segtrain.evaluate``, so both give the same label
-map for the same image and checkpoint.
+map for the same image and checkpoint. An image that cannot be read (or is refused by the
+API: empty, too large for whole-image inference) is named and skipped; the others are
+written, and the command then ends with one ``error:`` line naming every skipped image
+(exit status 1).
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 from pathlib import Path
 
@@ -35,7 +42,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from segtrain import app
-from segtrain.api import read_run, segmenter
+from segtrain.api import open_run, segmenter
 from segtrain.cli import user_errors
 from segtrain.data.base import read_image
 from segtrain.errors import UserError
@@ -47,26 +54,36 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 class PredictError(UserError):
-    """Nothing to predict: the image folder is missing, empty, or names collide."""
+    """Nothing to predict (no such file, folder or pattern; no images; names collide), or
+    some images could not be labelled (the others are written)."""
 
 
-def list_images(folder: str | Path, recursive: bool = False) -> list[Path]:
-    """The images inside ``folder`` (and its subfolders if ``recursive``), sorted."""
-    path = Path(str(folder)).expanduser()
-    if not path.is_dir():
-        raise PredictError(f"image folder not found: {path}")
-    files = sorted(p for p in (path.rglob("*") if recursive else path.iterdir())
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def list_images(images: str | Path, recursive: bool = False) -> list[Path]:
+    """The images ``images`` names, sorted: a file, the images in a folder (and its
+    subfolders if ``recursive``) or those a glob pattern matches (``**`` with ``recursive``)."""
+    text = str(images)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = path.rglob("*") if recursive else path.iterdir()
+        where = f"in {path} ({'in it or its subfolders' if recursive else 'directly in it'})"
+    elif glob.has_magic(text):
+        found = (Path(p) for p in glob.glob(str(path), recursive=recursive))
+        where = f"matching {text}"
+    else:
+        raise PredictError(f"images={text}: no such file or folder, and not a glob pattern "
+                           f"(images= takes an image file, a folder or a pattern like "
+                           f"'photos/*.jpg')")
+    files = sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        where = "inside it or its subfolders" if recursive else "directly inside it"
-        raise PredictError(f"no images in {path} (looked for {', '.join(IMAGE_SUFFIXES)} "
-                           f"files {where})")
+        raise PredictError(f"no images {where}: looked for {', '.join(IMAGE_SUFFIXES)} files")
     stems: dict[str, Path] = {}
     for p in files:
         # outputs are named <stem>.png: a.jpg and a.png would overwrite each other
         if p.stem in stems:
-            raise PredictError(f"{stems[p.stem].name} and {p.name} in {path} would both be "
-                               f"written as {p.stem}.png; rename one of them")
+            raise PredictError(f"{stems[p.stem]} and {p} would both be written as "
+                               f"{p.stem}.png; rename one of them")
         stems[p.stem] = p
     return files
 
@@ -83,23 +100,28 @@ def predict(cfg: DictConfig) -> list[Path]:
     """
     # fail on a bad folder before loading anything
     files = list_images(cfg.images, bool(cfg.get("recursive", False)))
-    source, state, run_cfg = read_run(cfg.run, str(cfg.checkpoint))
+    run = open_run(cfg.run, str(cfg.checkpoint))
     submission = None
     if cfg.get("format"):  # a run or an image name that does not fit stops here
-        submission = app.instantiate(cfg.format, dataset=str(run_cfg.dataset.name),
-                                     num_classes=int(run_cfg.dataset.num_classes))
+        submission = app.instantiate(cfg.format, dataset=str(run.config.dataset.name),
+                                     num_classes=int(run.config.dataset.num_classes))
         for file in files:
             submission.relative_path(file)
-    seg = segmenter(source, state, run_cfg, device=str(cfg.device), eval=cfg.eval)
+    seg = segmenter(run, device=str(cfg.device), eval=cfg.eval)
     names = dict(enumerate(seg.class_names))
 
     out = Path(str(cfg.out)).expanduser()
     for sub in ("labels", "color", "overlay") if submission is None else ("submission",):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    written = []
+    written, failed = [], []
     for path in files:
-        rgb = read_image(path)  # DatasetError naming the file when it cannot be read
-        label = seg.predict(rgb).astype(np.uint8)
+        try:
+            rgb = read_image(path)  # DatasetError naming the file when it cannot be read
+            label = seg.predict(rgb).astype(np.uint8)  # InputError: empty, too large
+        except UserError as err:
+            log.error("%s", err)
+            failed.append(f"{path} ({err})")
+            continue
         if submission is not None:
             written.append(submission.write(label, path, out / "submission"))
         else:
@@ -118,6 +140,10 @@ def predict(cfg: DictConfig) -> list[Path]:
                  len(written), out / "submission", submission.benchmark)
     else:
         log.info("%d images -> %s (labels/, color/, overlay/)", len(written), out)
+    if failed:
+        raise PredictError(f"{len(failed)} of {len(files)} images could not be labelled "
+                           f"(the other {len(written)} were written to {out}): "
+                           f"{'; '.join(failed)}")
     return written
 
 

@@ -1,10 +1,13 @@
-"""Palettes, coloured masks, overlays and the image | ground truth | prediction strips."""
+"""Palettes, coloured masks, overlays, the image | ground truth | prediction strips and the
+panels of the worst-scored images (``eval.dump_worst``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 
 def default_palette(num_classes: int) -> np.ndarray:
@@ -48,3 +51,18 @@ def comparison_strip(samples: Sequence[dict], palette: np.ndarray,
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
     return np.concatenate(rows, axis=0)
+
+
+def write_worst(worst: Sequence[dict], folder: str | Path, palette: np.ndarray,
+                ignore_index: int = 255) -> list[Path]:
+    """One image | ground truth | prediction panel per entry of ``Evaluator.worst`` (lowest
+    per-image mIoU first), ``<folder>/<rank>_<mIoU>_<image id>.png``; returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for rank, entry in enumerate(worst, 1):
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in entry["id"])
+        path = folder / f"{rank:03d}_miou{100 * entry['miou']:05.1f}_{name}.png"
+        Image.fromarray(comparison_strip([entry], palette, ignore_index)).save(path)
+        paths.append(path)
+    return paths

@@ -19,7 +19,6 @@ from PIL import Image
 
 from segtrain.app import build_model
 from segtrain.core.checkpoint import CheckpointError
-from segtrain.data.base import DatasetError
 from segtrain.data.synthetic import PALETTE, render
 from segtrain.evaluate import RunError, evaluate
 from segtrain.predict import PredictError, predict
@@ -118,15 +117,22 @@ def test_evaluate_in_process_with_dataset_override_and_fallbacks(run_dir, tmp_pa
     assert result["checkpoint"].endswith("last.pt") and result["iteration"] == 6
     assert result["split"] == "test" and result["num_images"] == 2
     assert np.array(result["confusion_matrix"]).sum() == 2 * 32 * 32
-    assert json.loads((light / "eval_whole.json").read_text())["split"] == "test"
+    # the file names the checkpoint it scored: last.pt, not the run's best
+    assert json.loads((light / "eval_whole_last.json").read_text())["split"] == "test"
+    assert not (light / "eval_whole.json").exists()
 
 
 def test_evaluate_errors_are_clear(run_dir, tmp_path):
     with pytest.raises(RunError, match="run folder not found"):
         evaluate(_compose("evaluate", f"run={tmp_path / 'nope'}"), "whole")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="neither checkpoints/best.pt nor"):
+    with pytest.raises(RunError, match="is not a training run folder"):
         evaluate(_compose("evaluate", f"run={tmp_path / 'empty'}"), "whole")
+    no_checkpoint = tmp_path / "no_checkpoint"
+    no_checkpoint.mkdir()
+    (no_checkpoint / ".hydra").symlink_to(run_dir / ".hydra")
+    with pytest.raises(CheckpointError, match="neither checkpoints/best.pt nor"):
+        evaluate(_compose("evaluate", f"run={no_checkpoint}"), "whole")
     with pytest.raises(CheckpointError, match="checkpoint not found: .*other.pt"):
         evaluate(_compose("evaluate", f"run={run_dir}", f"checkpoint={tmp_path / 'other.pt'}"),
                  "whole")
@@ -199,7 +205,7 @@ class RedBins(torch.nn.Module):
 
 
 def test_predict_applies_the_run_normalisation(run_dir, image_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("segtrain.api.build_model", lambda *a, **k: RedBins())
+    monkeypatch.setattr("segtrain.runs.build_model", lambda *a, **k: RedBins())
     out = tmp_path / "bins"
     predict(_compose("predict", f"run={run_dir}", f"images={image_dir}", f"out={out}",
                      "device=cpu"))
@@ -226,7 +232,7 @@ def test_predict_errors_are_clear(run_dir, tmp_path):
         return _compose("predict", f"run={run_dir}", f"images={folder}",
                         f"out={tmp_path / 'out'}", "device=cpu")
 
-    with pytest.raises(PredictError, match="image folder not found"):
+    with pytest.raises(PredictError, match="missing: no such file or folder"):
         predict(cfg(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.md").write_text("x")
@@ -235,7 +241,8 @@ def test_predict_errors_are_clear(run_dir, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(DatasetError, match="cannot read image file .*broken.png"):
+    with pytest.raises(PredictError, match="1 of 1 images could not be labelled .*"
+                                           "cannot read image file .*broken.png"):
         predict(cfg(bad))
     twins = tmp_path / "twins"
     twins.mkdir()

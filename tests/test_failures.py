@@ -258,15 +258,19 @@ def test_a_stopped_run_is_marked_unfinished_and_reports_no_score(tiny_cfg, tmp_p
     # what the Hydra job returns to a sweep: a score only for a finished run
     monkeypatch.setattr(entry, "train", lambda cfg, out: {"miou": 0.5, "finished": False})
     monkeypatch.setattr(entry, "HydraConfig", _FakeHydraConfig)
+    monkeypatch.setattr(_FakeHydraConfig, "output_dir", str(tmp_path / "main"))
     assert entry.main.__wrapped__(tiny_cfg()) is None
     monkeypatch.setattr(entry, "train", lambda cfg, out: {"miou": 0.5, "finished": True})
     assert entry.main.__wrapped__(tiny_cfg()) == 0.5
 
 
 class _FakeHydraConfig:
-    @staticmethod
-    def get():
-        return OmegaConf.create({"runtime": {"output_dir": "."}, "sweeper": {}})
+    output_dir = "."
+
+    @classmethod
+    def get(cls):
+        return OmegaConf.create({"runtime": {"output_dir": cls.output_dir}, "sweeper": {},
+                                 "overrides": {"task": []}})
 
 
 # -- preemption end to end through the submitit local launcher ---------------------------

@@ -19,8 +19,8 @@ LAYERS: list[set[str]] = [
     {"data", "models", "losses", "viz"},
     {"eval", "submission"},                       # inference, metrics, CRF; benchmark formats
     {"engine"},                                   # the loop and its callbacks
-    {"config_schema"},                            # the schema every entry point applies
-    {"runs"},                                     # a run folder or .pt -> config, checkpoint, model
+    {"config_schema", "builders"},   # the schema every entry point applies; config -> objects
+    {"runs", "run_start"},   # a run folder or .pt -> config, checkpoint, model; a start's claim
     {"app", "__main__", "evaluate", "predict", "export", "protocol", "reproduce", "api", "cli",
      "__init__"},
 ]

@@ -57,7 +57,7 @@ def _run(tmp_path: Path, *dataset: str) -> Path:
 
 
 def _predict(run: Path, images: Path, out: Path, num_classes: int, monkeypatch, *extra: str):
-    monkeypatch.setattr("segtrain.api.build_model", lambda *a, **k: Pattern(num_classes))
+    monkeypatch.setattr("segtrain.runs.build_model", lambda *a, **k: Pattern(num_classes))
     return predict(_compose("predict", f"run={run}", f"images={images}", f"out={out}",
                             "device=cpu", *extra))
 

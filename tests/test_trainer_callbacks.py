@@ -86,6 +86,7 @@ class FakeEvaluator:
     def __init__(self, mious: list[float]) -> None:
         self.mious = list(mious)
         self.samples: list[dict] = []
+        self.per_image, self.worst = None, []  # eval.save_per_image, eval.dump_worst: off
 
     def run(self, model, device):
         miou = self.mious.pop(0)

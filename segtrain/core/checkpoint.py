@@ -143,6 +143,13 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str 
     model.load_state_dict(weights)
 
 
+def inference_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with the weights that evaluation and prediction use as its ``model``: the
+    weight average of a ``trainer.ema`` run's last.pt (whose ``model`` holds the trained
+    weights, to resume from), else its own (best.pt holds the average already)."""
+    return {**state, "model": state["ema"]["model"]} if "ema" in state else state
+
+
 def check_schedule(saved: dict[str, Any] | None, current: dict[str, Any], allow_change: bool,
                    source: str | Path) -> bool:
     """Compare the schedule a checkpoint recorded (``saved``: max_iters, lr schedule, base

@@ -49,7 +49,8 @@ def read_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
             return np.asarray(img.convert(mode) if mode else img)
     except FileNotFoundError as err:
         raise DatasetError(f"image file not found: {path}") from err
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as err:  # the last: PIL refused a huge image
         raise DatasetError(f"cannot read image file {path}: {err}") from err
 
 

@@ -27,6 +27,7 @@ from segtrain.core.precision import autocast_dtype, resolve_precision
 from segtrain.core.rng import load_rank_state, rng_state, set_rng_state
 from segtrain.engine import finite
 from segtrain.engine.callbacks.base import Callback, Evaluation
+from segtrain.engine.ema import WeightEMA
 from segtrain.engine.finite import NonFiniteLossError
 from segtrain.errors import UserError, from_worker
 from segtrain.models.base import bare
@@ -68,6 +69,9 @@ class Trainer:
         schedule: plain values that fix the learning-rate curve, stored in checkpoints; a
             resume whose values differ is refused (``ScheduleChanged``) unless
             ``allow_schedule_change``: then it continues on the new curve.
+        ema_decay: keep an exponential moving average of the weights, updated after every
+            optimizer step (``segtrain.engine.ema``), saved in last.pt; it is ``eval_model``,
+            the network evaluations score and best.pt holds. None: off.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
@@ -77,7 +81,7 @@ class Trainer:
                  device: torch.device, callbacks: Sequence[Callback] = (),
                  config_yaml: str = "", dist: DistInfo | None = None, compile: bool = False,
                  channels_last: bool = False, schedule: dict[str, Any] | None = None,
-                 allow_schedule_change: bool = False) -> None:
+                 allow_schedule_change: bool = False, ema_decay: float | None = None) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.memory_format = torch.channels_last if channels_last else torch.preserve_format
         if channels_last:
@@ -103,10 +107,17 @@ class Trainer:
         # loss terms summed on the device, the first non-finite step (-1: none): read at checks
         self._sums: dict[str, torch.Tensor] = {}
         self._bad_iter = torch.full((), -1, dtype=torch.long, device=device)
+        self.ema = None if ema_decay is None else WeightEMA(self.bare_model, ema_decay)
 
     @property
     def bare_model(self) -> nn.Module:
         return bare(self.model)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluations score and best.pt holds: the weights' average with
+        ``ema_decay``, else the trained network."""
+        return self.model if self.ema is None else self.ema.module
 
     def due(self, interval: int) -> bool:
         """Whether an every-``interval`` action is due now (always at the last iteration)."""
@@ -145,6 +156,8 @@ class Trainer:
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "iteration": self.iteration, "rng": rng or [rng_state()],
                  "config": self.config_yaml, "schedule": self.schedule}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         for callback in self.callbacks:
             state.update(callback.state_dict())
         return state
@@ -158,6 +171,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
+        self._load_ema(state, source)
         for callback in self.callbacks:
             callback.load_state_dict(state)
         load_rank_state(state["rng"], self.dist.rank, self.seed, self.iteration, source)
@@ -166,6 +180,16 @@ class Trainer:
             for group, base in zip(self.optimizer.param_groups, base_lrs):
                 group["initial_lr"] = base
                 group["lr"] = base * self.lr_factor(self.iteration)
+
+    def _load_ema(self, state: dict[str, Any], source: str | Path) -> None:
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:
+            log.warning("%s holds no weight average (trainer.ema.decay was null): the "
+                        "average starts at iteration %d", source, self.iteration)
+        elif "ema" in state:
+            log.warning("%s holds a weight average, which trainer.ema.decay=null drops: "
+                        "evaluations from here on score the trained weights", source)
 
     def save(self, name: str = "last.pt", state: dict[str, Any] | None = None) -> Path | None:
         """Rank 0 writes ``state``; without one, the training state (every rank calls it)."""
@@ -188,6 +212,8 @@ class Trainer:
                          "(raise max_iters to train further)", self.iteration, self.max_iters)
             else:
                 self._loop(iter(self.batches(self.iteration * self.iter_size)))
+            if self.iteration >= self.max_iters:
+                self._call("on_train_end")  # the final evaluation, if it is missing
             status = "interrupted" if self._stopped and self.iteration < self.max_iters \
                 else "finished"
         except NonFiniteLossError:
@@ -267,6 +293,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.bare_model)
 
     def _read_terms(self, steps: int) -> dict[str, float]:
         """Mean loss terms over the last ``steps`` steps and over the ranks: the one host sync

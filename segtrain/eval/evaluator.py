@@ -41,6 +41,7 @@ from tqdm import tqdm
 from segtrain.eval.crf import crf_labels, default_workers
 from segtrain.eval.inference import Inference
 from segtrain.eval.metrics import ConfusionMatrix, EvalBatch, Metric, SampleFigures
+from segtrain.eval.per_image import PerImageCounts, WorstImages
 
 log = logging.getLogger("segtrain")
 
@@ -70,6 +71,10 @@ class Evaluator:
             schema); None: this rank's share of the node's cores; 0: in this process.
         metrics: further ``Metric`` objects fed every batch besides the confusion matrix and
             the sample figures; their scores join the confusion matrix's.
+        per_image: also count each image's per-class intersection and union
+            (``segtrain.eval.per_image.PerImageCounts``): ``per_image`` after ``run``.
+        dump_worst: keep the ``dump_worst`` images of lowest per-image mIoU
+            (``segtrain.eval.per_image.WorstImages``): ``worst`` after ``run``; 0: none.
 
     The loader's batches carry ``"rgb"`` (the image as read) when there is a CRF or a metric
     needs it (the sample figures while ``num_samples`` are not yet kept).
@@ -78,14 +83,28 @@ class Evaluator:
     def __init__(self, loader: DataLoader, num_classes: int, ignore_index: int,
                  class_names: Sequence[str], inference: Inference, num_samples: int = 4,
                  show_progress: bool = False, crf_workers: int | None = None,
-                 metrics: Sequence[Metric] = ()) -> None:
+                 metrics: Sequence[Metric] = (), per_image: bool = False,
+                 dump_worst: int = 0) -> None:
         self.loader, self.num_classes, self.ignore_index = loader, num_classes, ignore_index
         self.class_names, self.inference = list(class_names), inference
         self.show_progress = show_progress
         self.crf_workers = default_workers() if crf_workers is None else crf_workers
         self.figures = SampleFigures(num_samples)
+        self.counts = PerImageCounts(num_classes, ignore_index) if per_image else None
+        self.lowest = WorstImages(dump_worst, num_classes, ignore_index) if dump_worst else None
         self.metrics: list[Metric] = [ConfusionMatrix(num_classes, ignore_index),
-                                      self.figures, *metrics]
+                                      self.figures, *metrics,
+                                      *(m for m in (self.counts, self.lowest) if m)]
+
+    @property
+    def per_image(self) -> dict[str, Any] | None:
+        """The per-image counts of the last evaluation (``per_image``), else None."""
+        return None if self.counts is None else self.counts.result
+
+    @property
+    def worst(self) -> list[dict[str, Any]]:
+        """The lowest-scored images of the last evaluation (``dump_worst``), lowest first."""
+        return [] if self.lowest is None else self.lowest.worst
 
     @property
     def samples(self) -> list[dict[str, Any]]:

@@ -75,13 +75,11 @@ class Predictor:
 
     def _slide(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         n, _, h, w = image.shape
-        ch, cw = self.crop_size
+        # a window larger than the image shrinks to it (as mmsegmentation's slide_inference
+        # clips its windows): padding a small image to the window would score mostly padding
+        ch, cw = min(self.crop_size[0], h), min(self.crop_size[1], w)
         sh, sw = self.stride
-        # pad small images up to one crop (zeros = the normalised mean)
-        ph, pw = max(ch - h, 0), max(cw - w, 0)
-        if ph or pw:
-            image = F.pad(image, (0, pw, 0, ph))
-        H, W = image.shape[-2:]
+        H, W = h, w
         rows = list(range(0, max(H - ch, 0) + 1, sh))
         cols = list(range(0, max(W - cw, 0) + 1, sw))
         if rows[-1] + ch < H:

@@ -5,6 +5,8 @@ rank, callback by callback in the order of its list, at these points:
     on_log(terms, rate)                   every log_interval steps (and at the last)
     on_step_end                           after every optimizer step (and its on_log)
     on_evaluation(evaluation)             when a callback hands the trainer an Evaluation
+    on_train_end                          once the run is at max_iters (also a resumed run
+                                          that already was), before on_fit_end
     on_exception(error)                   when the loop raised (not a non-finite loss,
                                           whose check keeps the last good state itself)
     on_fit_end(status)                    once: "finished", "interrupted" or "failed"
@@ -35,6 +37,8 @@ class Evaluation:
     scores: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    per_image: dict[str, Any] | None = None  # eval.save_per_image: segtrain.eval.per_image
+    worst: list[dict[str, Any]] = field(default_factory=list)  # eval.dump_worst
 
 
 class Callback:
@@ -51,6 +55,9 @@ class Callback:
         pass
 
     def on_evaluation(self, trainer: Trainer, evaluation: Evaluation) -> None:
+        pass
+
+    def on_train_end(self, trainer: Trainer) -> None:
         pass
 
     def on_exception(self, trainer: Trainer, error: BaseException) -> None:

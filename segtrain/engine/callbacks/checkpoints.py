@@ -1,7 +1,7 @@
 """Checkpoints: ``last.pt`` (the full training state) every ``checkpoint_interval``
 iterations, at the last and after an error (the last completed step), ``best.pt`` (the
-weights) at each evaluation that beats every earlier one; the best-model policy is
-``best_evaluation``."""
+weights that were scored: their average with ``trainer.ema.decay``) at each evaluation that
+beats every earlier one; the best-model policy is ``best_evaluation``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from segtrain.core import checkpoint
 from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.engine.finite import weights_finite_flag
 from segtrain.errors import UserError
+from segtrain.models.base import bare
 
 if TYPE_CHECKING:
     from segtrain.engine.trainer import Trainer
@@ -51,7 +52,8 @@ class Checkpoints(Callback):
     def on_evaluation(self, trainer: Trainer, evaluation: Evaluation) -> None:
         history = evaluation.history
         if history and best_evaluation(history) is history[-1]:
-            trainer.save("best.pt", {"model": trainer.bare_model.state_dict(),
+            # the weights that were scored: the average with trainer.ema.decay
+            trainer.save("best.pt", {"model": bare(trainer.eval_model).state_dict(),
                                      "iteration": evaluation.iteration,
                                      "metrics": history[-1], "config": trainer.config_yaml})
 

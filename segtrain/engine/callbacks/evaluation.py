@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from segtrain.core import distributed
 from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.metrics import SUMMARY_METRICS
@@ -29,13 +30,26 @@ class PeriodicEvaluation(Callback):
         if not trainer.due(self.interval):
             return
         trainer.check_finite()
-        scores = self.evaluator.run(trainer.model, trainer.device)
+        scores = self.evaluator.run(trainer.eval_model, trainer.device)  # EMA if trainer.ema
         evaluation = Evaluation(trainer.iteration, scores)
         if trainer.dist.is_main:
             self.history.append({**{k: scores[k] for k in SUMMARY_METRICS},
                                  "iteration": trainer.iteration})
             evaluation.history, evaluation.samples = self.history, self.evaluator.samples
+            evaluation.per_image, evaluation.worst = self.evaluator.per_image, \
+                self.evaluator.worst
         trainer.publish(evaluation)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """The final evaluation, when the run has none at ``max_iters`` (it failed, and the
+        resumed run starts at the end): scored now, and last.pt records it."""
+        done = bool(self.history) and self.history[-1]["iteration"] == trainer.iteration
+        if trainer.dist.enabled:  # rank 0 keeps the history: every rank evaluates, or none
+            done = distributed.all_gather_objects(done)[0]
+        if done:
+            return
+        self.on_step_end(trainer)
+        trainer.checkpoint()
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}

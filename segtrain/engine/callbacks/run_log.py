@@ -18,8 +18,9 @@ from tqdm import tqdm
 from segtrain.core.json_files import write_json
 from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.engine.callbacks.checkpoints import best_evaluation
+from segtrain.eval import per_image
 from segtrain.eval.metrics import SUMMARY_METRICS, format_table
-from segtrain.viz import comparison_strip
+from segtrain.viz import comparison_strip, write_worst
 
 if TYPE_CHECKING:
     from segtrain.engine.trainer import Trainer
@@ -29,7 +30,9 @@ log = logging.getLogger("segtrain")
 
 class RunLog(Callback):
     """Logs and files of rank 0 in ``trainer.run_dir``: ``train.log`` lines (through the
-    ``segtrain`` logger), ``tb/``, ``samples/iter_<iteration>.png``, ``metrics.json``.
+    ``segtrain`` logger), ``tb/``, ``samples/iter_<iteration>.png``, ``metrics.json`` (and
+    ``per_image.npz`` of the same evaluation with ``eval.save_per_image``, the panels of its
+    worst images in ``worst/iter_<iteration>/`` with ``eval.dump_worst``).
 
     Args:
         class_names, palette, ignore_index: of the dataset, for the tables and figures.
@@ -91,6 +94,12 @@ class RunLog(Callback):
             self.writer.add_image("val/image_gt_pred", strip, it, dataformats="HWC")
             (trainer.run_dir / "samples").mkdir(exist_ok=True)
             Image.fromarray(strip).save(trainer.run_dir / "samples" / f"iter_{it:07d}.png")
+        if evaluation.per_image is not None:  # eval.save_per_image: beside metrics.json
+            per_image.save(evaluation.per_image, self.class_names,
+                           trainer.run_dir / "per_image.npz")
+        if evaluation.worst:  # eval.dump_worst
+            write_worst(evaluation.worst, trainer.run_dir / "worst" / f"iter_{it:07d}",
+                        self.palette, self.ignore_index)
         best = best_evaluation(evaluation.history)
         finished = it >= trainer.max_iters
         # "finished" is what tells a final score from the partial one of a stopped run
