@@ -60,6 +60,8 @@ def _norm(value) -> str:
     """Settings compare as text without spaces: ``[256, 512]`` == ``[256,512]``."""
     if isinstance(value, bool):
         value = str(value).lower()
+    if value is None:  # a config's None is the command line's null
+        value = "null"
     return str(value).replace(" ", "")
 
 

@@ -76,6 +76,8 @@ from segtrain.data.loader import train_loader
 from segtrain.engine.callbacks.checkpoints import Checkpoints
 from segtrain.engine.callbacks.run_log import RunLog
 from segtrain.engine.trainer import Trainer
+from segtrain.flops import WHOLE_IMAGE_INPUT, peak_tflops, train_step_flops  # noqa: F401
+from segtrain.flops import train_input_size as paper_input
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -312,35 +314,9 @@ def section_knobs(args, rows: list[list[str]], tmp: Path, baseline: dict[str, fl
 
 
 # -- section 5: CUDA ---------------------------------------------------------------------------
-# Dense peak FLOP/s per device name, the first pattern the name contains wins (so "H100 PCIe"
-# before "H100"). Source: NVIDIA's data sheets (H100 Tensor Core GPU datasheet, H200 product
-# brief, A100 datasheet), whose tensor-core figures are quoted with 2:4 sparsity; the dense
-# peak is half of them (H100/H200 SXM: bf16 1979 -> 989 TFLOP/s, TF32 989 -> 494). "fp32"
-# is TF32 tensor-core math, PyTorch's default for convolutions
-# (torch.backends.cudnn.allow_tf32 = True; the report states the flag).
-PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H100 PCIe", {"fp32": 378.0, "bf16": 756.0, "fp16": 756.0}),
-    ("H100 NVL", {"fp32": 417.5, "bf16": 835.5, "fp16": 835.5}),
-    ("H200 NVL", {"fp32": 417.5, "bf16": 835.5, "fp16": 835.5}),
-    ("H100", {"fp32": 494.5, "bf16": 989.5, "fp16": 989.5}),  # SXM5: "NVIDIA H100 80GB HBM3"
-    ("H200", {"fp32": 494.5, "bf16": 989.5, "fp16": 989.5}),  # SXM: "NVIDIA H200"
-    ("A100", {"fp32": 156.0, "bf16": 312.0, "fp16": 312.0}),
-)
-# experiments that train on whole images have no crop in their pipeline: the input their
-# paper trains on instead (FCN Sec. 4: whole PASCAL images, 500x375 the usual size, see
-# conf/experiment/fcn32s_voc.yaml; SegNet: whole 360x480 CamVid frames; U-Net Fig. 1: a
-# 572x572 input tile)
-WHOLE_IMAGE_INPUT = {"fcn32s_voc": (375, 500), "fcn16s_voc": (375, 500),
-                     "fcn8s_voc": (375, 500), "segnet_basic_camvid": (360, 480),
-                     "unet": (572, 572)}
 ZOO_PRECISION = "bf16"  # trainer.precision=auto on a GPU with bf16
 # the model of the precision rows (tests swap in a small backbone to keep the dry run short)
 PRECISION_MODEL = ["model=deeplabv3"]
-
-
-def peak_tflops(device_name: str) -> tuple[str, dict[str, float]] | None:
-    """(matched pattern, dense peak TFLOP/s per precision) of a CUDA device name, or None."""
-    return next(((key, peak) for key, peak in PEAK_TFLOPS if key in device_name), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,27 +361,6 @@ def random_batches(num_classes: int, in_channels: int, size: tuple[int, int], ba
         batches.append({"image": torch.randn(batch, in_channels, h, w, generator=g).to(device),
                         "mask": mask.long().to(device)})
     return batches
-
-
-def train_step_flops(cfg: DictConfig, size: tuple[int, int]) -> float:
-    """FLOPs of one training step per image: forward, loss and backward, counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (no compute): every
-    convolution and matrix product and their backward kernels (gradients of inputs and
-    weights); normalisation, activations, pooling and interpolation are not counted. The
-    first convolution computes no input gradient, so this is slightly below 3 x forward."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    torch.manual_seed(cfg.seed)
-    model = app.build_model(cfg).to("meta").train()
-    loss_fn = instantiate(cfg.loss, class_weights=None).to("meta")
-    in_channels = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-    batch = 2  # BatchNorm in training mode needs two values per channel (1x1 pooled maps)
-    image = torch.empty(batch, in_channels, *size, device="meta")
-    mask = torch.zeros(batch, *size, dtype=torch.long, device="meta")
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss_fn(model(image), {"image": image, "mask": mask})["total"].backward()
-    return counter.get_total_flops() / batch
 
 
 def _peak_memory_gib(device: torch.device) -> float | None:
@@ -454,22 +409,6 @@ def deeplabv3_precisions(plan: CudaPlan, tmp: Path) -> list[dict]:
 def zoo_experiments() -> list[str]:
     """Every experiment config (conf/experiment/*.yaml): the zoo at its papers' settings."""
     return sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
-
-
-def paper_input(cfg: DictConfig, experiment: str) -> tuple[int, int]:
-    """(height, width) the experiment trains on: the crop of its training pipeline (the
-    ``crop_size`` knob of ``train_augmentation``, or a RandomCrop in a custom list), else its
-    whole-image input (``WHOLE_IMAGE_INPUT``)."""
-    for step in cfg.dataset.get("train_transforms") or []:
-        target = str(step.get("_target_", ""))
-        if target.endswith("train_augmentation") and step.get("crop_size") is not None:
-            return int(step.crop_size[0]), int(step.crop_size[1])
-        if target.endswith("RandomCrop"):
-            return int(step.height), int(step.width)
-    if experiment in WHOLE_IMAGE_INPUT:
-        return WHOLE_IMAGE_INPUT[experiment]
-    raise ValueError(f"experiment={experiment} has no RandomCrop in dataset.train_transforms "
-                     f"and no entry in WHOLE_IMAGE_INPUT (scripts/bench.py)")
 
 
 def zoo_config(experiment: str, scale: float) -> tuple[DictConfig, tuple[int, int], str]:

@@ -15,6 +15,10 @@ shows it).
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -24,6 +28,8 @@ from segtrain.cli import user_errors
 from segtrain.core.distributed import env_info
 from segtrain.errors import ConfigError
 from segtrain.run_start import claim
+
+log = logging.getLogger("segtrain")
 
 
 def check_sweep_direction(sweeper: DictConfig) -> None:
@@ -37,6 +43,18 @@ def check_sweep_direction(sweeper: DictConfig) -> None:
                           f"or hydra.sweeper.direction=maximize")
 
 
+def exit_stopped(signum: int | None) -> None:
+    """A run stopped by a signal at a step boundary (its last.pt saved, the trainer logged
+    the one line saying so) ends the process: with status 1 and no result under submitit, so
+    that the launcher waits for the job SLURM requeues (trainer.resume=auto); else with
+    128 + the signal's number, as a shell reports a process that a signal ended (Ctrl-C: 130),
+    which also ends a local sweep instead of starting its next job."""
+    if os.environ.get("SUBMITIT_FOLDER"):
+        log.warning("exiting without a result; the requeued job resumes from last.pt")
+        sys.exit(1)
+    sys.exit(128 + (signum or 15))
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
@@ -45,6 +63,8 @@ def main(cfg: DictConfig) -> float | None:
         # written: before anything else touches it
         with claim(cfg, HydraConfig.get(), is_main=env_info().is_main) as run_dir:
             metrics = train(cfg, run_dir)
+    if metrics.get("status") == "stopped":
+        exit_stopped(metrics["stop_signal"])
     # the value a Hydra sweeper optimises: only the score of a finished run. None is not a
     # score: hydra-optuna-sweeper records it (like an exception) as a FAIL trial, not as 0
     return metrics.get("miou") if metrics.get("finished") else None

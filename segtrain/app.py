@@ -5,8 +5,10 @@ other module takes plain arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from segtrain.builders import build_model, instantiate
 from segtrain.core import checkpoint, distributed
 from segtrain.core.precision import resolve_precision
 from segtrain.core.rng import seed_everything, stream_seed
+from segtrain.data.class_uniform import ClassUniformPlan, class_uniform_plan
 from segtrain.data.loader import eval_loader, train_loader
 from segtrain.data.transforms import compose
 from segtrain.engine.batch import Batch, resolve_batch
@@ -26,7 +29,7 @@ from segtrain.engine.callbacks.checkpoints import Checkpoints, best_evaluation
 from segtrain.engine.callbacks.evaluation import PeriodicEvaluation
 from segtrain.engine.callbacks.preemption import Preemption
 from segtrain.engine.callbacks.run_log import RunLog
-from segtrain.engine.trainer import Trainer
+from segtrain.engine.trainer import FINISHED, Trainer
 from segtrain.errors import ConfigError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.inference import Inference
@@ -79,6 +82,17 @@ def build_train_set(cfg: DictConfig) -> Any:
     """The training set; with ``dataset.source_rows: true`` its items carry ``"rows"``, each
     pixel's row in the full image (``segtrain.data.source_rows``), for HANet."""
     return _build_split(cfg, "train", keep_rows=bool(cfg.dataset.get("source_rows", False)))
+
+
+def build_sampling(cfg: DictConfig, train_set: Any) -> ClassUniformPlan | None:
+    """``dataset.class_uniform`` (``segtrain.data.class_uniform``): the plan of class-uniform
+    sampling over ``train_set``, its class index read from the cache or built; None: off
+    (also where a saved config predates the key)."""
+    options = cfg.dataset.get("class_uniform")
+    if not options or not options.pct:
+        return None
+    return class_uniform_plan(train_set, float(options.pct), int(options.tile),
+                              cfg.trainer.num_workers)
 
 
 def build_val_set(cfg: DictConfig) -> Any:
@@ -231,6 +245,20 @@ def palette_of(dataset, num_classes: int):
         default_palette(num_classes)
 
 
+def check_batch_fits(cfg: DictConfig, batch: Batch, train_images: int) -> None:
+    """Refuse a per-rank batch that one rank's share of the training split cannot fill
+    (the loader drops incomplete batches: it would never yield one)."""
+    share = train_images // batch.world_size
+    if batch.per_rank > share:
+        t = cfg.trainer
+        key = "trainer.batch_size" if t.global_batch_size is None else \
+            "trainer.global_batch_size"
+        raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: {batch.per_rank} images per "
+                          f"rank and micro-batch, but the training split has {train_images} "
+                          f"images ({share} per rank on {batch.world_size} rank(s)); lower "
+                          f"{key}")
+
+
 def tracker(cfg: DictConfig, class_names, palette) -> list:
     """``logger.callback`` (``logger=mlflow``...), or none (``logger=tensorboard``: RunLog
     writes TensorBoard for every run). A sweep's jobs share one experiment: the sweep
@@ -263,8 +291,59 @@ def resume_source(resume: str | None, run_dir: Path) -> str | Path | None:
     return checkpoint.resolve(resume)
 
 
+@dataclasses.dataclass
+class Training:
+    """What ``train`` trains: built from the config by ``build_training``."""
+
+    model: torch.nn.Module
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    lr_factor: Callable[[int], float]  # iteration -> multiplier of every group's rate
+    batch: Batch  # of one optimizer step (segtrain.engine.batch)
+
+
+def build_training(cfg: DictConfig, in_channels: int = 3, batch: Batch | None = None
+                   ) -> Training:
+    """The model (weights seeded by ``cfg.seed``, ``model.init_from`` applied), loss,
+    optimizer, schedule and batch (``train_batch``; default: one rank) of a run, checked
+    against each other (model and loss outputs, source rows); built on the current default
+    device (``torch.device("meta")`` builds any experiment without memory)."""
+    t = cfg.trainer
+    batch = train_batch(cfg, 1) if batch is None else batch
+    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
+    model = build_model(cfg, in_channels, initialise=True)
+    loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg))
+    check_outputs(cfg, model, loss_fn)
+    check_takes_rows(cfg, model)
+    optimizer = build_optimizer(cfg, param_groups(cfg, model))
+    lr_factor = instantiate(cfg.lr)(max_iters=t.max_iters)
+    return Training(model, loss_fn, optimizer, lr_factor, batch)
+
+
+def build_trainer(cfg: DictConfig, training: Training, batches: Callable[[int], Any],
+                  run_dir: Path, device: torch.device, dist: distributed.DistInfo,
+                  callbacks: list) -> Trainer:
+    """The loop over ``batches`` (``start -> stream``) with ``cfg.trainer``'s settings;
+    ``training.model`` as it will run (on ``device``, wrapped for DDP where needed)."""
+    t = cfg.trainer
+    # what a resumed run must share with the checkpoint, or its poly curve bends
+    schedule = {"trainer.max_iters": int(t.max_iters),
+                "lr": OmegaConf.to_container(cfg.lr, resolve=True),
+                "optim.lr": float(cfg.optim.lr),
+                "images per step": training.batch.images_per_step}
+    return Trainer(
+        training.model, training.loss_fn, training.optimizer, training.lr_factor, batches,
+        run_dir, max_iters=t.max_iters, iter_size=t.iter_size, precision=t.precision,
+        clip_grad_norm=t.clip_grad_norm, log_interval=t.log_interval, seed=cfg.seed,
+        device=device, callbacks=callbacks, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        dist=dist, compile=t.compile, channels_last=t.channels_last, schedule=schedule,
+        allow_schedule_change=bool(t.resume_allow_schedule_change), ema_decay=t.ema.decay)
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Build everything from ``cfg`` and train; returns the final validation scores."""
+    """Build everything from ``cfg`` and train; returns the last validation scores with
+    ``status`` (``Trainer.fit``'s: finished or stopped), ``finished`` and ``stop_signal``
+    (the signal that stopped it, or None)."""
     config_schema.check(cfg)  # a wrong type or range: one line naming the key, nothing built
     run_dir = Path(run_dir)
     dist = distributed.init()
@@ -273,65 +352,53 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     batch = train_batch(cfg, dist.world_size)  # a batch that cannot be: refused before the data
 
     train_set, val_set = build_train_set(cfg), build_val_set(cfg)
+    check_batch_fits(cfg, batch, len(train_set))  # before any batch is allocated
     log.info("data: %s train %d / val %d images, %d classes", cfg.dataset.name,
              len(train_set), len(val_set), cfg.dataset.num_classes)
-    # the model's initial weights depend on the seed only, not on the data set-up
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, getattr(train_set, "in_channels", 3), initialise=True)
-    loss_fn = instantiate(cfg.loss, class_weights=class_weights(cfg))
-    check_outputs(cfg, model, loss_fn)
-    check_takes_rows(cfg, model)
-    groups = param_groups(cfg, model)
-    model.to(device)
+    training = build_training(cfg, getattr(train_set, "in_channels", 3), batch)
+    model, loss_fn = training.model, training.loss_fn
+    model.to(device)  # the optimizer's parameters are these, moved in place
     loss_fn.to(device)
     if dist.enabled:
         if cfg.trainer.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+        training = dataclasses.replace(training, model=model)  # what the loop runs
     # from here on each rank draws its own stream (dropout masks), a function of seed and rank
     seed_everything(stream_seed(cfg.seed, dist.rank))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2fM parameters, device %s, precision %s", cfg.model._target_,
              n_params / 1e6, device, resolve_precision(cfg.trainer.precision, device))
 
-    optimizer = build_optimizer(cfg, groups)
-    lr_factor = instantiate(cfg.lr)(max_iters=cfg.trainer.max_iters)
     evaluator = build_evaluator(cfg, val_set, dist)
     evaluator.check_model(model)  # eval.output_stride: refused now, not at the first eval
 
     t = cfg.trainer
-    batch_size, effective = batch.per_rank, batch.images_per_step
+    batch_size = training.batch.per_rank
     log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)",
-             effective, batch_size, t.iter_size, dist.world_size)
-    # what a resumed run must share with the checkpoint, or its poly curve bends
-    schedule = {"trainer.max_iters": int(t.max_iters),
-                "lr": OmegaConf.to_container(cfg.lr, resolve=True),
-                "optim.lr": float(cfg.optim.lr), "images per step": int(effective)}
+             training.batch.images_per_step, batch_size, t.iter_size, dist.world_size)
     # the endless, resumable sample stream; the trainer starts it at its own iteration
     batches = functools.partial(train_loader, train_set, batch_size, t.num_workers, cfg.seed,
                                 rank=dist.rank, world_size=dist.world_size,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda",
+                                class_uniform=build_sampling(cfg, train_set))
     evaluation = PeriodicEvaluation(evaluator, t.eval_interval)
     # in this order: last.pt after an evaluation holds it; the preemption exit comes last
     palette = palette_of(val_set, cfg.dataset.num_classes)
     callbacks = [evaluation, Checkpoints(t.checkpoint_interval),
                  RunLog(val_set.class_names, palette, cfg.dataset.ignore_index),
                  *tracker(cfg, val_set.class_names, palette), Preemption()]
-    trainer = Trainer(
-        model, loss_fn, optimizer, lr_factor, batches, run_dir, max_iters=t.max_iters,
-        iter_size=t.iter_size, precision=t.precision, clip_grad_norm=t.clip_grad_norm,
-        log_interval=t.log_interval, seed=cfg.seed, device=device, callbacks=callbacks,
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), dist=dist, compile=t.compile,
-        channels_last=t.channels_last, schedule=schedule,
-        allow_schedule_change=bool(t.resume_allow_schedule_change), ema_decay=t.ema.decay)
+    trainer = build_trainer(cfg, training, batches, run_dir, device, dist, callbacks)
     source = resume_source(t.resume, run_dir)
     if source is not None:
         trainer.load_state_dict(checkpoint.load(source), checkpoint.resolve(source))
         log.info("resumed from %s at iteration %d", checkpoint.resolve(source), trainer.iteration)
-    metrics = trainer.fit()
+    status = trainer.fit()
+    metrics = {**trainer.scores, "status": status, "finished": status == FINISHED,
+               "stop_signal": trainer.stop.signal}
     best = best_evaluation(evaluation.history)
-    if dist.is_main and "miou" in metrics and best is not None:
+    if dist.is_main and status == FINISHED and "miou" in metrics and best is not None:
         log.info("final: mIoU %.4f  pixel acc %.4f  (best mIoU %.4f)  run folder %s",
                  metrics["miou"], metrics["pixel_acc"], best["miou"], run_dir)
     distributed.cleanup()

@@ -33,7 +33,9 @@ def user_errors() -> Iterator[None]:
     message on stderr and exit status 1, no traceback. In a sweep it is logged in the job's
     log and re-raised as a ``FailedJobError``, so Hydra records that job as failed, runs the
     others, and names the failed job's overrides and message at the end.
-    ``HYDRA_FULL_ERROR=1`` re-raises the original error to show its traceback."""
+    A Ctrl-C that reaches it (a KeyboardInterrupt: training handles the first one itself)
+    ends with one line and status 130. ``HYDRA_FULL_ERROR=1`` re-raises the original error
+    to show its traceback."""
     try:
         yield
     except UserError as err:
@@ -45,4 +47,9 @@ def user_errors() -> Iterator[None]:
             raise FailedJobError(str(from_worker(err))) from None
         sys.stderr.write(f"error: {message}\n")
         sys.stderr.flush()
-        sys.exit(1)
+        sys.exit(getattr(err, "exit_status", 1))
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.stderr.write("error: interrupted (Ctrl-C)\n")
+        sys.exit(130)

@@ -44,15 +44,17 @@ OUTPUT_STRIDES = (8, 16, 32)
 def spec(low: float | None = None, high: float | None = None, *, open_low: bool = False,
          open_high: bool = False, choices: tuple | None = None, optional: bool = False,
          pattern: str | None = None, empty_ok: bool = False, allowed: str | None = None,
-         length: int | None = None):
+         length: int | None = None, unset: str | None = None):
     """A schema field: ``low``/``high`` bound a number (inclusive unless ``open_*``),
     ``choices`` lists the allowed values, ``pattern`` a regular expression a string must
     match (``allowed`` says it in words), ``optional`` lets the key be absent, ``empty_ok`` a
-    list be empty, ``length`` fixes a list's length."""
+    list be empty, ``length`` fixes a list's length; ``unset`` is the message when it is
+    ``???`` (``{name}``: the name of its group, e.g. the dataset's)."""
     return field(metadata={"low": low, "high": high, "open_low": open_low,
                            "open_high": open_high, "choices": choices,
                            "optional": optional, "pattern": pattern,
-                           "empty_ok": empty_ok, "allowed": allowed, "length": length})
+                           "empty_ok": empty_ok, "allowed": allowed, "length": length,
+                           "unset": unset})
 
 
 UNSET = "???"
@@ -131,8 +133,21 @@ class AugmentSchema:
 
 
 @dataclass
+class ClassUniformSchema:
+    """``segtrain.data.class_uniform``: the share of centred crops and the index's tile."""
+    pct: float | None = spec(0, 1)
+    tile: int = spec(1)
+
+
+@dataclass
 class DatasetSchema:
     name: str = spec()
+    # absent for the embedded data sets (synthetic); ??? for those on disk
+    root: str = spec(optional=True, unset=(
+        "dataset.root is not set: pass the folder the {name} data set is in, e.g. "
+        "dataset.root=/data/{name} (its layout: conf/dataset/{name}.yaml; "
+        "scripts/check_dataset.py checks it)"))
+    image_size: int = spec(1, optional=True)  # the synthetic set's
     num_classes: int = spec(1)
     ignore_index: int = spec(0)
     num_workers: int = spec(0)
@@ -141,6 +156,7 @@ class DatasetSchema:
     crop_size: list[int] | None = spec(1, optional=True, length=2)
     augment: AugmentSchema = spec(optional=True)  # absent where a dataset lists its own steps
     source_rows: bool = spec(optional=True)  # absent: false
+    class_uniform: ClassUniformSchema = spec(optional=True)  # absent (older runs): off
 
 
 @dataclass
@@ -178,7 +194,7 @@ def check(tree: Mapping[str, Any], schema: type = RunSchema, prefix: str = "") -
     hints = get_type_hints(schema)
     for f in fields(schema):
         key = f"{prefix}{f.name}"
-        if f.name not in tree:
+        if f.name not in tree.keys():  # a DictConfig's `in` is False for a ??? value
             if f.metadata["optional"]:
                 continue
             raise ConfigError(f"{key} is missing from the config: expected "
@@ -191,6 +207,8 @@ def check(tree: Mapping[str, Any], schema: type = RunSchema, prefix: str = "") -
             message = str(err).splitlines()[0].split("resolving interpolation: ", 1)[-1]
             raise ConfigError(message if message.startswith(key) else
                               f"{key}: {message}") from None
+        if value == UNSET and f.metadata["unset"]:
+            raise ConfigError(f.metadata["unset"].format(name=tree.get("name", "")))
         if value == UNSET:
             raise ConfigError(f"{key}=??? must be set (e.g. on the command line, {key}=...): "
                               f"expected {_expected(hints[f.name], f.metadata)}")

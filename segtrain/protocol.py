@@ -131,6 +131,15 @@ def _augmentation(cfg: DictConfig) -> dict:
     return {k: aug.get(k) for k in keep if k in aug}
 
 
+def _sampling(cfg: DictConfig) -> Any:
+    """``dataset.class_uniform`` in the reference's terms (``segtrain.data.class_uniform``),
+    else "uniform"."""
+    options = _plain(cfg.dataset.get("class_uniform")) or {}
+    if not options.get("pct"):
+        return "uniform"
+    return {"class_uniform_pct": float(options["pct"]), "class_uniform_tile": int(options["tile"])}
+
+
 def _loss(cfg: DictConfig) -> dict:
     node = _plain(cfg.loss)
     out = {"name": _name(node["_target_"])}
@@ -174,7 +183,7 @@ def effective(cfg: DictConfig, ranks: int = 1) -> dict:
         "eval_split": OmegaConf.select(data, "val.split", default=None),
         "crop_size": _plain(OmegaConf.select(data, "augment.crop_size", default=None)),
         "augmentation": _augmentation(cfg),
-        "sampling": _plain(data.get("sampling")) or "uniform",
+        "sampling": _sampling(cfg),
         "optimizer": _name(optim["_target_"]),
         "base_lr": float(optim["lr"]),
         "lr_policy": {"name": _name(lr["_target_"]), **_params(lr)},

@@ -267,5 +267,6 @@ def build_model(run: Run, device: torch.device, in_channels: int = 3) -> nn.Modu
     # RGB-D runs (SUN RGB-D use_depth=true) need a 4-channel stem; RGB models keep the
     # constructor's default so families without an in_channels argument still build
     model = build_network(cfg, in_channels)
-    checkpoints.load_model_state(model, run.state, run.checkpoint)
+    # a trainer.ema run's last.pt: the weight average, not the weights to resume from
+    checkpoints.load_model_state(model, checkpoints.inference_weights(run.state), run.checkpoint)
     return model.to(device).eval()

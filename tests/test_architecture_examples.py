@@ -91,7 +91,7 @@ def test_the_dataset_example_yields_items_and_trains(example, tmp_path):
 
 
 def test_the_model_example_trains_and_is_checked_against_the_loss(example, tmp_path):
-    pytest.importorskip("segtrain.models.base")  # the model contract (issue 14)
+    pytest.importorskip("segtrain.models.base")  # the model contract
     cfg = example("model=tiny_fcn", "dataset.image_size=32", "dataset.train.num_samples=4",
                   "dataset.val.num_samples=2")
     model = app.build_model(cfg)

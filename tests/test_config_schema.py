@@ -101,10 +101,13 @@ def test_a_key_the_code_reads_must_exist():
 
 
 def test_a_value_left_unset_is_named():
-    cfg = compose_config(["dataset=voc"])
-    with pytest.raises(ConfigError, match=r"^dataset.name"):  # dataset.root=??? is read later
+    with pytest.raises(ConfigError, match=r"^dataset.name"):
         config_schema.check(compose_config(["dataset=voc", "dataset.name=???"]))
-    config_schema.check(cfg)
+    # the likeliest first mistake: a data set on disk without its folder
+    with pytest.raises(ConfigError, match=r"^dataset.root is not set: pass the folder the voc "
+                                          r"data set is in, e.g. dataset.root=/data/voc"):
+        config_schema.check(compose_config(["dataset=voc"]))
+    config_schema.check(compose_config(["dataset=voc", "dataset.root=/data/voc"]))
 
 
 def test_required_key_of_an_experiment_overrides_the_group_default():

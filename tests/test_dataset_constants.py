@@ -1,4 +1,4 @@
-"""One source for a dataset's constants (issue 13).
+"""One source for a dataset's constants.
 
 - The dense CRF and the sample figures get exactly the image read from disk, for raw-pixel
   input (experiment=segnet_basic_camvid: mean 0, std 1/255, which an un-normaliser with the

@@ -1,4 +1,4 @@
-"""ADE20K and PASCAL-Context against miniatures of their exact on-disk layouts (issue 17).
+"""ADE20K and PASCAL-Context against miniatures of their exact on-disk layouts.
 
 ADE20K: 0 -> ignore, 1..150 -> 0..149, both splits, partial downloads. PASCAL-Context: the
 authors' .mat LabelMaps converted once by scripts/prepare_pascal_context.py (names matched

@@ -104,3 +104,32 @@ def test_vgg_fc_layers_are_decimated_into_fc6_fc7():
 def test_unknown_head_is_a_clear_error():
     with pytest.raises(ValueError, match="model.head='aspp_x'"):
         DeepLabV2(21, "resnet18", 8, "aspp_x", RATES)
+
+
+def test_deeplabv2_plain_head_is_table4_baseline_one_1x1_classifier(tmp_path):
+    """model.head=plain (DeepLab v2 TABLE 4 rows 1-2, ResNet-101 without LargeFOV/ASPP):
+    the composed config builds ResNet-101 + one 1x1 classifier 2048 -> 21 with bias."""
+    from hydra import compose, initialize_config_dir
+
+    from segtrain import app
+    from segtrain.reproduce import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=deeplabv2", "model.head=plain",
+                                           "dataset.num_classes=21"])
+    with torch.device("meta"):
+        model = app.build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == \
+        resnet101_trunk_params() + 2048 * 21 + 21 == 42_543_189
+    (branch,) = model.head.branches
+    assert branch.classifier.kernel_size == (1, 1) and branch.classifier.dilation == (1, 1)
+    small = DeepLabV2(21, "resnet18", 8, "plain", {**RATES, "plain": []}).train()
+    out = small(torch.randn(2, 3, 65, 81))
+    assert out["out"].shape == (2, 21, 65, 81) and out["out_lowres"].shape == (2, 21, 9, 11)
+
+
+def test_plain_head_is_refused_on_vgg16():
+    from segtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.head=plain"):
+        DeepLabV2(21, "vgg16", 8, "plain", {**RATES, "plain": []})

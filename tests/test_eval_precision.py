@@ -1,4 +1,4 @@
-"""Evaluation is fp32 unless asked otherwise (issue 13): ``eval.precision`` drives the
+"""Evaluation is fp32 unless asked otherwise: ``eval.precision`` drives the
 trainer's periodic evaluation and ``segtrain.evaluate`` alike, so a run trained under bf16
 autocast writes in metrics.json what ``segtrain.evaluate`` reports for its checkpoint; the
 predictor sums, averages and max-fuses logits in fp32. And a network trained with

@@ -24,7 +24,7 @@ from segtrain.app import build_model, train
 from segtrain.core import checkpoint
 from segtrain.data import synthetic
 from segtrain.data.base import DatasetError
-from segtrain.engine.trainer import Trainer, TrainingInterrupted, set_rng_state
+from segtrain.engine.trainer import Trainer, set_rng_state
 from tests.conftest import REPO, TINY, compose_config
 from tests.dataset_miniatures import make_camvid
 
@@ -94,7 +94,8 @@ def test_an_old_checkpoint_gets_a_clear_message_and_can_be_upgraded(tiny_cfg, tm
     del state["schedule"]  # nor did it record the schedule: a longer run resumes from it
     torch.save(state, path)
     with pytest.raises(checkpoint.CheckpointError,
-                       match=r"refused.*numpy.*scripts/upgrade_checkpoint.py .*last.pt"):
+                       match=r"refused.*asks for numpy.*without running anything.*"
+                             r"scripts/upgrade_checkpoint.py .*last.pt"):
         checkpoint.load(path)
     proc = subprocess.run([sys.executable, "scripts/upgrade_checkpoint.py", str(path)],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
@@ -109,6 +110,41 @@ def test_an_old_checkpoint_gets_a_clear_message_and_can_be_upgraded(tiny_cfg, tm
     train(tiny_cfg("trainer.max_iters=3", "trainer.eval_interval=3", "trainer.resume=auto"),
           tmp_path / "run")
     assert checkpoint.load(path)["iteration"] == 3
+
+
+class _ShellPayload:
+    """Unpickling this runs ``os.system("touch marker")`` (the global ``posix.system``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_the_upgrader_never_runs_a_pickled_callable(tmp_path):
+    marker, path = tmp_path / "code_ran", tmp_path / "evil.pt"
+    torch.save({"model": {}, "iteration": 1, "rng": {"numpy": np.random.get_state()},
+                "payload": _ShellPayload(marker)}, path)
+    original = path.read_bytes()
+    # the loader refuses it and does not send the user to the upgrader for it
+    with pytest.raises(checkpoint.CheckpointError, match=r"asks for posix.system") as info:
+        checkpoint.load(path)
+    assert "python scripts/upgrade_checkpoint.py" not in str(info.value)
+    proc = subprocess.run([sys.executable, "scripts/upgrade_checkpoint.py", str(path)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "posix.system" in lines[0]
+    assert not marker.exists()
+    assert path.read_bytes() == original and not path.with_name("evil.pt.old").exists()
+    # an object of any other class is refused the same way, before it is built
+    other = tmp_path / "other.pt"
+    torch.save({"model": {}, "payload": _Payload(marker)}, other)
+    proc = subprocess.run([sys.executable, "scripts/upgrade_checkpoint.py", str(other)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "asks for io.open" in proc.stderr, proc.stderr
+    assert not marker.exists()
 
 
 def test_stale_temporary_checkpoints_are_removed_at_start_and_never_accumulate(tiny_cfg,
@@ -248,17 +284,23 @@ def test_a_stopped_run_is_marked_unfinished_and_reports_no_score(tiny_cfg, tmp_p
         return real_step(self, batches)
 
     monkeypatch.setattr(Trainer, "_step", step)
-    with pytest.raises(TrainingInterrupted, match="at iteration 5"):
-        train(tiny_cfg(), tmp_path)
+    result = train(tiny_cfg(), tmp_path)
+    assert result["status"] == "stopped" and result["finished"] is False
+    assert result["stop_signal"] == signal.SIGUSR2
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["iteration"] == 3  # the scores of the evaluation at iteration 3 ...
-    assert saved["finished"] is False and saved["status"] == "interrupted"  # ... not final
+    assert saved["finished"] is False and saved["status"] == "stopped"  # ... not final
     assert saved["stopped_at"] == 5
     assert checkpoint.load(tmp_path)["iteration"] == 5
     # what the Hydra job returns to a sweep: a score only for a finished run
-    monkeypatch.setattr(entry, "train", lambda cfg, out: {"miou": 0.5, "finished": False})
     monkeypatch.setattr(entry, "HydraConfig", _FakeHydraConfig)
     monkeypatch.setattr(_FakeHydraConfig, "output_dir", str(tmp_path / "main"))
+    monkeypatch.setattr(entry, "train", lambda cfg, out: result)
+    monkeypatch.delenv("SUBMITIT_FOLDER", raising=False)
+    with pytest.raises(SystemExit) as exit_:  # 128 + the signal, as a shell reports it
+        entry.main.__wrapped__(tiny_cfg())
+    assert exit_.value.code == 128 + signal.SIGUSR2
+    monkeypatch.setattr(entry, "train", lambda cfg, out: {"miou": 0.5, "finished": False})
     assert entry.main.__wrapped__(tiny_cfg()) is None
     monkeypatch.setattr(entry, "train", lambda cfg, out: {"miou": 0.5, "finished": True})
     assert entry.main.__wrapped__(tiny_cfg()) == 0.5

@@ -73,7 +73,7 @@ def test_attention_adds_the_encoding_of_the_full_image_rows():
 
 def test_identity_rows_give_the_output_without_rows():
     """Whole-image evaluation: the rows of the input itself change nothing (bit-identical)."""
-    from tests.test_models_recent_dsrl_hanet import small_hanet
+    from tests.test_hanet import small_hanet
 
     torch.manual_seed(0)
     model = small_hanet(dropout=0.0).eval()
@@ -207,7 +207,9 @@ def test_hanet_experiment_trains_with_rows_through_the_app(tmp_path, monkeypatch
         "model.output_stride=16", "dataset.crop_size=[32,32]", "dataset.num_workers=0",
         "trainer.num_workers=0", "trainer.device=cpu", "trainer.resume=null",
         "trainer.max_iters=1", "trainer.global_batch_size=2",
-        "trainer.eval_interval=1", "trainer.log_interval=1", "trainer.checkpoint_interval=1"])
+        "trainer.eval_interval=1", "trainer.log_interval=1", "trainer.checkpoint_interval=1",
+        # two images give no class-uniform crop (tests/test_class_uniform.py samples so)
+        "dataset.class_uniform.pct=null"])
     assert cfg.dataset.source_rows is True and cfg.model.pos_noise == 0.5
     metrics = app.train(cfg, tmp_path / "run")
     assert 0.0 <= metrics["miou"] <= 1.0

@@ -21,7 +21,8 @@ LAYERS: list[set[str]] = [
     {"engine"},                                   # the loop and its callbacks
     {"config_schema", "builders"},   # the schema every entry point applies; config -> objects
     {"runs", "run_start"},   # a run folder or .pt -> config, checkpoint, model; a start's claim
-    {"app", "__main__", "evaluate", "predict", "export", "protocol", "reproduce", "api", "cli",
+    {"app", "__main__", "evaluate", "predict", "export", "protocol", "reproduce", "flops", "api",
+     "cli",
      "__init__"},
 ]
 LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}

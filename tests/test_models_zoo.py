@@ -397,8 +397,8 @@ def test_fcn_fc6_fc7_are_the_convolutionalized_vgg_classifier(monkeypatch):
             vgg.classifier[i].bias.normal_()
     linear6, linear7 = vgg.classifier[0], vgg.classifier[3]
 
-    def fake_vgg16(output_stride, pretrained):  # stands in for a downloaded checkpoint
-        assert pretrained == "checkpoint.pth" and output_stride == 32
+    def fake_vgg16(output_stride, pretrained, width):  # stands in for a downloaded checkpoint
+        assert pretrained == "checkpoint.pth" and output_stride == 32 and width == 1.0
         return vgg
 
     monkeypatch.setattr(fcn_module, "vgg16", fake_vgg16)

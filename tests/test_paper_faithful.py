@@ -1,4 +1,4 @@
-"""The papers' training details (issue 8): DeepLab v1 LargeFOV as released, DeepLab v2's
+"""The papers' training details: DeepLab v1 LargeFOV as released, DeepLab v2's
 VGG-16 head ablation, FCN's staged training (model.init_from), SegNet-Basic's input LRN,
 U-Net's weight map and elastic deformation. Each test fails on the code before them.
 """

@@ -16,7 +16,7 @@ PAPER_DIR = CONF_DIR / "experiment" / "paper"
 PAPER_FILES = sorted(PAPER_DIR.glob("*.yml"))
 ROW_KEYS = {"overrides", "value", "metric", "split", "table", "paper", "confirmed", "crf",
             "msc", "flip"}
-OPTIONAL_KEYS = {"name", "note", "protocol"}
+OPTIONAL_KEYS = {"name", "note", "protocol", "stage"}
 METRICS = set(SUMMARY_METRICS)
 GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 
@@ -26,13 +26,20 @@ def _load(path):
 
 
 def _norm(value) -> str:
+    if value is None:  # the command line's spelling of None
+        return "null"
     return (str(value).lower() if isinstance(value, bool) else str(value)).replace(" ", "")
 
 
 @pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)
 def test_paper_file_is_well_formed(path):
     data = _load(path)
-    assert set(data) <= {"rows", "other", "pending", "protocol", "deviations"}, path.name
+    assert set(data) <= {"rows", "other", "pending", "protocol", "deviations", "stages",
+                         "train"}, path.name
+    stages = data.get("stages") or {}
+    for name, stage in stages.items():
+        assert set(stage) <= {"experiment", "overrides", "after", "note"}, f"{path.name}: {name}"
+        assert stage.get("after") in (None, *stages), f"{path.name}: {name}.after"
     rows = data.get("rows") or []
     for row in rows:
         assert ROW_KEYS <= set(row) <= ROW_KEYS | OPTIONAL_KEYS, f"{path.name}: {row}"
@@ -42,8 +49,10 @@ def test_paper_file_is_well_formed(path):
         assert all(isinstance(row[k], bool) for k in ("crf", "msc", "flip")), path.name
         assert isinstance(row["overrides"], dict), path.name
     # one number per setting and metric: otherwise a run would get two paper values
-    keys = [(tuple(sorted((k, _norm(v)) for k, v in r["overrides"].items())), r["metric"])
-            for r in rows]
+    for row in rows:
+        assert row.get("stage") in (None, *stages), f"{path.name}: stage of {row}"
+    keys = [(tuple(sorted((k, _norm(v)) for k, v in r["overrides"].items())), r["metric"],
+             r.get("stage")) for r in rows]
     assert len(keys) == len(set(keys)), f"{path.name}: two rows with the same setting"
     for entry in data.get("other") or []:
         # a flow mapping cut at a comma leaves keys without value: quote such strings
@@ -156,3 +165,39 @@ def test_deeplab_v3_upsamples_the_logits_instead(experiment):
     """DeepLab v3 Sec. 4.1: the logits are upsampled, the ground truth is not downsampled."""
     cfg = compose_config([f"experiment={experiment}", "dataset.root=/x"])
     assert cfg.loss.label_stride is None, experiment
+
+
+STAGES = [(path.stem, name, stage) for path in PAPER_FILES
+          for name, stage in (_load(path).get("stages") or {}).items()]
+
+
+@pytest.mark.parametrize("paper,name,stage", STAGES, ids=[f"{p}-{n}" for p, n, _ in STAGES])
+def test_stage_overrides_compose_with_their_experiment(paper, name, stage, tmp_path):
+    """A stage of a paper file (segtrain.reproduce runs it before the rows that start from
+    it) composes: its experiment, its overrides, each key at its value."""
+    overrides = [_override(k, v) for k, v in (stage.get("overrides") or {}).items()]
+    cfg = compose_config([f"experiment={stage.get('experiment', paper)}",
+                          f"++dataset.root={tmp_path}", "++model.init_from=null", *overrides])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["num_classes"] == resolved["dataset"]["num_classes"]
+    for key, value in (stage.get("overrides") or {}).items():
+        if key.lstrip("+~") not in GROUPS:
+            got = OmegaConf.select(cfg, key.lstrip("+~"))
+            got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+            assert _norm(got) == _norm(value), f"{paper} stage {name}: {key}={got}"
+
+
+def test_staged_chains_of_the_issue():
+    """FCN 32s -> 16s -> 8s, DeepLab v2 TABLE 4 and Context from one COCO stage each, DeepLab
+    v3's trainval stage after trainaug (Long et al. Sec. 4.2; Chen et al. TPAMI Sec. 4;
+    Chen et al. 2017 Sec. 4.1)."""
+    def load(name):
+        return _load(CONF_DIR / "experiment" / "paper" / f"{name}.yml")
+
+    fcn8s = load("fcn8s_voc")
+    assert fcn8s["stages"]["fcn16s"] == {"experiment": "fcn16s_voc", "after": "fcn32s"}
+    assert fcn8s["stages"]["fcn32s"] == {"experiment": "fcn32s_voc"}
+    assert {r["stage"] for r in fcn8s["rows"]} == {"fcn16s"}
+    assert load("deeplabv3_voc_trainval")["stages"]["trainaug"]["experiment"] == "deeplabv3_voc"
+    assert [r.get("stage") for r in load("deeplabv2_pascal_context")["rows"]] == \
+        ["coco", "coco"]

@@ -215,14 +215,37 @@ def test_a_stop_signal_saves_last_pt_and_gives_the_signal_back(tmp_path, monkeyp
             os.kill(os.getpid(), signal.SIGUSR1)
         return {"total": outputs["out"].mean()}
 
-    with pytest.raises(TrainingInterrupted, match="stopped by signal 10 at iteration 2"):
-        _trainer(tmp_path, [Preemption()], max_iters=6, loss=loss, log_interval=100).fit()
+    trainer = _trainer(tmp_path, [Preemption()], max_iters=6, loss=loss, log_interval=100)
+    assert trainer.fit() == "stopped"
+    assert trainer.stop.text(trainer.iteration, tmp_path).startswith(
+        "signal 10 received (SIGUSR1): saved checkpoints/last.pt at iteration 2")
     assert checkpoint.load(tmp_path)["iteration"] == 2
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+def test_a_second_ctrl_c_ends_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+
+    def loss(outputs, batch):
+        if float(batch["image"][0, 0, 0, 0]) == 4:  # in the fifth step: Ctrl-C twice
+            os.kill(os.getpid(), signal.SIGINT)  # the first asks for a stop at the boundary
+            os.kill(os.getpid(), signal.SIGINT)  # the second ends now, mid-step
+        return {"total": outputs["out"].mean()}
+
+    trainer = _trainer(tmp_path, [Checkpoints(3), Preemption()], max_iters=8, loss=loss)
+    with pytest.raises(TrainingInterrupted, match="interrupted again .* after iteration 4: "
+                                                  "stopped at once without saving") as err:
+        trainer.fit()
+    assert err.value.exit_status == 130
+    assert checkpoint.load(tmp_path)["iteration"] == 3  # the earlier last.pt, whole
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_under_submitit_the_signal_reaches_its_handler_and_the_job_exits(tmp_path,
                                                                          monkeypatch):
+    from segtrain.__main__ import exit_stopped
+
     monkeypatch.setenv("SUBMITIT_FOLDER", str(tmp_path / "submitit"))
     handed = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: handed.append(signum))
@@ -232,8 +255,9 @@ def test_under_submitit_the_signal_reaches_its_handler_and_the_job_exits(tmp_pat
                 os.kill(os.getpid(), signal.SIGUSR2)
             return {"total": outputs["out"].mean()}
 
-        with pytest.raises(SystemExit) as exit_:
-            _trainer(tmp_path, [Preemption()], max_iters=6, loss=loss).fit()
+        assert _trainer(tmp_path, [Preemption()], max_iters=6, loss=loss).fit() == "stopped"
+        with pytest.raises(SystemExit) as exit_:  # what the entry point does with it
+            exit_stopped(signal.SIGUSR2)
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert exit_.value.code == 1  # no result: the launcher waits for the requeued job

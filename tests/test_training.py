@@ -87,6 +87,48 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
         assert torch.equal(a[key], b[key]), f"{key} differs after resuming at iteration {k}"
 
 
+def _interrupt(cmd: list[str], env: dict, log_file: Path, after: int,
+               presses: int = 1) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group and press Ctrl-C ``presses`` times (SIGINT to the
+    whole group, as a terminal does) once ``log_file`` shows iteration ``after``."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if log_file.is_file() and f"iter {after}/" in log_file.read_text():
+            break
+        time.sleep(0.02)
+    for _ in range(presses):
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=180)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_resumes_to_every_uninterrupted_tensor(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    extra = ("trainer.max_iters=12", "trainer.checkpoint_interval=100", "trainer.log_interval=1",
+             "trainer.eval_interval=100")
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    subprocess.run(_cli(full, *extra), cwd=REPO, env=env, check=True, capture_output=True)
+    proc = _interrupt(_cli(stopped, *extra), env, stopped / "train.log", after=3)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    said = [line for line in (proc.stdout + proc.stderr).splitlines()
+            if "signal 2 received (SIGINT)" in line]
+    assert len(said) == 1 and "resume with trainer.resume=" in said[0], proc.stdout
+    k = checkpoint.load(stopped)["iteration"]
+    assert 3 <= k < 12, f"the run was meant to be stopped midway, it reached {k}"
+    subprocess.run(_cli(stopped, *extra, "trainer.resume=auto"), cwd=REPO, env=env,
+                   check=True, capture_output=True)
+    a, b = _final_weights(full), _final_weights(stopped)
+    assert checkpoint.load(stopped)["iteration"] == 12
+    assert a.keys() == b.keys() and any("running_mean" in key for key in a)
+    for key in a:  # weights and BatchNorm buffers (num_batches_tracked included)
+        assert torch.equal(a[key], b[key]), f"{key} differs after a Ctrl-C at iteration {k}"
+
+
 def test_resume_auto_continues_in_the_same_run_folder(tiny_cfg, tmp_path):
     train(tiny_cfg("trainer.max_iters=3"), tmp_path)
     # a longer run from the same folder: asked for explicitly (the poly curve changes)

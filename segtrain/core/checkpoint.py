@@ -11,9 +11,12 @@ with ``torch.load(weights_only=True)``: a file whose pickle would build any othe
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,18 @@ log = logging.getLogger("segtrain")
 
 #: the checkpoint files the trainer writes; their temporaries are ``.<name>.<random>.tmp``
 NAMES = ("last.pt", "best.pt")
+
+#: the only globals beyond tensors and plain types that checkpoints of segtrain before safe
+#: loading hold: NumPy's RNG state (``np.random.get_state()``, a uint32 key array), pickled
+#: by NumPy 2 (``numpy._core``) or NumPy 1 (``numpy.core``); scripts/upgrade_checkpoint.py
+#: allows these and nothing else
+LEGACY_GLOBALS = ("numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+                  "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType")
+
+# how torch's weights-only unpickler names what it refused, by the kind of refusal
+_REFUSED = (re.compile(r"GLOBAL (\S+) was not an allowed global"),
+            re.compile(r"got <class '([^']+)'>"),
+            re.compile(r"unrecognized function <?(?:built-in function |function )?([\w.]+)"))
 
 
 class CheckpointError(UserError):
@@ -59,20 +74,43 @@ def remove_stale_temporaries(folder: str | Path, names: tuple[str, ...] = NAMES)
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # one writer per file: any temporary of this name is left over from a killed write
-    remove_stale_temporaries(path.parent, (path.name,))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # one writer per file: any temporary of this name is left over from a killed write
+        remove_stale_temporaries(path.parent, (path.name,))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        # torch's writer reports a full disk as a RuntimeError without an errno
+        # ("[enforce fail at inline_container.cc:...] unexpected pos ...")
+        if not isinstance(err, OSError) and not (isinstance(err, RuntimeError) and any(
+                mark in str(err) for mark in ("inline_container", "PytorchStreamWriter"))):
+            raise
+        kept = f"the previous {path.name} is kept" if path.is_file() else \
+            f"no earlier {path.name} exists"
+        reason = f"{err.strerror} ({errno.errorcode.get(err.errno, err.errno)})" \
+            if isinstance(err, OSError) and err.strerror else \
+            f"torch's writer failed ({str(err).strip().splitlines()[0]}), " \
+            f"{_free_space(path.parent)}"
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason}; {kept}. Free "
+                              f"disk space or make the run folder writable, then resume with "
+                              f"trainer.resume={path.parent.parent}") from None
     return path
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 2**20:.0f} MiB free on its disk"
 
 
 def resolve(source: str | Path) -> Path:
@@ -93,19 +131,43 @@ def load(source: str | Path, map_location: str | torch.device = "cpu") -> dict[s
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch's message names the first global the file wanted to build
-        found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
-        reason = found[0].rstrip(".") if found else "not a plain-types pickle"
+        foreign = foreign_globals(path) or [refused_global(err)]
+        if set(foreign) <= set(LEGACY_GLOBALS):
+            advice = (f"segtrain checkpoints never do; this one looks written by a segtrain "
+                      f"before safe loading (NumPy RNG states), and scripts/upgrade_checkpoint"
+                      f".py converts it without running anything: python scripts/upgrade_"
+                      f"checkpoint.py {path}")
+        else:
+            foreign = [name for name in foreign if name not in LEGACY_GLOBALS]
+            advice = ("segtrain never writes such a file and nothing converts it: do not "
+                      "load it (scripts/upgrade_checkpoint.py refuses it too)")
         raise CheckpointError(
             f"checkpoint {path} refused: it holds Python objects other than tensors and plain "
-            f"types, and loading it could run code ({reason}). segtrain checkpoints never do; "
-            f"one written by a segtrain version before safe loading (NumPy RNG states) can be "
-            f"converted, if you trust it: python scripts/upgrade_checkpoint.py {path}") from None
+            f"types, and loading it could run code (it asks for {', '.join(foreign)}); "
+            f"{advice}") from None
     except Exception as err:  # noqa: BLE001 - truncated zip, I/O error, ...
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {err}") from err
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a segtrain checkpoint (no 'model' entry)")
     return state
+
+
+def foreign_globals(path: Path) -> list[str]:
+    """The globals beyond torch's weights-only allowlist that the pickle in ``path`` names
+    (read without unpickling anything; empty when it cannot be read that way)."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: the unpickler's error says
+        return []
+
+
+def refused_global(err: pickle.UnpicklingError) -> str:
+    """The global (module.name) that torch's weights-only unpickler refused in ``err``."""
+    for pattern in _REFUSED:
+        found = pattern.search(str(err))
+        if found:
+            return found.group(1)
+    return "an object that is not a tensor or a plain type"
 
 
 def _model_of(state: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from torch.utils.data import Dataset
 
 from segtrain.data import source_rows
 from segtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from segtrain.data.class_uniform import Centroid
 
 IGNORE_INDEX = 255  # the constructors' default; a run passes dataset.ignore_index
 
@@ -214,7 +217,17 @@ class SegmentationDataset(Dataset):
                 f"and not the ignore index {self.ignore_index}"
             )
 
+    def item_names(self) -> list[str]:
+        """The split's samples, one name each in index order, without reading a file (keys
+        the class-uniform index cache, ``segtrain.data.class_uniform``)."""
+        raise NotImplementedError(f"{self.name} lists no item names")  # pragma: no cover
+
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index)
+
+    def item(self, index: int, centroid: Centroid | None = None) -> dict[str, Any]:
+        """Item ``index``; a class-uniform sample passes its ``centroid``, which the crop
+        (``transforms.RandomCrop``) covers, and ``meta["centroid_class"]`` names."""
         image, mask, meta = self.load(index)
         source = str(meta.get("label_path", meta.get("name", index)))
         if image.shape[:2] != mask.shape[:2]:
@@ -224,13 +237,19 @@ class SegmentationDataset(Dataset):
             )
         self.check_labels(mask, source)
         meta = {**meta, "index": index, "orig_size": tuple(mask.shape[:2])}
+        if centroid is not None:
+            meta["centroid_class"] = centroid.class_id
         extra = {}  # the pipeline's second masks (the constructor's add_targets)
         if self.keep_rgb:
             extra["rgb"] = raw_rgb(image)  # no colour or normalisation step touches it
         if self.keep_rows:
             extra["rows"] = source_rows.encode(*mask.shape[:2])
         if self.transforms is not None:
-            out = self.transforms(image=image, mask=mask, **extra)
+            if centroid is not None:  # one point the geometric steps move with the image
+                extra_points = {"keypoints": np.array([[centroid.x, centroid.y]], np.float32)}
+            else:
+                extra_points = {}
+            out = self.transforms(image=image, mask=mask, **extra, **extra_points)
             image, mask = out["image"], out["mask"]
             extra = {key: out[key] for key in extra}
         rows = extra.get("rows")

@@ -102,6 +102,9 @@ class CamVid(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def item_names(self) -> list[str]:
+        return [str(image) for image, _ in self.samples]
+
     def load_mask(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
         image_path, label_path = self.samples[index]
         mask = remap_labels(read_label(label_path), self._lut, label_path, "0..11 (11 = void)")

@@ -92,6 +92,9 @@ class Cityscapes(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def item_names(self) -> list[str]:
+        return [path.name for path in self.images]
+
     def _label_path(self, image_path: Path) -> tuple[Path, bool]:
         """The label of an image: labelTrainIds if present, else labelIds."""
         stem = image_path.name[: -len("_leftImg8bit.png")]

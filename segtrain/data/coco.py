@@ -158,6 +158,9 @@ class COCOSegmentation(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def item_names(self) -> list[str]:
+        return [str(i) for i in self.ids]
+
     def _meta(self, index: int) -> dict[str, Any]:
         info = self.coco.imgs[self.ids[index]]
         return {"name": Path(info["file_name"]).stem, "image_id": int(info["id"]),

@@ -7,16 +7,21 @@ augmentation is seeded from its stream position, so a run resumed at iteration `
 exactly the batches and augmentations the uninterrupted run saw, whatever the number of
 workers. Each transform of a sample draws from its own stream
 (``transforms.seed_independently``), so flip, scale and crop are independent of each other.
+With class-uniform sampling (``dataset.class_uniform``) epoch ``e`` is the list of
+``segtrain.data.class_uniform.ClassUniformPlan.epoch(seed, e)`` instead, whose centred
+entries carry the centroid their crop covers; the same rules hold.
 """
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from segtrain.data.class_uniform import Centroid, ClassUniformPlan
 from segtrain.data.transforms import seed_independently
 
 
@@ -54,11 +59,31 @@ class IterationSampler(Sampler[tuple[int, int]]):
             e = pos // self.length
             if e != epoch:
                 epoch, order = e, self._epoch_order(e)
-            yield int(order[pos % self.length]), pos
+            yield self._key(order[pos % self.length], pos)
             pos += self.world_size
+
+    def _key(self, entry: Any, pos: int) -> tuple:
+        return int(entry), pos
 
     def __len__(self) -> int:  # endless; DataLoader only needs it for len(loader)
         return 2**62
+
+
+class ClassUniformSampler(IterationSampler):
+    """``IterationSampler`` over the epochs of a class-uniform plan: yields ``(dataset
+    index, stream position, centroid or None)``."""
+
+    def __init__(self, plan: ClassUniformPlan, batch_size: int, seed: int,
+                 start_iter: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(plan.length, batch_size, seed, start_iter, True, rank, world_size)
+        self.plan = plan
+
+    def _epoch_order(self, epoch: int) -> list[tuple[int, Centroid | None]]:
+        return self.plan.epoch(self.seed, epoch)
+
+    def _key(self, entry: tuple[int, Centroid | None], pos: int) -> tuple:
+        index, centroid = entry
+        return index, pos, centroid
 
 
 class SeededAugmentation(Dataset):
@@ -70,11 +95,15 @@ class SeededAugmentation(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, position = key
+    def __getitem__(self, key: tuple) -> dict[str, Any]:
+        """``key``: ``(index, position)``, or ``(index, position, centroid)`` from a
+        class-uniform sampler (a centroid goes to the dataset's ``item``)."""
+        index, position, *centroid = key
         transforms = getattr(self.dataset, "transforms", None)
         if transforms is not None:
             seed_independently(transforms, self.seed, position)
+        if centroid and centroid[0] is not None:
+            return self.dataset.item(index, centroid[0])
         return self.dataset[index]
 
 
@@ -93,15 +122,28 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def ignore_ctrl_c(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn
+    """A loader worker ignores SIGINT: a terminal's Ctrl-C reaches the whole process group,
+    and the training process stops at a step boundary itself (a worker that died of it
+    would end the run with 'DataLoader worker exited unexpectedly')."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
                  start_iter: int = 0, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False) -> DataLoader:
-    """Endless, resumable training loader (see module docstring)."""
-    sampler = IterationSampler(len(dataset), batch_size, seed, start_iter, True, rank,
-                               world_size)
+                 pin_memory: bool = False,
+                 class_uniform: ClassUniformPlan | None = None) -> DataLoader:
+    """Endless, resumable training loader (see module docstring); ``class_uniform``: the
+    plan of ``dataset.class_uniform`` (None: plain random crops)."""
+    if class_uniform is None:
+        sampler = IterationSampler(len(dataset), batch_size, seed, start_iter, True, rank,
+                                   world_size)
+    else:
+        sampler = ClassUniformSampler(class_uniform, batch_size, seed, start_iter, rank,
+                                      world_size)
     return DataLoader(SeededAugmentation(dataset, seed), batch_size=batch_size,
                       sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=pin_memory, drop_last=True,
+                      pin_memory=pin_memory, drop_last=True, worker_init_fn=ignore_ctrl_c,
                       # a private generator: creating the iterator must not draw from the
                       # global RNG, or a resumed run's dropout would differ
                       generator=torch.Generator().manual_seed(seed))
@@ -113,4 +155,5 @@ def eval_loader(dataset: Dataset, num_workers: int, rank: int = 0,
     indices = list(range(rank, len(dataset), world_size))
     subset = torch.utils.data.Subset(dataset, indices)
     return DataLoader(subset, batch_size=1, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate, generator=torch.Generator().manual_seed(0))
+                      collate_fn=collate, worker_init_fn=ignore_ctrl_c,
+                      generator=torch.Generator().manual_seed(0))

@@ -140,6 +140,9 @@ class PascalContext(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def item_names(self) -> list[str]:
+        return list(self.ids)
+
     def load_mask(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
         name = self.ids[index]
         label_path = self.label_dir / f"{name}.png"

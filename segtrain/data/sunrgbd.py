@@ -109,6 +109,9 @@ class SUNRGBD(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def item_names(self) -> list[str]:
+        return [path.name for path in self.images]
+
     def _paths(self, index: int) -> tuple[int, Path, Path]:
         image_path = self.images[index]
         number = _number(image_path)

@@ -83,27 +83,38 @@ def _background_colour(rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(hue, sat, rng.uniform(0.1, 1.0))) * 255
 
 
-def _class_colour(rng: np.random.Generator, kind: int) -> np.ndarray:
+def class_hue(label: int) -> float:
+    """The hue of class ``label``: ``CLASS_HUES`` for the six named classes; beyond them
+    (``num_classes`` > 6) hues spread by the golden ratio."""
+    return CLASS_HUES[label] if label < len(CLASS_HUES) else (label * 0.618034) % 1.0
+
+
+def _class_colour(rng: np.random.Generator, label: int) -> np.ndarray:
     """A colour near the class's hue (jittered saturation and brightness), RGB 0..255."""
-    hue = (CLASS_HUES[kind] + rng.normal(0, HUE_JITTER)) % 1.0
+    hue = (class_hue(label) + rng.normal(0, HUE_JITTER)) % 1.0
     sat, val = rng.uniform(0.6, 1.0), rng.uniform(0.5, 1.0)
     return np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 255
 
 
-def render(seed: int, image_size: int, max_shapes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one (image uint8 HxWx3, mask uint8 HxW) from ``seed``."""
+def render(seed: int, image_size: int, max_shapes: int,
+           num_classes: int = len(CLASS_NAMES)) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one (image uint8 HxWx3, mask uint8 HxW) from ``seed``. Labels are 1..
+    ``num_classes`` - 1 (0 is the background); label ``k`` is drawn as shape kind
+    ``(k - 1) % 5 + 1`` in its own hue, so more classes than the six named ones (a paper
+    dataset's class count, ``segtrain.reproduce scale=tiny``) are shapes in new colours."""
     rng = np.random.default_rng(seed)
     image = _texture(rng, image_size)
     mask = np.zeros((image_size, image_size), np.uint8)
     for _ in range(int(rng.integers(1, max_shapes + 1))):
-        kind = int(rng.integers(1, len(CLASS_NAMES)))
+        label = int(rng.integers(1, num_classes))
+        kind = (label - 1) % (len(CLASS_NAMES) - 1) + 1
         region = _shape_mask(rng, kind, image_size)
         # the class hue in a low-contrast texture: locally it looks like background
         # textures of the same colour, which occur too
         shade = _texture(rng, image_size).mean(axis=2, keepdims=True) / 255.0
-        fill = _class_colour(rng, kind) * (0.75 + 0.25 * shade)
+        fill = _class_colour(rng, label) * (0.75 + 0.25 * shade)
         image[region] = fill[region]
-        mask[region] = kind
+        mask[region] = label
     image += rng.normal(0, 8, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
@@ -118,6 +129,7 @@ class SyntheticShapes(SegmentationDataset):
         max_shapes: shapes per image, 1..max_shapes.
         seed: base seed; item i of a split is a pure function of (seed, split, i).
         transforms: albumentations pipeline ending with Normalize.
+        num_classes: 2..255 classes, background included (default: the six named ones).
     """
 
     class_names = CLASS_NAMES
@@ -126,8 +138,15 @@ class SyntheticShapes(SegmentationDataset):
     def __init__(self, split: str, num_samples: int, image_size: int, max_shapes: int = 3,
                  seed: int = 0, transforms: Callable[..., dict] | None = None,
                  ignore_index: int = IGNORE_INDEX, keep_rgb: bool = False,
-                 keep_rows: bool = False) -> None:
+                 keep_rows: bool = False, num_classes: int = len(CLASS_NAMES)) -> None:
         super().__init__(transforms, ignore_index, keep_rgb, keep_rows)
+        if not 2 <= num_classes <= 255:
+            raise ValueError(f"dataset.num_classes must be 2..255, got {num_classes}")
+        extra = range(len(CLASS_NAMES), num_classes)
+        self.class_names = CLASS_NAMES[:num_classes] + tuple(f"shape{k}" for k in extra)
+        self.palette = np.concatenate([PALETTE[:num_classes], np.array(
+            [np.array(colorsys.hsv_to_rgb(class_hue(k), 0.9, 0.9)) * 255 for k in extra],
+            dtype=np.uint8).reshape(-1, 3)])
         if split not in _SPLIT_OFFSET:
             raise ValueError(f"synthetic split must be one of {sorted(_SPLIT_OFFSET)}, "
                              f"got {split!r}")
@@ -139,9 +158,13 @@ class SyntheticShapes(SegmentationDataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def item_names(self) -> list[str]:
+        return [f"seed{self.seed}_size{self.image_size}_shapes{self.max_shapes}_{self.split}_{i}"
+                for i in range(self.num_samples)]
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} items")
         item_seed = self.seed * 10_000_019 + _SPLIT_OFFSET[self.split] + index
-        image, mask = render(item_seed, self.image_size, self.max_shapes)
+        image, mask = render(item_seed, self.image_size, self.max_shapes, len(self.class_names))
         return image, mask, {"name": f"{self.split}_{index:06d}"}

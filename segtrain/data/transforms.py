@@ -38,7 +38,12 @@ def compose(steps: Sequence[A.BasicTransform | Sequence[A.BasicTransform]] | Non
         # instantiate hands a nested list back as a ListConfig, hence no isinstance(list)
         single = isinstance(step, (A.BasicTransform, A.BaseCompose))
         flat.extend([step] if single else list(step))
-    return A.Compose(flat)
+    if not any(isinstance(step, RandomCrop) for step in flat):
+        return A.Compose(flat)
+    # a class-uniform sample passes its centroid as one keypoint, which the geometric
+    # steps move and RandomCrop reads; kept where it leaves the image
+    return A.Compose(flat, keypoint_params=A.KeypointParams(format="xy",
+                                                            remove_invisible=False))
 
 
 def train_augmentation(*, mean: Sequence[float], std: Sequence[float], ignore_index: int,
@@ -86,7 +91,7 @@ def train_augmentation(*, mean: Sequence[float], std: Sequence[float], ignore_in
     if crop_size is not None:
         height, width = (int(c) for c in crop_size)
         steps.append(pad_with_mean(height, width, mean, ignore_index, extra_mean))
-        steps.append(A.RandomCrop(height=height, width=width))
+        steps.append(RandomCrop(height=height, width=width))
     if hflip > 0:
         steps.append(A.HorizontalFlip(p=float(hflip)))
     if color_jitter > 0:
@@ -115,6 +120,29 @@ def seed_independently(pipeline: A.BaseCompose | A.BasicTransform, seed: int, po
     pipeline.set_random_state(np.random.default_rng(int(state)), random.Random(int(state)))
     for index, child in enumerate(getattr(pipeline, "transforms", ())):
         seed_independently(child, seed, position, (*path, index))
+
+
+class RandomCrop(A.RandomCrop):
+    """``A.RandomCrop`` that, given a keypoint (a class-uniform sample's centroid,
+    ``segtrain.data.class_uniform``), places the window at a uniformly random offset among
+    those that contain the point and lie inside the image (HANet's/NVIDIA's
+    ``joint_transforms.RandomCrop`` with a centroid: ``x1 = randint(cx - w, cx)``, clamped;
+    here ``cx - w + 1``, so the window always holds the point). Without a keypoint it is
+    ``A.RandomCrop``, draw for draw."""
+
+    def get_params_dependent_on_data(self, params, data):  # noqa: D401 - albumentations API
+        keypoints = data.get("keypoints")
+        if keypoints is None or len(keypoints) == 0:
+            return super().get_params_dependent_on_data(params, data)
+        height, width = params["shape"][:2]
+        if self.height > height or self.width > width:  # the pipeline pads before the crop
+            return super().get_params_dependent_on_data(params, data)
+        cx, cy = (int(np.floor(v)) for v in keypoints[0][:2])
+        x0 = self.py_random.randint(cx - self.width + 1, cx)
+        y0 = self.py_random.randint(cy - self.height + 1, cy)
+        x0 = min(max(x0, 0), width - self.width)
+        y0 = min(max(y0, 0), height - self.height)
+        return {"crop_coords": (x0, y0, x0 + self.width, y0 + self.height), "pad_params": None}
 
 
 class RandomScaleChoice(A.DualTransform):
@@ -152,6 +180,14 @@ class RandomScaleChoice(A.DualTransform):
         h, w = mask.shape[:2]
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         return cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST_EXACT)
+
+    def apply_to_keypoints(self, keypoints: np.ndarray, scale: float = 1.0,
+                           **params) -> np.ndarray:
+        h, w = params["shape"][:2]
+        out = keypoints.copy()
+        out[:, 0] *= max(1, round(w * scale)) / w
+        out[:, 1] *= max(1, round(h * scale)) / h
+        return out
 
     def get_transform_init_args_names(self):
         return ("scales", "continuous")
@@ -300,6 +336,19 @@ class GridElastic(A.DualTransform):
 
     def apply_to_mask(self, mask: np.ndarray, map_x=None, map_y=None, **params) -> np.ndarray:
         return _remap(mask, map_x, map_y, cv2.INTER_NEAREST)
+
+    def apply_to_keypoints(self, keypoints: np.ndarray, map_x=None, map_y=None,
+                           **params) -> np.ndarray:
+        """A point moves by minus the displacement sampled at it (the maps give each output
+        pixel its source; the displacement field is smooth, so this inverts it closely)."""
+        out = keypoints.copy()
+        height, width = map_x.shape
+        for point in out:
+            col = min(max(int(point[0]), 0), width - 1)
+            row = min(max(int(point[1]), 0), height - 1)
+            point[0] -= map_x[row, col] - col
+            point[1] -= map_y[row, col] - row
+        return out
 
     def get_transform_init_args_names(self):
         return ("grid", "std")

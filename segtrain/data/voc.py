@@ -113,6 +113,9 @@ class VOCSegmentation(SegmentationDataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def item_names(self) -> list[str]:
+        return list(self.ids)
+
     def _paths(self, index: int) -> tuple[str, Path, Path]:
         name = self.ids[index]
         return name, self.root / "JPEGImages" / f"{name}.jpg", self.label_dir / f"{name}.png"

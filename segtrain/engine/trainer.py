@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -39,8 +40,69 @@ log = logging.getLogger("segtrain")
 
 
 class TrainingInterrupted(UserError):
-    """A stop was requested; last.pt holds the state to resume from. Raising (instead of
-    returning the scores so far) keeps a sweep from taking them for the run's result."""
+    """A second Ctrl-C (KeyboardInterrupt) ended the run at once, mid-step: nothing was
+    saved, the last.pt on disk (written atomically) is the state to resume from."""
+
+    exit_status = 130  # what a shell reports for a process ended by SIGINT
+
+
+#: what ``Trainer.fit`` returns (and ``on_fit_end`` gets): the run reached max_iters, it
+#: stopped at a step boundary on request (last.pt saved), or it raised
+FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"
+
+
+class StopState:
+    """The loop's stop bookkeeping in one place: the signal this process was asked to stop
+    by, whether the loop stops after this step (one process: as soon as asked; several
+    ranks: when they agree at a check point), and the one line that says so."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None  # a stop signal this process received
+        self.now = False  # the loop stops after the current step
+
+    def request(self, signum: int) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def cause(self) -> str:
+        if self.signal is None:
+            return "another rank received a stop signal"
+        return f"signal {self.signal} received ({signal.Signals(self.signal).name})"
+
+    def text(self, iteration: int, run_dir: Path) -> str:
+        return (f"{self.cause}: saved checkpoints/last.pt at iteration {iteration}; resume "
+                f"with trainer.resume={run_dir}")
+
+
+class OutOfMemory(UserError):
+    """A training step ran out of memory (CPU or GPU)."""
+
+
+def out_of_memory(err: BaseException, batch_shape: tuple[int, ...] | None,
+                  iteration: int) -> OutOfMemory | None:
+    """``err`` as one line naming the batch and crop when it is an out-of-memory error
+    (torch.OutOfMemoryError on a GPU, a RuntimeError of the CPU allocator), else None."""
+    text = str(err)
+    if not (isinstance(err, torch.OutOfMemoryError) or isinstance(err, RuntimeError) and (
+            "out of memory" in text.lower() or "can't allocate memory" in text)):
+        return None
+    what = "a batch" if batch_shape is None else \
+        f"a batch of {batch_shape[0]} images, crop {batch_shape[-2]}x{batch_shape[-1]}"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return OutOfMemory(f"out of memory in the step after iteration {iteration} with {what} "
+                       f"({first}); lower trainer.batch_size (with trainer.iter_size to keep "
+                       f"the images per step) or the crop (dataset.crop_size)")
+
+
+def with_lines(error: UserError, lines: list[str]) -> UserError:
+    """A copy of ``error`` (same type) whose message has ``lines`` added."""
+    longer = type(error).__new__(type(error))
+    longer.args = ("\n".join([str(error), *lines]),)
+    return longer
 
 
 class Trainer:
@@ -99,9 +161,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.callbacks, self.config_yaml = list(callbacks), config_yaml
         self.dist, self.iteration = dist or DistInfo(), 0
-        self.scores: dict[str, Any] = {}  # of the last evaluation: what fit returns
-        self._stop_signal: int | None = None  # a stop this process was asked for (a signal)
-        self._stopped = False  # the loop stopped early (a request here or on another rank)
+        self.scores: dict[str, Any] = {}  # of the last evaluation
+        self.stop = StopState()
+        # the BatchNorm statistics before the step in progress (a forward pass changes them
+        # before the optimizer step): an error mid-step restores them, so the state saved
+        # after it is that of the last completed step; None between steps and once the
+        # optimizer step has begun (the state of neither step: nothing is saved then)
+        self._buffers_before: list[torch.Tensor] | None = None
+        self.at_step_boundary = True
+        self._batch_shape: tuple[int, ...] | None = None  # of the step in progress
         # the RNG states after the last completed step (None: none since the start or resume)
         self.rng_after_step: dict[str, Any] | None = None
         # loss terms summed on the device, the first non-finite step (-1: none): read at checks
@@ -125,12 +193,7 @@ class Trainer:
 
     def request_stop(self, signum: int) -> None:
         """Stop after this step, saving last.pt (a signal handler may call it)."""
-        self._stop_signal = signum
-
-    @property
-    def stop_cause(self) -> str:
-        return "a stop signal on another rank" if self._stop_signal is None else \
-            f"signal {self._stop_signal}"
+        self.stop.request(signum)
 
     def check_finite(self) -> None:
         """Every rank: raise NonFiniteLossError on all if a loss on any was not finite."""
@@ -149,6 +212,9 @@ class Trainer:
     def _call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
+
+    def _call_each(self, hook: str, *args: Any) -> list[Any]:
+        return [getattr(callback, hook)(self, *args) for callback in self.callbacks]
 
     def state_dict(self, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """``rng``: the RNG states of ranks 0, 1, ... (default: this process's, alone)."""
@@ -200,11 +266,13 @@ class Trainer:
         return checkpoint.save_atomic(state or self.state_dict(rng),
                                       self.run_dir / "checkpoints" / name)
 
-    def fit(self) -> dict[str, Any]:
-        """Train from ``self.iteration`` to ``max_iters``; returns the last evaluation's scores
-        with ``"finished": True``. A stop request raises ``TrainingInterrupted``; another error
-        goes to the callbacks' ``on_exception`` (Checkpoints saves the last step), then up."""
-        status = "failed"
+    def fit(self) -> str:
+        """Train from ``self.iteration`` to ``max_iters``; returns FINISHED, or STOPPED when a
+        stop request ended it at a step boundary (last.pt saved; ``self.stop.text`` says
+        so). An error goes to the callbacks' ``on_exception`` (Checkpoints saves the last
+        completed step), then up; a KeyboardInterrupt (a second Ctrl-C) becomes
+        ``TrainingInterrupted``. The last evaluation's scores are ``self.scores``."""
+        status = FAILED
         try:
             self._call("on_fit_start")
             if self.iteration >= self.max_iters:
@@ -214,22 +282,39 @@ class Trainer:
                 self._loop(iter(self.batches(self.iteration * self.iter_size)))
             if self.iteration >= self.max_iters:
                 self._call("on_train_end")  # the final evaluation, if it is missing
-            status = "interrupted" if self._stopped and self.iteration < self.max_iters \
-                else "finished"
+            status = STOPPED if self.stop.now and self.iteration < self.max_iters \
+                else FINISHED
         except NonFiniteLossError:
             raise  # it kept the last good checkpoint itself
-        except (Exception, KeyboardInterrupt) as err:
-            clean = from_worker(err) if isinstance(err, UserError) else err  # not its traceback
-            self._call("on_exception", clean)  # Checkpoints saves the last completed step
-            if clean is err:
+        except KeyboardInterrupt:
+            # a second Ctrl-C: at once, no save (it may have cut the stop's own save short,
+            # which left the earlier last.pt whole)
+            raise TrainingInterrupted(
+                f"interrupted again (Ctrl-C) after iteration {self.iteration}: stopped at once "
+                f"without saving; resume from the last saved checkpoint with "
+                f"trainer.resume={self.run_dir}") from None
+        except Exception as err:
+            self._restore_step_start()
+            error = out_of_memory(err, self._batch_shape, self.iteration) or \
+                (from_worker(err) if isinstance(err, UserError) else err)  # not its traceback
+            notes = [note for note in self._call_each("on_exception", error) if note]
+            if isinstance(error, UserError) and notes:  # the lines the entry point prints
+                error = with_lines(error, notes)
+            if error is err:
                 raise
-            raise clean from err
+            raise error from err
         finally:
             self._call("on_fit_end", status)
-        if status == "interrupted":
-            raise TrainingInterrupted(f"stopped by {self.stop_cause} at iteration {self.iteration}"
-                                      f"; resume with trainer.resume={self.run_dir}")
-        return {**self.scores, "finished": True}
+        return status
+
+    def _restore_step_start(self) -> None:
+        """After an error inside a step's forward/backward: put back the BatchNorm statistics
+        of the last completed step (the weights are still its)."""
+        if self._buffers_before is not None:
+            with torch.no_grad():
+                for buffer, before in zip(self.bare_model.buffers(), self._buffers_before):
+                    buffer.copy_(before)
+            self._buffers_before, self.at_step_boundary = None, True
 
     def _loop(self, batches: Iterator[dict]) -> None:
         self.model.train()
@@ -238,6 +323,7 @@ class Trainer:
             self._step(batches)
             self.iteration += 1
             self.rng_after_step = rng_state()
+            self.at_step_boundary = True
             done_since_log += 1
             if self.due(self.log_interval):
                 rate = done_since_log / max(time.perf_counter() - tic, 1e-9)
@@ -249,22 +335,22 @@ class Trainer:
             if not self.dist.enabled:
                 # one process: a host flag, no sync; several ranks agree on it at the
                 # log, evaluation and checkpoint points (_check_finite), sync-free between
-                self._stopped = self._stop_signal is not None
-            if self._stopped:
+                self.stop.now = self.stop.requested
+            if self.stop.now:
                 self.checkpoint()
-                if self.dist.is_main:
-                    log.warning("%s: saved checkpoints/last.pt at iteration %d; resume with "
-                                "trainer.resume=%s", f"signal {self._stop_signal} received"
-                                if self._stop_signal is not None else "another rank received "
-                                "a stop signal", self.iteration, self.run_dir)
+                if self.dist.is_main or self.stop.requested:  # and the rank signalled
+                    log.warning("%s", self.stop.text(self.iteration, self.run_dir))
                 return
 
     def _step(self, batches: Iterator[dict]) -> None:
         """One optimizer step; adds its loss terms to ``self._sums`` without a host sync."""
+        self.at_step_boundary = False
+        self._buffers_before = [b.detach().clone() for b in self.bare_model.buffers()]
         self.optimizer.zero_grad(set_to_none=True)
         total = None
         for micro in range(self.iter_size):
             batch = next(batches)
+            self._batch_shape = tuple(batch["image"].shape)
             image = batch["image"].to(self.device, non_blocking=True,
                                       memory_format=self.memory_format)
             batch["mask"] = batch["mask"].to(self.device, non_blocking=True)
@@ -290,6 +376,7 @@ class Trainer:
         if self.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        self._buffers_before = None  # from here on the state is of neither step
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -314,9 +401,9 @@ class Trainer:
         finite, rank 0 keeps the last finite state and all raise the same NonFiniteLossError.
         Several ranks also agree here on a stop request on any of them."""
         flag = finite.weights_finite_flag(self.bare_model) if weights else None
-        code, stop = finite.agree(self._bad_iter, flag, self._stop_signal is not None)
+        code, stop = finite.agree(self._bad_iter, flag, self.stop.requested)
         if self.dist.enabled:
-            self._stopped = stop
+            self.stop.now = stop
         if code == finite.FINITE:
             return
         terms = self._read_terms(1) if terms is None else terms

@@ -11,7 +11,9 @@ Convolution, and Fully Connected CRFs").
 - DeepLab v2 (v2 Sec. 3.2, Fig. 4, Table 3-4): ResNet-101 at output stride 8 with Atrous
   Spatial Pyramid Pooling: parallel classifiers with dilation 2,4,8,12 (ASPP-S) or
   6,12,18,24 (ASPP-L) whose logits are summed; the LargeFOV head (one branch, dilation 12)
-  is the paper's baseline. With ResNet each branch is one 3x3 atrous convolution to the
+  is the paper's baseline. ``head: plain`` (no rates) is TABLE 4's first rows, ResNet-101
+  without LargeFOV or ASPP (68.72, 71.27 with MSC): one 1x1 classifier on the last
+  feature map. With ResNet each branch is one 3x3 atrous convolution to the
   classes (the released ResNet-101 prototxt); with VGG-16 (the network of the head
   ablation, Table 3-4) each branch is its own fc6 (3x3 atrous, 1024) -> ReLU -> dropout ->
   fc7 (1x1, 1024) -> ReLU -> dropout -> fc8 (1x1, classes), on the same 3x3-pooled VGG-16
@@ -49,7 +51,7 @@ class AtrousBranch(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, rate: int,
-                 hidden: int | None, dropout: float = 0.5) -> None:
+                 hidden: int | None, dropout: float = 0.5, kernel_size: int = 3) -> None:
         super().__init__()
         if hidden:
             self.layers = nn.Sequential(
@@ -62,8 +64,9 @@ class AtrousBranch(nn.Module):
                 nn.Conv2d(hidden, num_classes, 1),  # fc8
             )
         else:
-            self.layers = nn.Sequential(
-                nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate))
+            self.layers = nn.Sequential(nn.Conv2d(
+                in_channels, num_classes, kernel_size, padding=rate * (kernel_size // 2),
+                dilation=rate))
         # DeepLab initialises the classifiers with N(0, 0.01) and zero bias.
         for m in self.layers.modules():
             if isinstance(m, nn.Conv2d):
@@ -84,8 +87,10 @@ class ASPPv2(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int],
                  hidden: int | None, dropout: float = 0.5) -> None:
         super().__init__()
-        if not rates:
-            raise ValueError("ASPP needs at least one dilation rate")
+        if not rates:  # TABLE 4's baseline: one 1x1 classifier, no atrous branch
+            self.branches = nn.ModuleList(
+                [AtrousBranch(in_channels, num_classes, 1, None, dropout, kernel_size=1)])
+            return
         self.branches = nn.ModuleList(
             AtrousBranch(in_channels, num_classes, int(r), hidden, dropout) for r in rates)
 
@@ -141,8 +146,9 @@ class DeepLab(SegmentationModel):
         backbone: ``resnet101`` (v2), ``resnet50``, ``resnet18`` ... or ``vgg16`` (v1, and
             the v2 head ablation).
         output_stride: 8 in both papers.
-        head: a key of ``head_rates`` (``aspp_s``, ``aspp_l``, ``largefov``).
-        head_rates: dilation rates of each head's branches.
+        head: a key of ``head_rates`` (``aspp_s``, ``aspp_l``, ``largefov``, ``plain``).
+        head_rates: dilation rates of each head's branches; none (``plain``): a 1x1
+            classifier (ResNet backbones).
         pretrained: ImageNet checkpoint for the backbone (path, URL or ``"imagenet"``).
         freeze_bn: keep BatchNorm statistics and affine weights fixed (v2 trains so,
             starting from ImageNet statistics).
@@ -168,6 +174,9 @@ class DeepLab(SegmentationModel):
         self.head_lr_mult, self.head_bias_lr_mult = head_lr_mult, head_bias_lr_mult
         if head not in head_rates:
             raise ValueError(f"model.head={head!r} is not one of {sorted(head_rates)}")
+        if not head_rates[head] and backbone == "vgg16":
+            raise ConfigError(f"model.head={head} (no rates: a 1x1 classifier) is a ResNet "
+                              f"head; with vgg16 use largefov or aspp_s/aspp_l")
         self.backbone, channels, hidden = _build_backbone(backbone, output_stride, pretrained,
                                                           in_channels, pool_kernel)
         # Caffe's AVE pooling divides by the full 3x3 window, padding included

@@ -85,23 +85,27 @@ class FCN(SegmentationModel):
         learnable_upsampling: learn the 2x upsamplers (the final one is always fixed).
         skip_scaling: scale pool4 by 0.01 and pool3 by 1e-4 (reference "at-once" nets).
         dropout: dropout probability after fc6 and fc7 (0.5 in VGG and the paper).
+        width: VGG-16's channels and fc6/fc7's 4096 times this (1: the paper's net; less: a
+            small stand-in for ``segtrain.reproduce scale=tiny``).
     """
 
     def __init__(self, num_classes: int, stride: int, pretrained: str | None,
-                 learnable_upsampling: bool, skip_scaling: bool, dropout: float) -> None:
+                 learnable_upsampling: bool, skip_scaling: bool, dropout: float,
+                 width: float = 1.0) -> None:
         super().__init__()
         if stride not in CROP_FINAL:
             raise ValueError(f"stride must be 32, 16 or 8, got {stride}")
         self.stride = stride
         self.skip_scaling = skip_scaling
-        self.backbone: VGG = vgg16(output_stride=32, pretrained=pretrained)
+        self.backbone: VGG = vgg16(output_stride=32, pretrained=pretrained, width=width)
+        channels, fc = self.backbone.feature_channels, max(1, round(4096 * width))
         # Caffe geometry: pad 100 on conv1_1 and ceil-mode pools (no parameter changes)
         self.backbone.features[0].padding = (100, 100)
         for m in self.backbone.features:
             if isinstance(m, nn.MaxPool2d):
                 m.ceil_mode = True
-        self.fc6 = nn.Conv2d(512, 4096, 7)
-        self.fc7 = nn.Conv2d(4096, 4096, 1)
+        self.fc6 = nn.Conv2d(channels["c5"], fc, 7)
+        self.fc7 = nn.Conv2d(fc, fc, 1)
         self.relu = nn.ReLU(inplace=True)
         self.drop6 = nn.Dropout(dropout)
         self.drop7 = nn.Dropout(dropout)
@@ -113,14 +117,14 @@ class FCN(SegmentationModel):
                 self.fc7.weight.copy_(fc7.weight.view(4096, 4096, 1, 1))
                 self.fc7.bias.copy_(fc7.bias)
         self.backbone.drop_classifier()
-        self.score_fr = nn.Conv2d(4096, num_classes, 1)
+        self.score_fr = nn.Conv2d(fc, num_classes, 1)
         scores = [self.score_fr]
         if stride <= 16:
-            self.score_pool4 = nn.Conv2d(512, num_classes, 1)
+            self.score_pool4 = nn.Conv2d(channels["c4"], num_classes, 1)
             self.upscore2 = bilinear_upsampler(num_classes, 2, learnable_upsampling)
             scores.append(self.score_pool4)
         if stride == 8:
-            self.score_pool3 = nn.Conv2d(256, num_classes, 1)
+            self.score_pool3 = nn.Conv2d(channels["c3"], num_classes, 1)
             self.upscore_pool4 = bilinear_upsampler(num_classes, 2, learnable_upsampling)
             scores.append(self.score_pool3)
         self.upscore = bilinear_upsampler(num_classes, stride, learnable=False)

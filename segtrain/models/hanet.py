@@ -29,7 +29,7 @@ its size, as the reference does (row floor(i H / h), ``F.interpolate(mode='neare
 to the loss config.
 
 With ``conf/model/hanet.yaml`` and 19 classes the model has 64,801,250 parameters; the
-reference code builds 64,803,149 (``tests/test_models_recent_dsrl_hanet.py`` counts the
+reference code builds 64,803,149 (``tests/test_models_zoo_cvpr2020.py`` counts the
 difference). Remaining differences from the reference code, one per line:
 
 - positional encoding: a fixed buffer here, a frozen ``nn.Embedding`` there (parameters

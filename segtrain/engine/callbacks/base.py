@@ -7,9 +7,9 @@ rank, callback by callback in the order of its list, at these points:
     on_evaluation(evaluation)             when a callback hands the trainer an Evaluation
     on_train_end                          once the run is at max_iters (also a resumed run
                                           that already was), before on_fit_end
-    on_exception(error)                   when the loop raised (not a non-finite loss,
+    on_exception(error) -> line | None    when the loop raised (not a non-finite loss,
                                           whose check keeps the last good state itself)
-    on_fit_end(status)                    once: "finished", "interrupted" or "failed"
+    on_fit_end(status)                    once: "finished", "stopped" or "failed"
 
 A hook that writes a file does it on rank 0 only (``trainer.dist.is_main``); a hook that
 calls a collective (``trainer.checkpoint``, ``trainer.check_finite``, an evaluation) does it
@@ -60,9 +60,11 @@ class Callback:
     def on_train_end(self, trainer: Trainer) -> None:
         pass
 
-    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+    def on_exception(self, trainer: Trainer, error: BaseException) -> str | None:
         """Called on each rank that raised, without collectives (another rank may be gone);
-        the error is raised after; a callback may add a line to a ``UserError``'s message."""
+        the error is raised after. A returned line is added to a ``UserError``'s message
+        (by the trainer). Not called for a KeyboardInterrupt (a second Ctrl-C ends at once)."""
+        return None
 
     def on_fit_end(self, trainer: Trainer, status: str) -> None:
         pass

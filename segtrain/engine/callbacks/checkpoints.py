@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from segtrain.core import checkpoint
 from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.engine.finite import weights_finite_flag
-from segtrain.errors import UserError
 from segtrain.models.base import bare
 
 if TYPE_CHECKING:
@@ -57,11 +56,14 @@ class Checkpoints(Callback):
                                      "iteration": evaluation.iteration,
                                      "metrics": history[-1], "config": trainer.config_yaml})
 
-    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+    def on_exception(self, trainer: Trainer, error: BaseException) -> str | None:
         if trainer.rng_after_step is None:  # no step completed since the start (or resume)
-            return
+            return None
         last = trainer.run_dir / "checkpoints" / "last.pt"
-        if not bool(weights_finite_flag(trainer.bare_model)):
+        if not trainer.at_step_boundary:
+            note = f"last.pt not saved: the step after iteration {trainer.iteration} was " \
+                   f"interrupted in its optimizer update"
+        elif not bool(weights_finite_flag(trainer.bare_model)):
             note = f"last.pt not saved: the weights after iteration {trainer.iteration} are " \
                    f"not finite"
         else:
@@ -71,10 +73,9 @@ class Checkpoints(Callback):
                 note = f"saved {last} at iteration {trainer.iteration} (the last completed " \
                        f"step): resume with trainer.resume={trainer.run_dir}"
             except Exception as save_err:  # noqa: BLE001 - report the first error
-                note = f"could not save last.pt ({save_err})"
+                log.error("could not save last.pt either: %s", save_err)
+                return None
         if trainer.dist.is_main:
             log.error("training stopped by %s at iteration %d; %s", type(error).__name__,
                       trainer.iteration, note)
-            if isinstance(error, UserError) and len(error.args) == 1:
-                # the one or two lines the entry point prints
-                error.args = (f"{error.args[0]}\n{note}",)
+        return note

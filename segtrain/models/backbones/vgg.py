@@ -35,10 +35,12 @@ class VGG(nn.Module):
             dilated by 2; at 16, only pool5 does.
         pool_kernel: 2 (VGG: 2x2 stride-2 pools) or 3 (DeepLab: 3x3 stride-2 pools with
             padding 1); no parameter changes, so ImageNet weights load either way.
+        width: every layer's channels times this (1: VGG-16; less for a small stand-in,
+            ``segtrain.reproduce scale=tiny``; ImageNet weights need 1).
     """
 
     def __init__(self, batch_norm: bool = False, output_stride: int = 32,
-                 num_classes: int = 1000, pool_kernel: int = 2) -> None:
+                 num_classes: int = 1000, pool_kernel: int = 2, width: float = 1.0) -> None:
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
@@ -46,6 +48,7 @@ class VGG(nn.Module):
             raise ValueError(f"pool_kernel must be 2 (VGG) or 3 (DeepLab), got {pool_kernel}")
         self.output_stride = output_stride
         self.batch_norm = batch_norm
+        self.width = width
         layers: list[nn.Module] = []
         in_ch, stride, dilation, pool_index = 3, 1, 1, 0
         self.stage_ends: dict[str, int] = {}  # feature key -> index after its pool
@@ -63,6 +66,7 @@ class VGG(nn.Module):
                 if pool_index >= 2:
                     self.stage_ends[f"c{pool_index}"] = len(layers)
             else:
+                v = max(1, round(v * width))
                 # dilation applies to the convolutions after a resolution-keeping pool
                 layers.append(nn.Conv2d(in_ch, v, 3, padding=dilation, dilation=dilation))
                 if batch_norm:
@@ -71,12 +75,14 @@ class VGG(nn.Module):
                 in_ch = v
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        hidden = max(1, round(4096 * width))
         self.classifier = nn.Sequential(
-            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(),
-            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
-            nn.Linear(4096, num_classes),
+            nn.Linear(in_ch * 7 * 7, hidden), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(hidden, num_classes),
         )
-        self.feature_channels = {"c2": 128, "c3": 256, "c4": 512, "c5": 512}
+        self.feature_channels = {k: max(1, round(c * width)) for k, c in
+                                 {"c2": 128, "c3": 256, "c4": 512, "c5": 512}.items()}
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -106,9 +112,12 @@ class VGG(nn.Module):
 
 
 def vgg16(output_stride: int = 32, pretrained: str | None = None,
-          batch_norm: bool = False, pool_kernel: int = 2) -> VGG:
+          batch_norm: bool = False, pool_kernel: int = 2, width: float = 1.0) -> VGG:
     """VGG-16 (or VGG-16-BN); ``pretrained`` is a path, a URL or ``"imagenet"``."""
-    model = VGG(batch_norm=batch_norm, output_stride=output_stride, pool_kernel=pool_kernel)
+    if pretrained and width != 1.0:
+        raise ValueError(f"ImageNet VGG-16 weights need width 1, got width {width}")
+    model = VGG(batch_norm=batch_norm, output_stride=output_stride, pool_kernel=pool_kernel,
+                width=width)
     if pretrained == "imagenet":
         pretrained = TORCHVISION_URLS["vgg16_bn" if batch_norm else "vgg16"]
     return load_pretrained(model, pretrained)

@@ -1,0 +1,241 @@
+"""segtrain.reproduce: a paper file -> jobs (rows x seeds, stages first) -> runs -> table.
+
+The plan is checked against the paper files themselves (TABLE 2's five rows, TABLE 4's COCO
+stage and CRF row, FCN's 32s -> 16s -> 8s chain); the runs at ``scale=tiny`` go through
+Hydra's launchers and the real trainer."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from segtrain import reproduce
+from segtrain.errors import ConfigError
+from segtrain.flops import peak_tflops
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plan(paper, tmp_path, *args, seeds=1, scale="paper"):
+    data = reproduce.read_paper(paper)
+    jobs = reproduce.plan_jobs(paper, seeds, list(args), data)
+    reproduce.resolve(jobs, scale, tmp_path)
+    return jobs, data
+
+
+def run_main(capsys, *argv):
+    rc = reproduce.main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_dry_run_lists_table2_five_rows_with_gpu_hours(tmp_path, capsys):
+    rc, out, _ = run_main(capsys, "paper=deeplabv2_lr_policy", "dry_run=true", f"out={tmp_path}")
+    assert rc == 0
+    jobs = re.findall(r"^job (\d)/5: (.+?) \(seed 0\) \[new\]", out, re.M)
+    assert [name for _, name in jobs] == ["step, batch 30, 6K", "poly, batch 30, 6K",
+                                          "poly, batch 30, 10K", "poly, batch 10, 10K",
+                                          "poly, batch 10, 20K"]
+    costs = re.findall(r"cost: ([\d,]+) iterations x (\d+) images = ([\d,]+) images x "
+                       r"([\d.]+) GFLOP \(321x321\) = \S+ FLOP -> ([\d.]+) GPU-hours", out)
+    assert [int(c[0].replace(",", "")) for c in costs] == [6000, 6000, 10000, 10000, 20000]
+    # GPU-hours = images x FLOPs per image / (40% of the H100's dense bf16 peak), stated
+    assert "ASSUMED: 40% of an H100's dense bf16 peak (989.5 TFLOP/s)" in out
+    peak = peak_tflops("H100")[1]["bf16"] * 1e12
+    for iters, batch, images, gflop, hours in costs:
+        assert int(images.replace(",", "")) == int(iters.replace(",", "")) * int(batch)
+        expected = int(images.replace(",", "")) * float(gflop) * 1e9 / (0.4 * peak) / 3600
+        assert float(hours) == pytest.approx(expected, abs=0.006)
+    assert re.search(r"^total: [\d.]+ GPU-hours, checkpoints [\d.]+ GB$", out, re.M)
+    assert out.count("dataset: voc: NOT SET: give dataset.root=") == 5
+    assert not (tmp_path / "runs").exists()  # nothing run, nothing written
+
+
+def test_jobs_are_matched_by_settings_not_folder_names(tmp_path):
+    jobs, _ = plan("fcn8s_voc", tmp_path, "dataset.root=/data/a")
+    again, _ = plan("fcn8s_voc", tmp_path, "dataset.root=/elsewhere", "trainer.num_workers=7")
+    assert [j.key for j in jobs] == [j.key for j in again]  # paths and workers: no setting
+    other, _ = plan("fcn8s_voc", tmp_path, "dataset.root=/data/a", "optim.lr=0.5")
+    assert all(a.key != b.key for a, b in zip(jobs, other))
+    # a stage's key flows into its dependants' keys (the run they start from)
+    assert jobs[1].after is jobs[0] and jobs[2].after is jobs[1] and jobs[3].after is jobs[1]
+    # a renamed run folder is still this job's run
+    job = jobs[1]
+    reproduce.write_provenance(job, "fcn8s_voc")
+    job.run_dir.rename(tmp_path / "runs" / "renamed")
+    found, _ = plan("fcn8s_voc", tmp_path, "dataset.root=/data/a")
+    assert found[1].run_dir == tmp_path / "runs" / "renamed"
+    assert found[2].run_dir != found[1].run_dir
+
+
+def test_tiny_scale_keeps_class_count_and_shrinks_the_networks(tmp_path):
+    jobs, _ = plan("fcn8s_voc", tmp_path, scale="tiny")
+    for job in jobs:
+        cfg = job.config
+        assert cfg.dataset.name == "synthetic" and cfg.dataset.num_classes == 21
+        assert cfg.model.width == reproduce.TINY_VGG_WIDTH and cfg.model.pretrained is None
+        assert cfg.trainer.max_iters == 50  # the reference solver's 100,000 / 2000
+    lr_policy, _ = plan("deeplabv2_lr_policy", tmp_path, scale="tiny")
+    assert [j.config.trainer.max_iters for j in lr_policy] == [3, 3, 5, 5, 10]
+    assert all(j.config.model.backbone == "resnet18" for j in lr_policy)
+    assert any("resnet18 instead of vgg16" in n for n in lr_policy[0].notes)
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    rc, _, err = run_main(capsys, "paper=no_such_paper")
+    assert rc == 1 and err.startswith("error: paper=no_such_paper: no file no_such_paper.yml")
+    rc, _, err = run_main(capsys, "paper=fcn8s_voc", "stages.nope.dataset.root=/x")
+    assert rc == 1 and "has no such stage (its stages: fcn32s, fcn16s)" in err
+    rc, _, err = run_main(capsys, "paper=fcn8s_voc", "seeds=0")
+    assert rc == 1 and "seeds=0" in err
+    with pytest.raises(ConfigError, match="rows\\[0\\].stage=nowhere"):
+        (tmp_path / "x.yml").write_text("rows:\n  - {stage: nowhere, value: 1}\n")
+        reproduce.read_paper("x", tmp_path)
+
+
+# -- runs ---------------------------------------------------------------------------------
+def _checkpoint_times(out: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in out.glob("runs/*/checkpoints/*.pt")}
+
+
+def _scores(out: Path) -> dict[str, dict]:
+    """key -> the final scores of each run under ``out``."""
+    scores = {}
+    for record in out.glob(f"runs/*/{reproduce.PROVENANCE}"):
+        metrics = json.loads((record.parent / "metrics.json").read_text())
+        scores[json.loads(record.read_text())["key"]] = {
+            k: metrics[k] for k in ("miou", "pixel_acc", "iou", "iteration")}
+    return scores
+
+
+def _numbers(table: str) -> list[str]:
+    return [line.split(" | ")[3] for line in table.splitlines() if line.startswith("| ")][1:]
+
+
+@pytest.mark.slow
+def test_tiny_table2_end_to_end_then_a_second_run_trains_nothing(tmp_path, capsys):
+    out = tmp_path / "t2"
+    rc, _, _ = run_main(capsys, "paper=deeplabv2_lr_policy", "scale=tiny", f"out={out}")
+    assert rc == 0
+    table = (out / "table.md").read_text()
+    assert table.count("| ok |") == 5 and "NOT comparable with the paper" in table
+    assert (out / "table.csv").read_text().count("\n") == 6
+    before, scores = _checkpoint_times(out), _scores(out)
+    assert len(scores) == 5 and all(s["iteration"] in (3, 5, 10) for s in scores.values())
+    rc, _, _ = run_main(capsys, "paper=deeplabv2_lr_policy", "scale=tiny", f"out={out}")
+    assert rc == 0
+    assert _checkpoint_times(out) == before  # no job trained again
+    assert (out / "table.md").read_text() == table
+
+
+@pytest.mark.slow
+def test_fcn_stages_train_in_order_each_from_the_previous(tmp_path, capsys):
+    out = tmp_path / "fcn"
+    rc, _, _ = run_main(capsys, "paper=fcn8s_voc", "scale=tiny", f"out={out}",
+                        "trainer.max_iters=2", "trainer.eval_interval=2")
+    assert rc == 0, (out / "table.md").read_text()
+    records = {json.loads(p.read_text())["label"]: (p.parent, json.loads(p.read_text()))
+               for p in out.glob(f"runs/*/{reproduce.PROVENANCE}")}
+    (d32, r32), (d16, r16) = records["stage fcn32s"], records["stage fcn16s"]
+    assert r32["init_from"] is None and r16["init_from"]["run"] == str(d32)
+    rows = [v for k, v in records.items() if not k.startswith("stage")]
+    assert len(rows) == 2 and all(r["init_from"]["run"] == str(d16) for _, r in rows)
+    # the trainer copied the previous net's weights (segtrain/models/init_from.py's log)
+    assert f"init_from {d32}/checkpoints/last.pt: copied" in (d16 / "train.log").read_text()
+    for folder, _ in rows:
+        assert f"init_from {d16}/checkpoints/last.pt: copied" in \
+            (folder / "train.log").read_text()
+    # in order: each stage finished before its dependants started
+    done32 = (d32 / "metrics.json").stat().st_mtime
+    assert done32 <= min((d16 / ".hydra").stat().st_mtime, *(
+        (f / ".hydra").stat().st_mtime for f, _ in rows))
+    assert (d16 / "metrics.json").stat().st_mtime <= min((f / ".hydra").stat().st_mtime
+                                                         for f, _ in rows)
+
+
+@pytest.mark.slow
+def test_killed_midway_the_rerun_gives_the_uninterrupted_numbers(tmp_path, capsys):
+    whole = tmp_path / "whole"
+    assert run_main(capsys, "paper=deeplabv2_lr_policy", "scale=tiny", f"out={whole}")[0] == 0
+    cut = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "segtrain.reproduce",
+                             "paper=deeplabv2_lr_policy", "scale=tiny", f"out={cut}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    # kill it once the second job has a checkpoint: one run finished, one half done
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(cut.glob("runs/*/checkpoints/last.pt"))) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "table.md").exists()
+    assert run_main(capsys, "paper=deeplabv2_lr_policy", "scale=tiny", f"out={cut}")[0] == 0
+    assert _scores(cut) == _scores(whole)
+    assert _numbers((cut / "table.md").read_text()) == _numbers((whole / "table.md").read_text())
+
+
+def _submitit_jobs(out: Path) -> list[Path]:
+    """submitit's job folders (named by job id; ``%j`` holds the pickled calls)."""
+    return [p for p in out.glob("runs/.submitit/*") if p.name.isdigit()]
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_waits_for_stages_and_skips_after_a_failed_one(
+        tmp_path, capsys, monkeypatch):
+    out = tmp_path / "sub"
+    rc, _, _ = run_main(capsys, "paper=fcn16s_voc", "scale=tiny", f"out={out}",
+                        "trainer.max_iters=2", "trainer.eval_interval=2",
+                        "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10")
+    assert rc == 0
+    assert "| ok |" in (out / "table.md").read_text()
+    assert len(_submitit_jobs(out)) == 2  # the stage, then the row once the stage succeeded
+    stage = next(out.glob("runs/stage_fcn32s_*"))
+    row = next(p for p in out.glob("runs/*_seed0_*") if p != stage)
+    assert (stage / "metrics.json").stat().st_mtime <= (row / ".hydra").stat().st_mtime
+    # a stage that fails: its dependant is never submitted
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    (papers / "fcn16s_voc.yml").write_text(
+        "stages:\n  fcn32s: {experiment: fcn32s_voc, overrides: {optim.lr: -1.0}}\n"
+        "rows:\n  - {overrides: {}, stage: fcn32s, value: 65.0, metric: miou}\n")
+    monkeypatch.setattr(reproduce, "PAPER_DIR", papers)
+    bad = tmp_path / "bad"
+    rc, _, _ = run_main(capsys, "paper=fcn16s_voc", "scale=tiny", f"out={bad}",
+                        "trainer.max_iters=2", "hydra/launcher=submitit_local")
+    assert rc == 0
+    table = (bad / "table.md").read_text()
+    assert "blocked: stage fcn32s did not finish" in table
+    assert len(_submitit_jobs(bad)) == 1  # only the stage was submitted
+
+
+def test_slurm_dependants_are_submitted_with_afterok(tmp_path):
+    """SLURM: every job submitted at once, a dependant with --dependency=afterok:<stage id>
+    and --kill-on-invalid-dep=yes (submitit's sbatch text, sbatch itself mocked)."""
+    from submitit.slurm.test_slurm import mocked_slurm
+
+    jobs, _ = plan("fcn8s_voc", tmp_path)
+    for job in jobs:
+        reproduce.write_provenance(job, "fcn8s_voc")
+    with mocked_slurm():
+        launcher = reproduce._launcher(["hydra/launcher=slurm"], tmp_path / "runs")
+        submitted = []  # the mocked jobs never run: not waited for
+        results = reproduce._launch_submitit(launcher, jobs, wait=False, record=submitted)
+        reproduce.GlobalHydra.instance().clear()
+    assert type(launcher).__name__ == "SlurmLauncher" and results == {}
+    scripts = [Path(job.paths.submission_file).read_text() for job in submitted]
+    ids = [job.job_id for job in submitted]
+    assert "--dependency" not in scripts[0]
+    assert f"#SBATCH --dependency=afterok:{ids[0]}" in scripts[1]
+    assert f"#SBATCH --dependency=afterok:{ids[1]}" in scripts[2]
+    assert f"#SBATCH --dependency=afterok:{ids[1]}" in scripts[3]
+    assert all("#SBATCH --kill-on-invalid-dep=yes" in s for s in scripts[1:])
+    assert all("#SBATCH --requeue" in s for s in scripts)  # conf/hydra/launcher/slurm.yaml
