@@ -156,6 +156,8 @@ def _checked(cfg: DictConfig) -> DictConfig:
     cfg = cfg.copy()
     if (_plain(cfg.model) or {}).get("init_from") == "???":
         cfg.model.init_from = REQUIRED
+    if OmegaConf.to_container(cfg.dataset, resolve=False).get("root") == "???":
+        cfg.dataset.root = "<dataset.root>"  # where the data is: no protocol setting
     config_schema.check(cfg)
     return cfg
 
