@@ -33,7 +33,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from segtrain import app
+from segtrain import app, config_schema
 from segtrain.errors import ConfigError, UserError
 
 PAPER_DIR = app.CONF_DIR / "experiment" / "paper"
@@ -147,8 +147,24 @@ def _loss(cfg: DictConfig) -> dict:
     return out
 
 
+REQUIRED = "required on the command line"
+
+
+def _checked(cfg: DictConfig) -> DictConfig:
+    """``cfg`` through the schema training applies first; a ``model.init_from`` the command
+    line must give (FCN-16s, DeepLab v3's second stage) is shown as required, not refused."""
+    cfg = cfg.copy()
+    if (_plain(cfg.model) or {}).get("init_from") == "???":
+        cfg.model.init_from = REQUIRED
+    if OmegaConf.to_container(cfg.dataset, resolve=False).get("root") == "???":
+        cfg.dataset.root = "<dataset.root>"  # where the data is: no protocol setting
+    config_schema.check(cfg)
+    return cfg
+
+
 def effective(cfg: DictConfig, ranks: int = 1) -> dict:
     """The settings the run of ``cfg`` on ``ranks`` ranks trains and evaluates with."""
+    cfg = _checked(cfg)
     batch = app.train_batch(cfg, ranks)
     model = _meta_model(cfg)
     groups = app.param_groups(cfg, model)
@@ -158,8 +174,7 @@ def effective(cfg: DictConfig, ranks: int = 1) -> dict:
     train_split = OmegaConf.select(data, "train.split", default=None)
     msc = (_plain(cfg.model.get("msc")) or {}).get("train_scales")
     trained_os = getattr(model, "output_stride", None)
-    init_from = OmegaConf.select(cfg, "model.init_from", default=None,
-                                 throw_on_resolution_failure=False)
+    init_from = OmegaConf.select(cfg, "model.init_from", default=None)
     return {
         "images_per_step": batch.images_per_step,
         "per_rank_batch": batch.per_rank,
@@ -189,8 +204,7 @@ def effective(cfg: DictConfig, ranks: int = 1) -> dict:
         "network": {"name": _name(cfg.model._target_),
                     **{k: _plain(cfg.model.get(k)) for k in NETWORK_KEYS if k in cfg.model}},
         "pretrained": _plain(cfg.model.get("pretrained")),
-        "init_from": None if init_from in (None, "") else
-        ("required on the command line" if init_from == "???" else str(init_from)),
+        "init_from": None if init_from in (None, "") else str(init_from),
     }
 
 
@@ -225,6 +239,15 @@ def paper_values(data: Mapping | None, row: Mapping | None = None) -> dict:
     return values
 
 
+def row_of(data: Mapping | None, overrides: Sequence[str]) -> Mapping | None:
+    """The paper row whose overrides the command line gives (the most specific one), so that
+    ``+paper_row=...`` is compared with that row's values."""
+    given = set(overrides)
+    rows = [r for r in (data or {}).get("rows") or []
+            if row_overrides(r) and set(row_overrides(r)) <= given]
+    return max(rows, key=lambda r: len(row_overrides(r)), default=None)
+
+
 def differences(ours: Mapping, paper: Mapping, deviations: Mapping[str, str]) -> list[dict]:
     """Each known paper value our setting does not meet, with its deviation's reason (or
     ``None``: an undeclared difference)."""
@@ -255,9 +278,9 @@ def _report(overrides: tuple[str, ...], ranks: int) -> dict:
     data = paper_file(experiment_of(overrides))
     devs = deviations_of(data)
     ours = effective(cfg, ranks)
-    paper = paper_values(data)
+    paper = paper_values(data, row_of(data, overrides))
     out = {"effective": ours, "paper": paper, "differences": differences(ours, paper, devs)}
-    if data is not None and not any(o.lstrip("+").startswith("paper_row=") for o in overrides):
+    if data is not None and row_of(data, overrides) is None:
         rows = []
         for row in data.get("rows") or []:
             extra = row_overrides(row)
@@ -392,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # Hydra's composition errors: an unknown option or key
         if type(err).__module__.split(".")[0] not in ("hydra", "omegaconf"):
             raise
-        message = " ".join(str(err).split())
+        message = " ".join(str(err).split()).split(" Config search path:")[0]
         print(f"error: {message}", file=sys.stderr)
         return 1
     return 0

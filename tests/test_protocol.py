@@ -239,12 +239,18 @@ def test_the_command_prints_json_with_30_images_and_6000_iterations_for_table2s_
     out = json.loads(proc.stdout)
     assert set(out) >= {"effective", "paper", "differences"}
     assert (out["effective"]["images_per_step"], out["effective"]["max_iters"]) == (30, 6000)
+    # compared with that row's paper values (TABLE 2: poly, batch 30, 6K), not the experiment's
+    assert (out["paper"]["lr_policy"]["name"], out["paper"]["images_per_step"]) == ("poly", 30)
+    assert out["differences"] == []
 
 
-def test_a_bad_override_is_one_error_line():
-    proc = _run("experiment=no_such_experiment")
-    assert proc.returncode == 1 and proc.stdout == ""
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+@pytest.mark.parametrize("args", [["experiment=no_such_experiment"], ["trainer.max_iters=abc"],
+                                  ["experiment=deeplabv1_voc", "trainer.batch_size=4"],
+                                  ["ranks=0"], ["format=xml"]])
+def test_a_bad_override_is_one_error_line(args, capsys):
+    assert protocol.main(args) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1, err
 
 
 def test_docs_protocols_md_is_the_generators_output():
