@@ -57,6 +57,23 @@ def test_dry_run_lists_table2_five_rows_with_gpu_hours(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # nothing run, nothing written
 
 
+def test_table4_plans_the_coco_stage_first_and_reaches_the_crf_row(tmp_path):
+    jobs, data = plan("deeplabv2_voc", tmp_path, "dataset.root=/data/VOC2012")
+    coco = jobs[0]
+    assert coco.stage == "coco" and "dataset=coco" in coco.overrides
+    assert [j.after for j in jobs[1:3]] == [None, None]  # ImageNet-only rows
+    assert all(j.after is coco for j in jobs[3:])         # one COCO model for the table
+    assert jobs[2].config.model.head == "plain" and jobs[2].config.model.msc.train_scales
+    aspp = jobs[-1]
+    assert aspp.config.model.head == "aspp_l"
+    rows = [data["rows"][i]["value"] for i in aspp.rows]
+    assert rows == [76.35, 77.69]  # ASPP and ASPP + CRF share the training run
+    (crf,) = aspp.evaluations
+    assert crf["overrides"] == {"eval": "msc_crf", "eval.predictor.scales": "[1.0]"}
+    assert f"model.init_from={coco.run_dir}" in aspp.all_overrides()
+    assert str(aspp.config.model.init_from) == str(coco.run_dir)
+
+
 def test_jobs_are_matched_by_settings_not_folder_names(tmp_path):
     jobs, _ = plan("fcn8s_voc", tmp_path, "dataset.root=/data/a")
     again, _ = plan("fcn8s_voc", tmp_path, "dataset.root=/elsewhere", "trainer.num_workers=7")
