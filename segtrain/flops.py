@@ -31,6 +31,7 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 # 572x572 input tile)
 WHOLE_IMAGE_INPUT = {"fcn32s_voc": (375, 500), "fcn16s_voc": (375, 500),
                      "fcn8s_voc": (375, 500), "segnet_basic_camvid": (360, 480),
+                     "segnet_camvid": (360, 480),
                      "unet": (572, 572)}
 
 

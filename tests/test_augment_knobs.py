@@ -60,8 +60,10 @@ def test_voc_knobs_rebuild_deeplabs_list():
 
 
 def test_pspnet_rotation_knob_rebuilds_its_list():
+    # the rotation knob alone: the experiment's Gaussian blur (semseg's RandomGaussianBlur) is
+    # switched off here and checked in tests/test_protocol.py
     cfg = compose_config(["experiment=pspnet_voc", "dataset.root=/x",
-                          "dataset.crop_size=[24,32]"])
+                          "dataset.crop_size=[24,32]", "dataset.augment.blur=0"])
     assert cfg.dataset.augment.rotate == 10 and cfg.dataset.augment.scales == [0.5, 2.0]
     spelled = compose([RandomScaleChoice([0.5, 2.0], continuous=True),
                        A.Rotate(limit=10, border_mode=0, fill_mask=255, p=1.0),

@@ -114,10 +114,10 @@ def test_torchrun_evaluate_gives_the_scores_of_one_process(runs):
     common = ["-m", "segtrain.evaluate", f"run={one}", "checkpoint=last", "num_workers=0",
               "device=cpu"]
     _run([sys.executable, *common, f"hydra.run.dir={one / 'eval1'}"])
-    single = json.loads((one / "eval_whole.json").read_text())
-    (one / "eval_whole.json").unlink()
+    single = json.loads((one / "eval_whole_last.json").read_text())
+    (one / "eval_whole_last.json").unlink()
     _run([*TORCHRUN, *common, f"hydra.run.dir={one / 'eval2'}"])
-    parallel = json.loads((one / "eval_whole.json").read_text())
+    parallel = json.loads((one / "eval_whole_last.json").read_text())
     assert parallel["world_size"] == 2
     assert parallel["confusion_matrix"] == single["confusion_matrix"]
     assert int(np.sum(parallel["confusion_matrix"])) == _val_pixels()

@@ -209,7 +209,10 @@ def test_hanet_experiment_trains_with_rows_through_the_app(tmp_path, monkeypatch
         "trainer.max_iters=1", "trainer.global_batch_size=2",
         "trainer.eval_interval=1", "trainer.log_interval=1", "trainer.checkpoint_interval=1",
         # two images give no class-uniform crop (tests/test_class_uniform.py samples so)
-        "dataset.class_uniform.pct=null"])
+        "dataset.class_uniform.pct=null",
+        # whole-image evaluation (the experiment's own is the authors' sliding windows, whose
+        # rows the sliding-window tests below check)
+        "eval=whole"])
     assert cfg.dataset.source_rows is True and cfg.model.pos_noise == 0.5
     metrics = app.train(cfg, tmp_path / "run")
     assert 0.0 <= metrics["miou"] <= 1.0
