@@ -25,8 +25,14 @@ def test_flatten_the_config_into_dotted_params():
         "a.b": "1", "a.c": "[1, 2]", "d": "None"}
 
 
-def test_a_tiny_mlflow_run_and_its_resume_share_one_tracked_run(tmp_path, one_thread):
+def test_a_tiny_mlflow_run_and_its_resume_share_one_tracked_run(tmp_path, one_thread,
+                                                                monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
     from mlflow.tracking import MlflowClient
+
+    # a single run, as `python -m segtrain` starts it: no Hydra state left in this worker by a
+    # sweep test before (a multirun's HydraConfig would name the experiment after its folder)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
 
     store, run = tmp_path / "store", tmp_path / "run"
     logger = [f"logger.callback.store={store}"]
