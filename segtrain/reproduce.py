@@ -48,6 +48,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import statistics
 import sys
@@ -386,7 +387,7 @@ def write_provenance(job: Job, paper: str) -> None:
 def run_job(cfg: DictConfig) -> dict:
     """Hydra task of one job: train unless finished, then the row evaluations it owes."""
     from segtrain.app import train
-    from segtrain.cli import user_errors
+    from segtrain.cli import exit_stopped, user_errors
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     record = _json(run_dir / PROVENANCE) or {}
@@ -395,6 +396,8 @@ def run_job(cfg: DictConfig) -> dict:
         if not (metrics and metrics.get("finished")):
             metrics = train(cfg, run_dir)
         if not metrics.get("finished"):
+            if metrics.get("status") == "stopped" and os.environ.get("SUBMITIT_FOLDER"):
+                exit_stopped(metrics["stop_signal"])  # submitit's handler requeues the job
             return metrics
         for evaluation in record.get("evaluations", []):
             if not (run_dir / f"eval_{evaluation['name']}.json").is_file():
