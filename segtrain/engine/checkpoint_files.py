@@ -84,9 +84,12 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
                             requires_grad=True)
         proxy.grad = torch.zeros_like(proxy)
         options = {k: v for k, v in group.items() if k != "params"}
-        probe = type(optimizer)([{**options, "params": [proxy]}])
-        probe.step()
-        state = [v for v in probe.state[proxy].values() if torch.is_tensor(v)]
+        try:
+            probe = type(optimizer)([{**options, "params": [proxy]}])
+            probe.step()
+            state = [v for v in probe.state[proxy].values() if torch.is_tensor(v)]
+        except Exception:  # noqa: BLE001 - an optimizer whose step needs more (LBFGS)
+            state = [proxy.detach()] * 2  # as Adam's two moments
         per_element = sum(t.element_size() for t in state if t.numel() == 2)
         fixed = sum(t.numel() * t.element_size() for t in state if t.numel() != 2)
         total += sum(per_element * p.numel() + fixed for p in params)
