@@ -51,18 +51,21 @@ class TrainingInterrupted(UserError):
 
 
 #: what ``Trainer.fit`` returns (and ``on_fit_end`` gets): the run reached max_iters, it
-#: stopped at a step boundary on request (last.pt saved), or it raised
-FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"
+#: stopped at a step boundary on request (last.pt saved), a search's pruner ended it at a
+#: step boundary (last.pt saved), or it raised
+FINISHED, STOPPED, PRUNED, FAILED = "finished", "stopped", "pruned", "failed"
 
 
 class StopState:
     """The loop's stop bookkeeping in one place: what this process was asked to stop by (a
-    signal, or another request such as a search's pruner), the status ``fit`` returns for
-    it, whether the loop stops after this step (one process: as soon as asked; several
-    ranks: when they agree at a check point), and the one line that says so."""
+    signal, or a hyper-parameter search's pruner), the status ``fit`` returns for it, whether
+    the loop stops after this step (one process: as soon as asked; several ranks: when they
+    agree at a check point; a prune: every rank got the same decision at the same
+    evaluation), and the one line that says so."""
 
     def __init__(self) -> None:
         self.signal: int | None = None  # a stop signal this process received
+        self.pruned_at: int | None = None  # the evaluation a search's pruner stopped it at
         self.status: str | None = None  # what fit returns when this request ends the run
         self.reason: str | None = None  # why, in words
         self.now = False  # the loop stops after the current step
@@ -73,6 +76,13 @@ class StopState:
         for ``reason``; ``fit`` then returns ``status``."""
         self.signal, self.status = signum, status
         self.reason = reason or f"signal {signum} received ({signal.Signals(signum).name})"
+
+    def prune(self, iteration: int) -> None:
+        """End the run after this step as PRUNED (every rank calls it at the same step)."""
+        self.pruned_at = iteration
+        self.request(status=PRUNED, reason=f"the search's pruner (hydra.sweeper.pruner) "
+                                           f"stopped this trial after its evaluation at "
+                                           f"iteration {iteration}")
 
     @property
     def requested(self) -> bool:
@@ -312,11 +322,12 @@ class Trainer:
 
     def fit(self) -> str:
         """Train from ``self.iteration`` to ``max_iters``; returns FINISHED, or the stop's
-        status (STOPPED for a signal) when a stop request ended it at a step boundary
-        (last.pt saved; ``self.stop.text`` says so); the entry point turns it into the exit
-        status. An error saves the last completed step (``_save_after_error``) and goes to
-        the callbacks' ``on_exception``, then up; a KeyboardInterrupt (a second Ctrl-C)
-        becomes ``TrainingInterrupted``. The last evaluation's scores are ``self.scores``."""
+        status when a stop request ended it at a step boundary (STOPPED for a signal, PRUNED
+        when a search's pruner did, ``self.stop.prune``; last.pt saved, ``self.stop.text``
+        says so); the entry point turns it into the exit status. An error saves the last
+        completed step (``_save_after_error``) and goes to the callbacks' ``on_exception``,
+        then up; a KeyboardInterrupt (a second Ctrl-C) becomes ``TrainingInterrupted``. The
+        last evaluation's scores are ``self.scores``."""
         status = FAILED
         try:
             if self.dist.is_main:
@@ -411,15 +422,16 @@ class Trainer:
                 self._call("on_log", terms, rate)
                 tic, done_since_log = time.perf_counter(), 0
             self._call("on_step_end")
-            if not self.dist.enabled:
-                # one process: a host flag, no sync; several ranks agree on it at the
-                # log, evaluation and checkpoint points (_check_finite), sync-free between
+            if not self.dist.enabled or self.stop.pruned_at is not None:
+                # one process: a host flag, no sync; several ranks agree on a signal at the
+                # log, evaluation and checkpoint points (_check_finite), sync-free between;
+                # a prune is decided on rank 0 and handed to every rank at the same step
                 self.stop.now = self.stop.requested
             periodic = bool(self.checkpoint_interval) and self.due(self.checkpoint_interval)
             if periodic or self.stop.now:
                 self.checkpoint(periodic)  # after the callbacks: it holds their evaluation
             if self.stop.now:
-                if self.dist.is_main or self.stop.requested:  # and the rank signalled
+                if self.dist.is_main or self.stop.signal is not None:  # and the rank signalled
                     log.warning("%s", self.stop.text(self.iteration, self.run_dir))
                 return
 

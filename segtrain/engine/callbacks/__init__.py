@@ -2,8 +2,9 @@
 
 - ``evaluation.PeriodicEvaluation``: scores the model every ``eval_interval`` iterations;
 - ``run_log.RunLog``: log lines, progress bar, TensorBoard, sample figures;
-- ``mlflow_log.MLflowLog``: the run tracked in MLflow (``logger=mlflow``);
-- ``preemption.Preemption``: stop signals (SLURM, kill, Ctrl-C) become a stop request.
+- ``mlflow_log.MLflowLog``, ``wandb_log.WandbLog``: the run tracked in MLflow or W&B;
+- ``preemption.Preemption``: stop signals (SLURM, kill, Ctrl-C) become a stop request;
+- ``trial_pruning.TrialPruning``: a search trial's evaluations to its pruner, which may end it.
 
 The hooks they implement are documented in ``base.Callback``. A callback imports no other
 callback and writes no trainer state another one reads: what they share (the run record,
