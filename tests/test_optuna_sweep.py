@@ -6,6 +6,7 @@ launcher under the sweeper, and the trial table of scripts/ablation_table.py."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -49,10 +50,24 @@ def _sweep(root: Path, n_trials: int) -> None:
 
     args = ["segtrain", "-m", *TINY, *PRUNED_SEARCH, f"hydra.sweeper.n_trials={n_trials}",
             f"hydra.sweep.dir={root}"]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", args)
-        patch.setattr(HydraConfig.instance(), "cfg", None)  # set again by each job
-        entry.main()
+    # Hydra configures logging for the sweep and each job (a file handler in the job's
+    # folder): put the root logger back for the tests that follow in this process
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "argv", args)
+            patch.setattr(HydraConfig.instance(), "cfg", None)  # set again by each job
+            entry.main()
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
 
 
 def _study(root: Path) -> optuna.Study:
