@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ from segtrain.engine.callbacks.trial_pruning import TrialPruning
 from segtrain.engine.trainer import Trainer
 from segtrain.errors import ConfigError
 from segtrain.sweeper import chosen_pruner, open_trial, study_storage
+from tests.cli_in_process import run_module
 from tests.conftest import CONF_DIR, REPO, TINY
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -51,30 +51,9 @@ def _hydra_cfg(*overrides: str):
 def _sweep(root: Path, n_trials: int) -> None:
     """``python -m segtrain -m ...`` in this process (its jobs run in it too: Hydra's basic
     launcher), ``n_trials`` at most."""
-    from hydra.core.hydra_config import HydraConfig
-
-    import segtrain.__main__ as entry
-
-    args = ["segtrain", "-m", *TINY, *PRUNED_SEARCH, f"hydra.sweeper.n_trials={n_trials}",
-            f"hydra.sweep.dir={root}"]
-    # Hydra configures logging for the sweep and each job (a file handler in the job's
-    # folder): put the root logger back for the tests that follow in this process
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(sys, "argv", args)
-            patch.setattr(HydraConfig.instance(), "cfg", None)  # set again by each job
-            entry.main()
-    finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-                handler.close()
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(level)
+    proc = run_module("segtrain", "-m", *TINY, *PRUNED_SEARCH,
+                      f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweep.dir={root}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def _study(root: Path) -> optuna.Study:
