@@ -16,15 +16,13 @@ shows it).
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from segtrain.app import train
-from segtrain.cli import user_errors
+from segtrain.cli import exit_stopped, user_errors
 from segtrain.core.distributed import env_info
 from segtrain.errors import ConfigError
 from segtrain.run_start import claim
@@ -41,18 +39,6 @@ def check_sweep_direction(sweeper: DictConfig) -> None:
         raise ConfigError(f"hydra.sweeper.direction={name}, but the value searched is the "
                           f"validation mIoU (higher is better): use hydra/sweeper=optuna_miou "
                           f"or hydra.sweeper.direction=maximize")
-
-
-def exit_stopped(signum: int | None) -> None:
-    """A run stopped by a signal at a step boundary (its last.pt saved, the trainer logged
-    the one line saying so) ends the process: with status 1 and no result under submitit, so
-    that the launcher waits for the job SLURM requeues (trainer.resume=auto); else with
-    128 + the signal's number, as a shell reports a process that a signal ended (Ctrl-C: 130),
-    which also ends a local sweep instead of starting its next job."""
-    if os.environ.get("SUBMITIT_FOLDER"):
-        log.warning("exiting without a result; the requeued job resumes from last.pt")
-        sys.exit(1)
-    sys.exit(128 + (signum or 15))
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

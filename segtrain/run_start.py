@@ -37,7 +37,8 @@ from segtrain.errors import UserError
 SAVED = ".hydra"
 LOCK = ".lock"
 #: keys a restart may change: they say where and how the process runs, not what it trains
-RESTART_KEYS = ("trainer.resume", "trainer.num_workers", "trainer.device")
+RESTART_KEYS = ("trainer.resume", "trainer.num_workers", "trainer.device",
+                "trainer.keep_checkpoints")
 
 
 class RunFolderError(UserError):

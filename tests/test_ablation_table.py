@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import scipy.stats
 import yaml
 
 from segtrain.eval.metrics import SUMMARY_METRICS
+from tests.cli_in_process import run_module
 from tests.conftest import CONF_DIR, REPO, TINY
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -39,13 +38,12 @@ PAPER = {"rows": [
 def sweep(tmp_path_factory) -> Path:
     """``python -m segtrain -m experiment=unet lr=poly,step`` with tiny settings."""
     root = tmp_path_factory.mktemp("sweep")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "segtrain", "-m", "experiment=unet", "lr=poly,step",
+    args = ["-m", "experiment=unet", "lr=poly,step",
             *TINY, "model.base_channels=4", "trainer.global_batch_size=2",
             f"hydra.sweep.dir={root / 'multirun'}",
             # the default subdir (all overrides) would exceed the 255-byte file-name limit
             "hydra.sweep.subdir=${hydra.job.num}"]
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_module("segtrain", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root / "multirun"
 
