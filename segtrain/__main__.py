@@ -23,11 +23,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from segtrain.app import train
-from segtrain.cli import user_errors
+from segtrain import config_schema
+from segtrain.app import CONF_DIR, train
+from segtrain.cli import check_override_keys, user_errors
 from segtrain.core.distributed import env_info
 from segtrain.errors import ConfigError
-from segtrain.run_start import claim
+from segtrain.run_start import claim, discard_if_refused
 
 log = logging.getLogger("segtrain")
 
@@ -58,11 +59,15 @@ def exit_stopped(signum: int | None) -> None:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
-        check_sweep_direction(HydraConfig.get().sweeper)
-        # settings compared with a run already in the folder, the folder locked, .hydra/
-        # written: before anything else touches it
-        with claim(cfg, HydraConfig.get(), is_main=env_info().is_main) as run_dir:
-            metrics = train(cfg, run_dir)
+        hydra_cfg, is_main = HydraConfig.get(), env_info().is_main
+        # a start refused before training wrote anything takes the folder it made with it
+        with discard_if_refused(hydra_cfg.runtime.output_dir, is_main):
+            check_sweep_direction(hydra_cfg.sweeper)
+            config_schema.check(cfg, strict=True)  # a wrong key or value: before .hydra/ is written
+            # settings compared with a run already in the folder, the folder locked, .hydra/
+            # written: before anything else touches it
+            with claim(cfg, hydra_cfg, is_main=is_main) as run_dir:
+                metrics = train(cfg, run_dir)
     if metrics.get("status") == "stopped":
         exit_stopped(metrics["stop_signal"])
     # the value a Hydra sweeper optimises: only the score of a finished run. None is not a
@@ -70,5 +75,13 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("miou") if metrics.get("finished") else None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m segtrain`` and the ``segtrain`` command: a mistyped key is one line naming
+    the nearest existing key (``segtrain.cli.check_override_keys``), then Hydra runs
+    ``main``."""
+    check_override_keys(sys.argv[1:], CONF_DIR, "config")
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -342,7 +342,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Build everything from ``cfg`` and train; returns the last validation scores with
     ``status`` (``Trainer.fit``'s: finished or stopped), ``finished`` and ``stop_signal``
     (the signal that stopped it, or None)."""
-    config_schema.check(cfg)  # a wrong type or range: one line naming the key, nothing built
+    config_schema.check(cfg, strict=True)  # a wrong key, type or range: one line, nothing built
     run_dir = Path(run_dir)
     dist = distributed.init()
     seed_everything(cfg.seed + dist.rank, cfg.trainer.deterministic)

@@ -153,7 +153,7 @@ def main_export(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(config_path="conf/export", config_name="export", version_base="1.3")
+@hydra.main(config_path="conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         main_export(cfg)
