@@ -25,16 +25,19 @@ deviation and the count of its finished runs, and the difference to the paper as
 ``mean - paper +- std``; below the table, settings that differ in one key are compared
 (difference of means +- its standard error, sqrt(s1^2/n1 + s2^2/n2)).
 
-Status: ``failed`` when a run has no metrics.json; ``unfinished`` when its metrics.json says
-``"finished": false`` or ``"interrupted": true``, or its last evaluation is before
-``trainer.max_iters``; ``ok`` otherwise.
+Status: ``failed`` when a run has no metrics.json; ``pruned`` when a search's pruner ended
+it (metrics.json ``"status": "pruned"``, ``hydra.sweeper.pruner``), with its last evaluation's
+mIoU; ``unfinished`` when its metrics.json says ``"finished": false`` or
+``"interrupted": true``, or its last evaluation is before ``trainer.max_iters``; ``ok``
+otherwise.
 
 The table is printed as Markdown and written to ``<sweep>/ablation_table.md`` and
 ``<sweep>/ablation_table.csv``.
 
 A hyper-parameter search (``hydra/sweeper=optuna_miou``; its sweep folder holds the
 sweeper's ``optimization_results.yaml``, or pass ``--trials``) is shown as its trials
-instead: best score first, failed and unfinished trials last, without a score.
+instead: best score first, then the trials its pruner stopped (with the mIoU they had then),
+failed and unfinished trials last, without a score.
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ def run_status(metrics: dict | None, max_iters: int | None) -> str:
     if metrics is None:
         return "failed (no metrics.json)"
     iteration = metrics.get("iteration")
+    if metrics.get("status") == "pruned":  # segtrain.sweeper: not a final score
+        then = "" if metrics.get("miou") is None else f", mIoU then {100 * metrics['miou']:.2f}"
+        return f"pruned (iteration {iteration} of {max_iters}{then})"
     if metrics.get("finished") is False or metrics.get("interrupted"):
         return f"unfinished (iteration {iteration} of {max_iters})"
     if max_iters is not None and iteration is not None and iteration < max_iters:
@@ -130,7 +136,9 @@ def collect(sweep: Path) -> list[dict]:
     for run_dir in run_dirs:
         overrides_file = run_dir / ".hydra" / "overrides.yaml"
         overrides = dict(o.split("=", 1) for o in _read_yaml(overrides_file) or [] if "=" in o)
-        overrides = {_key(k): v for k, v in overrides.items() if not k.startswith("hydra.")}
+        # optuna_trial: the number a search gave the trial, which is its folder's name
+        overrides = {_key(k): v for k, v in overrides.items()
+                     if not k.startswith("hydra.") and k != "optuna_trial"}
         hydra_cfg = _read_yaml(run_dir / ".hydra" / "hydra.yaml") or {}
         choices = hydra_cfg.get("hydra", {}).get("runtime", {}).get("choices", {}) or {}
         choices = {k: v for k, v in choices.items() if not k.startswith("hydra/")}
@@ -323,8 +331,9 @@ def contrasts(runs: list[dict], metric: str = "miou") -> list[str]:
 
 
 def search_table(runs: list[dict], results: dict | None) -> tuple[list[str], list[list[str]]]:
-    """The trials of a search sorted by final mIoU, best first; a trial that failed or did not
-    finish has no score (the Optuna sweeper counted it as a failure) and comes last.
+    """The trials of a search sorted by final mIoU, best first; a trial that the pruner
+    stopped, failed or did not finish has no final score (the sweeper counted it as pruned or
+    failed) and comes after them, pruned trials first.
     ``results``: the sweeper's ``optimization_results.yaml`` (best_params, best_value)."""
     keys = sorted({k for r in runs for k in r["overrides"]})
     varying = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1] or keys
@@ -332,8 +341,18 @@ def search_table(runs: list[dict], results: dict | None) -> tuple[list[str], lis
     def score(run: dict) -> float | None:
         return (run["metrics"] or {}).get("miou") if run["status"] == "ok" else None
 
-    ranked = sorted(runs, key=lambda r: (score(r) is None, -(score(r) or 0.0), r["run"]))
+    def order(run: dict) -> tuple:
+        pruned = run["status"].startswith("pruned")
+        return (score(run) is None, not pruned, -(score(run) or 0.0), run["run"])
+
+    ranked = sorted(runs, key=order)
     best = {k: _norm(v) for k, v in ((results or {}).get("best_params") or {}).items()}
+    best_trial = (results or {}).get("best_trial")  # segtrain's sweeper: the trial's folder
+
+    def is_best(run: dict) -> bool:
+        if best_trial is not None:
+            return run["run"] == str(best_trial)
+        return bool(best) and all(_norm(run["overrides"].get(k)) == v for k, v in best.items())
     header = ["rank", "run", *varying, "status", "mIoU", "sweeper's best"]
     body = []
     for rank, run in enumerate(ranked, 1):
@@ -341,8 +360,7 @@ def search_table(runs: list[dict], results: dict | None) -> tuple[list[str], lis
         body.append([str(rank) if value is not None else "-", run["run"],
                      *(run["overrides"].get(k, "") for k in varying), run["status"],
                      "n/a" if value is None else _pct(100.0 * value),
-                     "yes" if best and all(_norm(run["overrides"].get(k)) == v
-                                           for k, v in best.items()) else ""])
+                     "yes" if is_best(run) else ""])
     return header, body
 
 

@@ -71,7 +71,8 @@ def main(cfg: DictConfig) -> float | None:
     if metrics.get("status") == "stopped":
         exit_stopped(metrics["stop_signal"])
     # the value a Hydra sweeper optimises: only the score of a finished run. None is not a
-    # score: hydra-optuna-sweeper records it (like an exception) as a FAIL trial, not as 0
+    # score: hydra-optuna-sweeper records it (like an exception) as a FAIL trial, not as 0;
+    # segtrain's pruning sweeper reads a pruned trial's end from the study (segtrain.sweeper)
     return metrics.get("miou") if metrics.get("finished") else None
 
 

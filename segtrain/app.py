@@ -279,6 +279,22 @@ def tracker(cfg: DictConfig, class_names, palette) -> list:
                   ignore_index=cfg.dataset.ignore_index)]
 
 
+def trial_pruning(cfg: DictConfig, dist: distributed.DistInfo) -> list:
+    """A trial of ``hydra/sweeper=optuna_miou`` (``optuna_trial``, which the sweeper sets for
+    its jobs): its evaluations reported to the trial in the study on disk, whose pruner may
+    end the run (rank 0 talks to the study; the others follow its decision)."""
+    number = cfg.get("optuna_trial")
+    if number is None:
+        return []
+    from hydra.core.hydra_config import HydraConfig
+
+    from segtrain.engine.callbacks.trial_pruning import TrialPruning
+    from segtrain.sweeper import open_trial
+
+    sweeper = HydraConfig.get().sweeper if HydraConfig.initialized() else OmegaConf.create()
+    return [TrialPruning(open_trial(number, sweeper) if dist.is_main else None)]
+
+
 def resume_source(resume: str | None, run_dir: Path) -> str | Path | None:
     """``auto`` resumes this run folder's last.pt when it exists (a requeued SLURM job)."""
     if resume in (None, "", "null"):
@@ -340,7 +356,7 @@ def build_trainer(cfg: DictConfig, training: Training, batches: Callable[[int], 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Build everything from ``cfg`` and train; returns the last validation scores with
-    ``status`` (``Trainer.fit``'s: finished or stopped), ``finished`` and ``stop_signal``
+    ``status`` (``Trainer.fit``'s: finished, stopped or pruned), ``finished`` and ``stop_signal``
     (the signal that stopped it, or None)."""
     config_schema.check(cfg, strict=True)  # a wrong key, type or range: one line, nothing built
     run_dir = Path(run_dir)
@@ -386,7 +402,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     palette = palette_of(val_set, cfg.dataset.num_classes)
     callbacks = [evaluation, Checkpoints(t.checkpoint_interval),
                  RunLog(val_set.class_names, palette, cfg.dataset.ignore_index),
-                 *tracker(cfg, val_set.class_names, palette), Preemption()]
+                 *tracker(cfg, val_set.class_names, palette), *trial_pruning(cfg, dist),
+                 Preemption()]
     trainer = build_trainer(cfg, training, batches, run_dir, device, dist, callbacks)
     source = resume_source(t.resume, run_dir)
     if source is not None:

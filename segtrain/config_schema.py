@@ -205,6 +205,7 @@ class EvalSchema:
 @dataclass
 class RunSchema:
     seed: int = spec(0)
+    optuna_trial: int | None = spec(0, optional=True)  # absent (a run saved before it): none
     trainer: TrainerSchema = spec()
     optim: OptimSchema = spec()
     lr: ScheduleSchema = spec()

@@ -1,12 +1,13 @@
-"""Hyper-parameter search with hydra-optuna-sweeper (``hydra/sweeper=optuna_miou``): a real
-4-trial search on the embedded dataset, failed and unfinished trials as Optuna failures (not
-zeros), the direction check, the SLURM launcher under the sweeper, and the trial table of
-scripts/ablation_table.py."""
+"""Hyper-parameter search (``hydra/sweeper=optuna_miou``, segtrain/sweeper.py): a real
+3-trial search on the embedded dataset with the median pruner, resumed by the same command,
+failed and unfinished trials as Optuna failures (not zeros), the direction check, the SLURM
+launcher under the sweeper, and the trial table of scripts/ablation_table.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +18,20 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.utils import instantiate
+from optuna.trial import TrialState
 
 from segtrain.__main__ import check_sweep_direction
 from segtrain.errors import ConfigError
+from segtrain.sweeper import chosen_pruner, open_trial, study_storage
 from tests.conftest import CONF_DIR, REPO, TINY
 
 sys.path.insert(0, str(REPO / "scripts"))
 import ablation_table  # noqa: E402
 
 SEARCH = ["hydra/sweeper=optuna_miou", "optim.lr=tag(log,interval(1e-4,1e-1))"]
+# a good rate and one too small to learn anything: the pruner has a bad trial to stop
+PRUNED_SEARCH = ["hydra/sweeper=optuna_miou", "optim.lr=choice(0.01,1e-7)",
+                 "hydra.sweeper.pruner=median", "trainer.eval_interval=2"]
 
 
 def _hydra_cfg(*overrides: str):
@@ -34,32 +40,87 @@ def _hydra_cfg(*overrides: str):
                        overrides=list(overrides))
 
 
+def _sweep(root: Path, n_trials: int) -> None:
+    """``python -m segtrain -m ...`` in this process (its jobs run in it too: Hydra's basic
+    launcher), ``n_trials`` at most."""
+    from hydra.core.hydra_config import HydraConfig
+
+    import segtrain.__main__ as entry
+
+    args = ["segtrain", "-m", *TINY, *PRUNED_SEARCH, f"hydra.sweeper.n_trials={n_trials}",
+            f"hydra.sweep.dir={root}"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", args)
+        patch.setattr(HydraConfig.instance(), "cfg", None)  # set again by each job
+        entry.main()
+
+
+def _study(root: Path) -> optuna.Study:
+    return optuna.load_study(study_name="segtrain",
+                             storage=study_storage(f"sqlite:///{root}/optuna.db"))
+
+
 @pytest.fixture(scope="module")
-def search(tmp_path_factory) -> tuple[Path, str]:
-    """``python -m segtrain -m hydra/sweeper=optuna_miou 'optim.lr=...'``, 4 tiny trials."""
+def search(tmp_path_factory, one_thread) -> tuple[Path, dict]:
+    """``python -m segtrain -m hydra/sweeper=optuna_miou 'optim.lr=choice(0.01,1e-7)'
+    hydra.sweeper.pruner=median``, 3 tiny trials, then the same command with n_trials=4.
+    Returns the sweep folder and what the first command left (the trials' metrics.json, the
+    study's trials)."""
     root = tmp_path_factory.mktemp("search") / "multirun"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "segtrain", "-m", *SEARCH, "hydra.sweeper.n_trials=4",
-            *TINY, f"hydra.sweep.dir={root}"]
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return root, proc.stdout + proc.stderr
+    _sweep(root, 3)
+    first = {p.parent.name: p.read_bytes() for p in root.glob("*/metrics.json")}
+    first["study"] = [(t.number, t.state, t.value) for t in _study(root).trials]
+    _sweep(root, 4)
+    return root, first
 
 
-def test_four_trial_search_finishes_and_reports_the_best(search):
-    root, log = search
-    trials = sorted(p.parent for p in root.glob("*/metrics.json"))
-    assert [t.name for t in trials] == ["0", "1", "2", "3"]
-    scores = {t.name: json.loads((t / "metrics.json").read_text()) for t in trials}
-    assert all(m["finished"] for m in scores.values())
+def test_three_trial_search_prunes_the_bad_trial(search):
+    root, first = search
+    trials = {number: state for number, state, _ in first["study"]}
+    assert sorted(trials) == [0, 1, 2]
+    pruned = [n for n, state in trials.items() if state == TrialState.PRUNED]
+    assert pruned and all(state in (TrialState.COMPLETE, TrialState.PRUNED)
+                          for state in trials.values())
+    for number in pruned:
+        run = root / str(number)
+        metrics = json.loads(first[str(number)])
+        # ended cleanly: its last scores kept, saying pruned; last.pt saved at that step
+        assert metrics["status"] == "pruned" and metrics["finished"] is False
+        assert metrics["iteration"] < metrics["max_iters"] == 6
+        assert (run / "checkpoints" / "last.pt").is_file()
+        assert yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())[0] == \
+            "optim.lr=1e-07"
+        # Optuna keeps the last reported mIoU: the one of the run's last evaluation
+        value = next(v for n, _, v in first["study"] if n == number)
+        assert value == pytest.approx(metrics["miou"])
+        # the median rule, from the run folders: its best mIoU so far is below the median
+        # of the completed trials' mIoU at that iteration (each run's evaluation history)
+        at = metrics["iteration"]
+        done = [json.loads(first[str(n)]) for n, s in trials.items()
+                if s == TrialState.COMPLETE and n < number]
+        median = statistics.median(next(h["miou"] for h in m["history"] if h["iteration"] == at)
+                                   for m in done)
+        assert max(h["miou"] for h in metrics["history"]) < median
+
+
+def test_the_same_command_resumes_the_study(search):
+    root, first = search
+    study = _study(root)
+    # the first three trials as they were, one more trial in a new folder
+    assert [(t.number, t.state, t.value) for t in study.trials[:3]] == first["study"]
+    assert len(study.trials) == 4 and study.trials[3].state in (TrialState.COMPLETE,
+                                                                TrialState.PRUNED)
+    assert yaml.safe_load((root / "3" / ".hydra" / "overrides.yaml").read_text())[-1] == \
+        "optuna_trial=3"
+    for number in "012":
+        assert (root / number / "metrics.json").read_bytes() == first[number]
     results = yaml.safe_load((root / "optimization_results.yaml").read_text())
-    # the sweeper maximised the final validation mIoU of the trials' own metrics.json
-    assert results["best_value"] == max(m["miou"] for m in scores.values())
-    lrs = [yaml.safe_load((t / ".hydra" / "overrides.yaml").read_text())[0] for t in trials]
-    assert all(o.startswith("optim.lr=") for o in lrs)
-    assert all(1e-4 <= float(o.split("=")[1]) <= 1e-1 for o in lrs)
-    assert len(set(lrs)) == 4  # four different draws
-    assert "Best value" in log
+    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert results["best_value"] == max(t.value for t in completed)
+    assert results["trials"]["complete"] + results["trials"]["pruned"] == 4
+    scores = {t.number: json.loads((root / str(t.number) / "metrics.json").read_text())
+              for t in completed}
+    assert all(scores[t.number]["miou"] == t.value for t in completed)  # the final mIoU
 
 
 def test_trial_table_of_the_search(search, capsys):
@@ -67,12 +128,19 @@ def test_trial_table_of_the_search(search, capsys):
     assert ablation_table.main([str(root)]) == 0  # optimization_results.yaml: the trial view
     rows = list(ablation_table.csv.DictReader(
         (root / "ablation_table.csv").read_text().splitlines()))
-    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
-    scores = [float(r["mIoU"]) for r in rows]
-    assert scores == sorted(scores, reverse=True)
+    study = _study(root)
+    ok = sorted((t for t in study.trials if t.state == TrialState.COMPLETE),
+                key=lambda t: -t.value)
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert [r["run"] for r in rows[:len(ok)]] == [str(t.number) for t in ok]
+    assert [r["rank"] for r in rows] == [str(i) for i in range(1, len(ok) + 1)] + \
+        ["-"] * len(pruned)
+    for row in rows[len(ok):]:  # the pruned trials, as such, with the mIoU they had then
+        assert row["status"].startswith("pruned (iteration ") and row["mIoU"] == "n/a"
+        assert "optuna_trial" not in row  # the trial number is the run folder's name
     best = yaml.safe_load((root / "optimization_results.yaml").read_text())
     marked = [r for r in rows if r["sweeper's best"] == "yes"]
-    assert len(marked) == 1 and float(marked[0]["optim.lr"]) == best["best_params"]["optim.lr"]
+    assert len(marked) == 1 and marked[0]["run"] == str(best["best_trial"])
     assert float(marked[0]["mIoU"]) == pytest.approx(100 * best["best_value"], abs=0.005)
 
 
@@ -105,30 +173,50 @@ class _Launcher:
 
     def __init__(self) -> None:
         self.launched: list = []
+        self.first_job: list[int] = []
 
     def launch(self, overrides, initial_job_idx):
         self.launched += list(overrides)
+        self.first_job.append(initial_job_idx)
         return [JobReturn(status=JobStatus.COMPLETED, _return_value=0.25),
                 JobReturn(status=JobStatus.COMPLETED, _return_value=None),
                 JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("diverged"))]
 
 
-def test_failed_and_unfinished_trials_are_failures_not_zeros(tmp_path, monkeypatch):
-    cfg = _hydra_cfg("hydra/sweeper=optuna_miou", "hydra.sweeper.n_trials=3",
+def test_failed_and_unfinished_trials_are_failures_not_zeros(tmp_path):
+    cfg = _hydra_cfg("hydra/sweeper=optuna_miou", "hydra.sweeper.n_trials=4",
                      "hydra.sweeper.n_jobs=3", f"hydra.sweep.dir={tmp_path}")
-    studies = []
-    create = optuna.create_study
-    monkeypatch.setattr(optuna, "create_study",
-                        lambda **kw: studies.append(create(**kw)) or studies[-1])
-    sweeper = instantiate(cfg.hydra.sweeper).sweeper  # the plugin's OptunaSweeperImpl
+    # an earlier sweep of this study was interrupted while its trial 0 ran
+    storage = study_storage(f"sqlite:///{tmp_path}/optuna.db")
+    optuna.create_study(study_name="segtrain", storage=storage, direction="maximize").ask()
+    sweeper = instantiate(cfg.hydra.sweeper).sweeper  # segtrain.sweeper.PruningSweeperImpl
     sweeper.config, sweeper.hydra_context, sweeper.launcher = cfg, object(), _Launcher()
+    sweeper.sweep_dir = str(tmp_path)
     sweeper.sweep(["optim.lr=tag(log,interval(1e-4,1e-1))"])  # max_failure_rate 1.0: no raise
-    states = [t.state for t in studies[0].trials]
-    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
-                      optuna.trial.TrialState.FAIL]
-    assert [t.value for t in studies[0].trials] == [0.25, None, None]  # never a 0
-    assert yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())[
-        "best_value"] == 0.25
+    study = _study(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE,
+                                               TrialState.FAIL, TrialState.FAIL]
+    assert [t.value for t in study.trials] == [None, 0.25, None, None]  # never a 0
+    # n_trials is the study's total; the new trials' folders are their numbers
+    assert sweeper.launcher.first_job == [1]
+    assert [o[-1] for o in sweeper.launcher.launched] == [f"optuna_trial={n}" for n in (1, 2, 3)]
+    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert results["best_value"] == 0.25 and results["best_trial"] == 1
+    assert results["trials"] == {"complete": 1, "pruned": 0, "fail": 3}
+
+
+def test_a_pruner_name_is_checked_and_a_trial_needs_its_search():
+    cfg = _hydra_cfg("hydra/sweeper=optuna_miou", *TINY).hydra.sweeper
+    assert chosen_pruner(None, cfg.pruners) is None
+    assert chosen_pruner("hyperband", cfg.pruners) == {
+        "_target_": "optuna.pruners.HyperbandPruner", "reduction_factor": 3,
+        "min_resource": 3, "max_resource": 6}  # TINY's eval_interval and max_iters
+    with pytest.raises(ConfigError, match="hydra.sweeper.pruner=mean: expected null or one "
+                                          "of median, hyperband"):
+        chosen_pruner("mean", cfg.pruners)
+    with pytest.raises(ConfigError, match="optuna_trial=2: a trial of hydra/sweeper="
+                                          "optuna_miou"):
+        open_trial(2, _hydra_cfg().hydra.sweeper)  # the basic sweeper: no study
 
 
 def test_a_minimising_sweeper_is_refused_with_one_line():

@@ -47,28 +47,39 @@ class TrainingInterrupted(UserError):
 
 
 #: what ``Trainer.fit`` returns (and ``on_fit_end`` gets): the run reached max_iters, it
-#: stopped at a step boundary on request (last.pt saved), or it raised
-FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"
+#: stopped at a step boundary on request (last.pt saved), a search's pruner ended it at a
+#: step boundary (last.pt saved), or it raised
+FINISHED, STOPPED, PRUNED, FAILED = "finished", "stopped", "pruned", "failed"
 
 
 class StopState:
     """The loop's stop bookkeeping in one place: the signal this process was asked to stop
-    by, whether the loop stops after this step (one process: as soon as asked; several
-    ranks: when they agree at a check point), and the one line that says so."""
+    by, the iteration a hyper-parameter search's pruner ended the run at, whether the loop
+    stops after this step (one process: as soon as asked; several ranks: when they agree at
+    a check point; a prune: every rank got the same decision at the same evaluation), and
+    the one line that says so."""
 
     def __init__(self) -> None:
         self.signal: int | None = None  # a stop signal this process received
+        self.pruned_at: int | None = None  # the evaluation a search's pruner stopped it at
         self.now = False  # the loop stops after the current step
 
     def request(self, signum: int) -> None:
         self.signal = signum
 
+    def prune(self, iteration: int) -> None:
+        """End the run after this step as PRUNED (every rank calls it at the same step)."""
+        self.pruned_at = iteration
+
     @property
     def requested(self) -> bool:
-        return self.signal is not None
+        return self.signal is not None or self.pruned_at is not None
 
     @property
     def cause(self) -> str:
+        if self.pruned_at is not None:
+            return (f"the search's pruner (hydra.sweeper.pruner) stopped this trial after its "
+                    f"evaluation at iteration {self.pruned_at}")
         if self.signal is None:
             return "another rank received a stop signal"
         return f"signal {self.signal} received ({signal.Signals(self.signal).name})"
@@ -269,9 +280,10 @@ class Trainer:
     def fit(self) -> str:
         """Train from ``self.iteration`` to ``max_iters``; returns FINISHED, or STOPPED when a
         stop request ended it at a step boundary (last.pt saved; ``self.stop.text`` says
-        so). An error goes to the callbacks' ``on_exception`` (Checkpoints saves the last
-        completed step), then up; a KeyboardInterrupt (a second Ctrl-C) becomes
-        ``TrainingInterrupted``. The last evaluation's scores are ``self.scores``."""
+        so), or PRUNED when a search's pruner did (``self.stop.prune``). An error goes to
+        the callbacks' ``on_exception`` (Checkpoints saves the last completed step), then up;
+        a KeyboardInterrupt (a second Ctrl-C) becomes ``TrainingInterrupted``. The last
+        evaluation's scores are ``self.scores``."""
         status = FAILED
         try:
             self._call("on_fit_start")
@@ -282,8 +294,8 @@ class Trainer:
                 self._loop(iter(self.batches(self.iteration * self.iter_size)))
             if self.iteration >= self.max_iters:
                 self._call("on_train_end")  # the final evaluation, if it is missing
-            status = STOPPED if self.stop.now and self.iteration < self.max_iters \
-                else FINISHED
+            status = FINISHED if not self.stop.now or self.iteration >= self.max_iters \
+                else PRUNED if self.stop.pruned_at is not None else STOPPED
         except NonFiniteLossError:
             raise  # it kept the last good checkpoint itself
         except KeyboardInterrupt:
@@ -332,13 +344,14 @@ class Trainer:
                 self._call("on_log", terms, rate)
                 tic, done_since_log = time.perf_counter(), 0
             self._call("on_step_end")
-            if not self.dist.enabled:
-                # one process: a host flag, no sync; several ranks agree on it at the
-                # log, evaluation and checkpoint points (_check_finite), sync-free between
+            if not self.dist.enabled or self.stop.pruned_at is not None:
+                # one process: a host flag, no sync; several ranks agree on a signal at the
+                # log, evaluation and checkpoint points (_check_finite), sync-free between;
+                # a prune is decided on rank 0 and handed to every rank at the same step
                 self.stop.now = self.stop.requested
             if self.stop.now:
                 self.checkpoint()
-                if self.dist.is_main or self.stop.requested:  # and the rank signalled
+                if self.dist.is_main or self.stop.signal is not None:  # and the rank signalled
                     log.warning("%s", self.stop.text(self.iteration, self.run_dir))
                 return
 

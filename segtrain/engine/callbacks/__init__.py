@@ -3,7 +3,8 @@
 - ``evaluation.PeriodicEvaluation``: scores the model every ``eval_interval`` iterations;
 - ``checkpoints.Checkpoints``: ``last.pt`` every ``checkpoint_interval``, ``best.pt`` by mIoU;
 - ``run_log.RunLog``: log lines, progress bar, TensorBoard, sample figures, ``metrics.json``;
-- ``preemption.Preemption``: stop signals (SLURM, kill) and submitit's requeue.
+- ``preemption.Preemption``: stop signals (SLURM, kill) and submitit's requeue;
+- ``trial_pruning.TrialPruning``: a search trial's evaluations to its pruner, which may end it.
 
 The hooks they implement are documented in ``base.Callback``.
 """

@@ -34,7 +34,7 @@ log = logging.getLogger("segtrain")
 
 RUN_ID_FILE = "mlflow_run_id"
 #: MLflow's status of a run ending with each of the trainer's statuses
-STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+STATUS = {"finished": "FINISHED", "stopped": "KILLED", "pruned": "KILLED", "failed": "FAILED"}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
