@@ -21,6 +21,7 @@ from segtrain.builders import build_model, instantiate
 from segtrain.core import checkpoint, distributed
 from segtrain.core.precision import resolve_precision
 from segtrain.core.rng import seed_everything, stream_seed
+from segtrain.data.base import DatasetError, SegmentationDataset
 from segtrain.data.class_uniform import ClassUniformPlan, class_uniform_plan
 from segtrain.data.loader import eval_loader, train_loader
 from segtrain.data.transforms import compose
@@ -93,6 +94,19 @@ def build_sampling(cfg: DictConfig, train_set: Any) -> ClassUniformPlan | None:
         return None
     return class_uniform_plan(train_set, float(options.pct), int(options.tile),
                               cfg.trainer.num_workers)
+
+
+def check_first_samples(splits: dict[str, SegmentationDataset]) -> None:
+    """Read the first sample of every split (``load_checked``: sizes, label values) before
+    the first step, so that a broken validation split is not found after training; one line
+    naming the split. ``scripts/check_dataset.py`` reads every file."""
+    for split, dataset in splits.items():
+        try:
+            dataset.load_checked(0)
+        except DatasetError as err:
+            raise DatasetError(f"dataset.{split}: its first sample: {err} (checked before the "
+                               f"first step; scripts/check_dataset.py checks every file)"
+                               ) from None
 
 
 def build_val_set(cfg: DictConfig) -> Any:
@@ -367,6 +381,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     train_set, val_set = build_train_set(cfg), build_val_set(cfg)
     check_batch_fits(cfg, batch, len(train_set))  # before any batch is allocated
+    check_first_samples({"train": train_set, "val": val_set})
     log.info("data: %s train %d / val %d images, %d classes", cfg.dataset.name,
              len(train_set), len(val_set), cfg.dataset.num_classes)
     training = build_training(cfg, getattr(train_set, "in_channels", 3), batch)
