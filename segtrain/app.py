@@ -54,6 +54,18 @@ def dataset_config(overrides: list[str]) -> DictConfig:
         return hydra.compose(overrides=["+" + names[-1]] + rest).dataset
 
 
+def loader_workers(requested: int, key: str = "trainer.num_workers") -> int:
+    """``requested`` data-loader worker processes, at most this rank's share of the cores
+    (``distributed.cores_per_rank``): more only contend for them, and torch's DataLoader
+    warns about it; one info line when capped."""
+    workers = min(int(requested), distributed.cores_per_rank())
+    if workers < requested:
+        log.info("data loader: %d worker process%s, not %s=%d: this process may use %d "
+                 "core(s)", workers, "" if workers == 1 else "es", key, requested,
+                 distributed.cores_per_rank())
+    return workers
+
+
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -85,15 +97,17 @@ def build_train_set(cfg: DictConfig) -> Any:
     return _build_split(cfg, "train", keep_rows=bool(cfg.dataset.get("source_rows", False)))
 
 
-def build_sampling(cfg: DictConfig, train_set: Any) -> ClassUniformPlan | None:
+def build_sampling(cfg: DictConfig, train_set: Any, num_workers: int | None = None
+                   ) -> ClassUniformPlan | None:
     """``dataset.class_uniform`` (``segtrain.data.class_uniform``): the plan of class-uniform
-    sampling over ``train_set``, its class index read from the cache or built; None: off
-    (also where a saved config predates the key)."""
+    sampling over ``train_set``, its class index read from the cache or built (by
+    ``num_workers`` processes; None: ``trainer.num_workers``); None: off (also where a saved
+    config predates the key)."""
     options = cfg.dataset.get("class_uniform")
     if not options or not options.pct:
         return None
-    return class_uniform_plan(train_set, float(options.pct), int(options.tile),
-                              cfg.trainer.num_workers)
+    workers = cfg.trainer.num_workers if num_workers is None else num_workers
+    return class_uniform_plan(train_set, float(options.pct), int(options.tile), workers)
 
 
 def check_first_samples(splits: dict[str, SegmentationDataset]) -> None:
@@ -226,8 +240,8 @@ def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
                     show_progress: bool = False, num_workers: int | None = None) -> Evaluator:
     """``cfg.eval``'s inference on ``val_set`` (this rank's share), the CRF in
     ``eval.crf_workers`` processes; ``num_workers`` loader workers (None: the run's
-    ``trainer.num_workers``)."""
-    workers = cfg.trainer.num_workers if num_workers is None else num_workers
+    ``trainer.num_workers``, capped by ``loader_workers``)."""
+    workers = loader_workers(cfg.trainer.num_workers) if num_workers is None else num_workers
     return Evaluator(eval_loader(val_set, workers, dist.rank, dist.world_size),
                      cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
                      build_inference(cfg), num_samples=cfg.eval.num_samples,
@@ -400,7 +414,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("model: %s, %.2fM parameters, device %s, precision %s", cfg.model._target_,
              n_params / 1e6, device, resolve_precision(cfg.trainer.precision, device))
 
-    evaluator = build_evaluator(cfg, val_set, dist)
+    workers = loader_workers(cfg.trainer.num_workers)  # at most this rank's cores
+    evaluator = build_evaluator(cfg, val_set, dist, num_workers=workers)
     evaluator.check_model(model)  # eval.output_stride: refused now, not at the first eval
 
     t = cfg.trainer
@@ -408,10 +423,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)",
              training.batch.images_per_step, batch_size, t.iter_size, dist.world_size)
     # the endless, resumable sample stream; the trainer starts it at its own iteration
-    batches = functools.partial(train_loader, train_set, batch_size, t.num_workers, cfg.seed,
+    batches = functools.partial(train_loader, train_set, batch_size, workers, cfg.seed,
                                 rank=dist.rank, world_size=dist.world_size,
                                 pin_memory=device.type == "cuda",
-                                class_uniform=build_sampling(cfg, train_set))
+                                class_uniform=build_sampling(cfg, train_set, workers))
     evaluation = PeriodicEvaluation(evaluator, t.eval_interval)
     # in this order: last.pt after an evaluation holds it; the preemption exit comes last
     palette = palette_of(val_set, cfg.dataset.num_classes)

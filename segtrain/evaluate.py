@@ -133,7 +133,8 @@ def evaluate(cfg: DictConfig, eval_name: str,
     model = runs.build_model(run, device, getattr(val_set, "in_channels", 3))
     # each rank a strided share of the images; Evaluator sums the confusion matrices
     evaluator = build_evaluator(run_cfg, val_set, dist, show_progress=dist.is_main,
-                                num_workers=int(cfg.num_workers))
+                                num_workers=app.loader_workers(int(cfg.num_workers),
+                                                               "num_workers"))
     log.info("evaluating %s on %s/%s (%d images), eval=%s, device %s", run_dir,
              run_cfg.dataset.name, getattr(val_set, "split", "val"), len(val_set), eval_name,
              device)
