@@ -34,7 +34,6 @@ are summed across ranks, and rank 0 prints and writes: the scores equal one proc
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from pathlib import Path
@@ -79,16 +78,9 @@ def output_name(cfg: DictConfig, eval_name: str) -> str:
 
 
 def result_file(run: runs.Run, name: str) -> str:
-    """The result's file stem: ``eval_<name>`` for the run's best.pt; the run's other
-    checkpoints add their stem (``eval_whole_last``); a checkpoint from elsewhere adds its
-    stem and a hash of its path, so it never replaces the run's own results."""
-    stem = f"eval_{name}"
-    if run.checkpoint == run.folder / "checkpoints" / "best.pt":
-        return stem
-    if run.own_checkpoint:
-        return f"{stem}_{run.checkpoint.stem}"
-    digest = hashlib.sha1(str(run.checkpoint.resolve()).encode()).hexdigest()[:8]
-    return f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]', '_', run.checkpoint.stem)}_{digest}"
+    """The result's file stem (``runs.evaluation_stem``: ``eval_<name>`` for the run's
+    best.pt, ``eval_<name>_last`` for its last.pt, a hashed stem for a foreign checkpoint)."""
+    return runs.evaluation_stem(run.folder, run.checkpoint, name)
 
 
 def eval_overrides(task_overrides: list[str]) -> dict[str, str]:

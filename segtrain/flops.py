@@ -25,6 +25,17 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H200", {"fp32": 494.5, "bf16": 989.5, "fp16": 989.5}),  # SXM: "NVIDIA H200"
     ("A100", {"fp32": 156.0, "bf16": 312.0, "fp16": 312.0}),
 )
+# The cost plan's model FLOP utilisation (MFU: FLOPs counted as above / time / dense peak)
+# where no GPU run of scripts/bench.py measured segtrain's own (docs/gpu.md): an
+# assumption, taken from the best-documented figure for a CNN trained in PyTorch. Segmentation
+# training (larger maps, interpolation, BatchNorm, small batches) and H100s (3.2x an A100's
+# dense peak for 1.7x its memory bandwidth) are unlikely to do better: the plan's GPU-hours
+# are a lower bound until docs/gpu.md holds segtrain's measured MFU.
+ASSUMED_MFU = 0.2
+ASSUMED_MFU_SOURCE = (
+    "NVIDIA DeepLearningExamples, PyTorch ResNet-50 v1.5 README: 2,470 img/s mixed precision "
+    "on one A100 80GB x 24.3 GFLOP per training image (FlopCounterMode, 224x224) / 312 "
+    "TFLOP/s dense = 19%")
 # experiments that train on whole images have no crop in their pipeline: the input their
 # paper trains on instead (FCN Sec. 4: whole PASCAL images, 500x375 the usual size, see
 # conf/experiment/fcn32s_voc.yaml; SegNet: whole 360x480 CamVid frames; U-Net Fig. 1: a
@@ -38,6 +49,12 @@ WHOLE_IMAGE_INPUT = {"fcn32s_voc": (375, 500), "fcn16s_voc": (375, 500),
 def peak_tflops(device_name: str) -> tuple[str, dict[str, float]] | None:
     """(matched pattern, dense peak TFLOP/s per precision) of a CUDA device name, or None."""
     return next(((key, peak) for key, peak in PEAK_TFLOPS if key in device_name), None)
+
+
+def precision_peak_key(precision: str) -> str:
+    """The ``PEAK_TFLOPS`` entry of a ``trainer.precision``: ``auto`` trains in bf16 on a
+    CUDA device that supports it (segtrain/core/precision.py), fp32 is TF32 math."""
+    return "bf16" if precision == "auto" else precision
 
 
 def train_input_size(cfg: DictConfig, experiment: str | None) -> tuple[int, int]:

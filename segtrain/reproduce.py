@@ -28,11 +28,20 @@ Launching goes through Hydra's launcher of ``hydra/launcher=...`` (a multirun co
 stages first; a submitit launcher (``slurm``, ``submitit_local``) submits every job at once,
 each with the SLURM dependency ``afterok:<its stage's job id>`` (``kill-on-invalid-dep``:
 a failed stage cancels its dependants); the local executor of submitit has no dependencies,
-so there a dependant is submitted once its stage's job succeeded.
+so there a dependant is submitted once its stage's job succeeded. Each job runs in its run
+folder as ``python -m segtrain`` does (``segtrain.run_start.claim``: settings checked, folder
+locked, ``.hydra/`` written). Each submission's scheduler job id is kept in
+``<run>/reproduce_job.json``; a rerun asks the scheduler (sacct through submitit; for the
+local executor, whether the job's controller process lives) and waits for a job still
+pending or running (it stays its dependants' ``afterok``) instead of submitting it again;
+an ended job whose run did not finish is submitted again.
 
 Options: ``seeds`` (1), ``out`` (``outputs/reproduce/<paper>``, ``<paper>_tiny`` at
 ``scale=tiny``), ``dry_run`` (print the plan: jobs, the stage each waits for, datasets and a
-quick check of them, images x FLOPs -> GPU-hours, checkpoint disk), ``scale`` (``paper`` |
+quick check of them, images x FLOPs -> GPU-hours, checkpoint disk), ``mfu`` (the fraction of
+the GPU's dense peak a training step reaches, for the plan; default: the MFU measured in
+docs/gpu.md, else ``flops.ASSUMED_MFU``, said to be an assumption), ``gpu`` (``H100``: the
+card whose peak the plan prices), ``scale`` (``paper`` |
 ``tiny``: the embedded dataset with the paper dataset's class count, 32x32 images, batch 2,
 the paper's iterations / 2000), and any training override (``dataset.root=...``), given to
 every job. Writes ``<out>/table.md`` and ``<out>/table.csv``: per row the paper's value, ours
@@ -60,6 +69,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from segtrain import runs
 from segtrain.errors import ConfigError, UserError, plain_message
 from segtrain.eval.metrics import SUMMARY_METRICS
 
@@ -68,6 +78,9 @@ log = logging.getLogger("segtrain")
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 PAPER_DIR = CONF_DIR / "experiment" / "paper"
 PROVENANCE = "reproduce.json"
+DEFAULT_GPU = "H100"  # the card the cost plan prices (gpu=<name of segtrain/flops.py>)
+SMALL_BATCH = 8  # fewer images per step: the plan warns its GPU-hours are too low
+SUBMISSION = "reproduce_job.json"  # the scheduler job (SLURM or submitit local) running a run
 # settings that move data or processes around without changing what is trained
 NOT_SETTINGS = ("dataset.root", "dataset.num_workers", "trainer.num_workers", "trainer.device",
                 "trainer.resume", "model.init_from")
@@ -78,9 +91,6 @@ TINY_ITER_DIVISOR = 2000
 TINY_TRAIN_IMAGES = 16
 TINY_VAL_IMAGES = 8
 TINY_VGG_WIDTH = 0.0625  # FCN's VGG-16 at 1/16 of its channels (fc6/fc7 256 wide)
-# the cost plan's throughput when docs/gpu.md has no measured bf16 MFU: a stated assumption
-ASSUMED_MFU = 0.4
-ASSUMED_DEVICE = "H100"
 
 
 # -- the paper file -> jobs ------------------------------------------------------------------
@@ -346,12 +356,11 @@ def _json(path: Path) -> dict | None:
 
 
 def trained(job: Job) -> bool:
-    metrics = _json(job.run_dir / "metrics.json")
-    return bool(metrics and metrics.get("finished"))
+    return runs.finished(job.run_dir)
 
 
 def evaluated(job: Job, evaluation: dict) -> bool:
-    return (job.run_dir / f"eval_{evaluation['name']}.json").is_file()
+    return runs.evaluation_record(job.run_dir, evaluation["name"]) is not None
 
 
 def state(job: Job) -> str:
@@ -360,12 +369,11 @@ def state(job: Job) -> str:
         return "new"
     if trained(job):
         return "done" if all(evaluated(job, e) for e in job.evaluations) else "evaluate"
-    metrics = _json(job.run_dir / "metrics.json") or {}
-    last = job.run_dir / "checkpoints" / "last.pt"
-    status = metrics.get("status")
+    status = (runs.training_record(job.run_dir) or {}).get("status")
+    last = runs.resume_checkpoint(job.run_dir) is not None
     if status in ("failed", "interrupted"):
-        return f"relaunch ({status}{', from last.pt' if last.is_file() else ''})"
-    return "resume from last.pt" if last.is_file() else "relaunch (no checkpoint)"
+        return f"relaunch ({status}{', from last.pt' if last else ''})"
+    return "resume from last.pt" if last else "relaunch (no checkpoint)"
 
 
 def write_provenance(job: Job, paper: str) -> None:
@@ -384,20 +392,31 @@ def write_provenance(job: Job, paper: str) -> None:
 
 # -- the job itself (runs in the launcher's process) -------------------------------------------
 def run_job(cfg: DictConfig) -> dict:
-    """Hydra task of one job: train unless finished, then the row evaluations it owes."""
+    """Hydra task of one job: train unless finished (in the run folder claimed as
+    ``python -m segtrain`` claims it: settings checked, locked, ``.hydra/`` written), then
+    the row evaluations it owes. A run stopped by a signal ends the job as the training
+    command does (under submitit: no result, so the launcher waits for the requeued job)."""
+    from segtrain.__main__ import exit_stopped
     from segtrain.app import train
     from segtrain.cli import user_errors
+    from segtrain.core.distributed import env_info
+    from segtrain.run_start import claim
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     record = _json(run_dir / PROVENANCE) or {}
     with user_errors():
-        metrics = _json(run_dir / "metrics.json")
-        if not (metrics and metrics.get("finished")):
-            metrics = train(cfg, run_dir)
+        if runs.finished(run_dir):
+            metrics = runs.training_record(run_dir)
+        else:
+            with claim(cfg, hydra_cfg, is_main=env_info().is_main):
+                metrics = train(cfg, run_dir)
+        if metrics.get("status") == "stopped":
+            exit_stopped(metrics.get("stop_signal"))
         if not metrics.get("finished"):
             return metrics
         for evaluation in record.get("evaluations", []):
-            if not (run_dir / f"eval_{evaluation['name']}.json").is_file():
+            if runs.evaluation_record(run_dir, evaluation["name"]) is None:
                 _evaluate(run_dir, evaluation, cfg)
     return metrics
 
@@ -478,6 +497,10 @@ def _launch_in_turn(launcher, todo: list[Job]) -> dict:
         if blocked:
             results[job.key] = f"blocked: {job.after.label} did not finish"
             continue
+        earlier = adopt(job)
+        if earlier is not None:  # an earlier command's scheduler job still runs it
+            results[job.key] = _outcome(earlier)
+            continue
         ret = launcher.launch([_job_overrides(job)], initial_job_idx=idx)[0]
         if ret.status == JobStatus.FAILED:
             results[job.key] = f"failed: {_one_line(plain_message(ret._return_value))}"
@@ -490,6 +513,107 @@ def _launch_in_turn(launcher, todo: list[Job]) -> dict:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:300]
+
+
+def _outcome(handle) -> str:
+    """"ok" once the submitit job's task returned a finished run, else why not (waits)."""
+    try:
+        ret = handle.results()[0]
+        value = ret.return_value if ret.status.name == "COMPLETED" else None
+        reason = "unfinished" if value is not None else \
+            _one_line(plain_message(ret._return_value))
+        return "ok" if value and value.get("finished") else f"failed: {reason}"
+    except Exception as exc:  # noqa: BLE001 - a job's failure is a line of the table
+        return f"failed: {_one_line(str(exc).strip().splitlines()[-1])}"
+
+
+# -- the scheduler's jobs of earlier invocations ----------------------------------------------
+# SLURM job states (sacct's State) in which the job will still run: a rerun waits for it
+# (and makes it its dependants' afterok) instead of submitting the run a second time.
+# Everything else (COMPLETED, FAILED, CANCELLED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY,
+# PREEMPTED without requeue, BOOT_FAIL, DEADLINE, or UNKNOWN: sacct no longer knows it) has
+# ended; an ended job whose run did not finish is submitted again.
+ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED",
+                           "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED",
+                           "SIGNALING", "STAGE_OUT", "STOPPED"})
+
+
+def _local_job_class():
+    from submitit.local.local import LocalJob
+
+    class AdoptedLocalJob(LocalJob):
+        """A job of submitit's local executor submitted by an earlier (ended) command: its
+        id is the PID of its controller process, alive while the job runs."""
+
+        def get_info(self, mode: str = "force") -> dict[str, str]:
+            if self.paths.result_pickle.exists():
+                return {"jobState": "FINISHED"}
+            return {"jobState": "RUNNING" if _controller_alive(self.job_id) else "INTERRUPTED"}
+
+    return AdoptedLocalJob
+
+
+def _controller_alive(pid: str) -> bool:
+    """Whether process ``pid`` lives and is a submitit local controller (not a reused PID)."""
+    import os
+
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    return not cmdline.is_file() or b"submitit" in cmdline.read_bytes()
+
+
+def scheduler_job(record: dict):
+    """The submitit job handle of a ``SUBMISSION`` record (SLURM: its state comes from
+    sacct, as submitit's own jobs)."""
+    if record["cluster"] == "slurm":
+        from submitit.slurm.slurm import SlurmJob
+
+        return SlurmJob(record["folder"], str(record["job_id"]))
+    return _local_job_class()(record["folder"], str(record["job_id"]))
+
+
+def scheduler_state(handle) -> str:
+    """The job's state in SLURM's words (submitit's local states mapped onto them)."""
+    state = str(handle.state).split(" ")[0].upper()  # "CANCELLED by 1234"
+    return {"FINISHED": "COMPLETED", "INTERRUPTED": "FAILED"}.get(state, state)
+
+
+def adopt(job: Job):
+    """The scheduler job an earlier invocation submitted for ``job``'s run, when the
+    scheduler says it is still pending or running (``ACTIVE_STATES``); else None, and the
+    run is launched again."""
+    record = _json(job.run_dir / SUBMISSION)
+    if not record or not record.get("job_id"):
+        return None
+    handle = scheduler_job(record)
+    state = scheduler_state(handle)
+    if state in ACTIVE_STATES:
+        log.info("%s (seed %d): job %s submitted earlier is %s: waiting for it, not "
+                 "submitting again", job.label, job.seed, handle.job_id, state)
+        return handle
+    log.info("%s (seed %d): job %s submitted earlier is %s and its run did not finish: "
+             "launching it again", job.label, job.seed, handle.job_id, state)
+    return None
+
+
+def record_submission(job: Job, handle, cluster: str, folder: Path) -> None:
+    """``<run>/reproduce_job.json``: the scheduler job now running the run (cluster, id,
+    submitit's folder), the ids of earlier submissions kept under ``earlier``."""
+    import datetime
+
+    from segtrain.core.json_files import write_json
+
+    path = job.run_dir / SUBMISSION
+    previous = _json(path) or {}
+    earlier = [*previous.get("earlier", []),
+               *([{k: previous.get(k) for k in ("cluster", "job_id", "submitted")}]
+                 if previous.get("job_id") else [])]
+    write_json({"cluster": cluster, "job_id": str(handle.job_id), "folder": str(folder),
+                "submitted": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"), "earlier": earlier}, path)
 
 
 def _executor(launcher):
@@ -524,20 +648,19 @@ def _launch_submitit(launcher, todo: list[Job], wait: bool = True,
 
     def outcome(key: str) -> str:
         if key not in results:
-            try:
-                ret = submitted[key].results()[0]
-                value = ret.return_value if ret.status.name == "COMPLETED" else None
-                reason = "unfinished" if value is not None else \
-                    _one_line(plain_message(ret._return_value))
-                results[key] = "ok" if value and value.get("finished") else f"failed: {reason}"
-            except Exception as exc:  # noqa: BLE001 - a job's failure is a line of the table
-                results[key] = f"failed: {_one_line(str(exc).strip().splitlines()[-1])}"
+            results[key] = _outcome(submitted[key])
         return results[key]
 
     for idx, job in enumerate(todo):
         parent = job.after.key if job.after is not None else None
         if parent in results and results[parent] != "ok":
             results[job.key] = f"blocked: {job.after.label} did not finish"
+            continue
+        earlier = adopt(job)
+        if earlier is not None:  # still queued or running: its dependants wait for it
+            submitted[job.key] = earlier
+            if record is not None:
+                record.append(earlier)
             continue
         if parent in submitted:
             if slurm:
@@ -549,12 +672,13 @@ def _launch_submitit(launcher, todo: list[Job], wait: bool = True,
                 continue
         elif slurm:
             executor.update_parameters(slurm_additional_parameters=additional)
-        submitted[job.key] = executor.submit(launcher, _job_overrides(job), "hydra.sweep.dir",
-                                             idx, f"job_id_for_{idx}", Singleton.get_state())
-        log.info("submitted %s (seed %d): job %s", job.label, job.seed,
-                 submitted[job.key].job_id)
+        handle = executor.submit(launcher, _job_overrides(job), "hydra.sweep.dir", idx,
+                                 f"job_id_for_{idx}", Singleton.get_state())
+        record_submission(job, handle, launcher._EXECUTOR, executor.folder)
+        submitted[job.key] = handle
+        log.info("submitted %s (seed %d): job %s", job.label, job.seed, handle.job_id)
         if record is not None:
-            record.append(submitted[job.key])
+            record.append(handle)
     for key in submitted if wait else ():
         outcome(key)
     return results
@@ -580,19 +704,21 @@ def measured_mfu(gpu_doc: Path) -> float | None:
     return None
 
 
-def throughput(repo: Path) -> tuple[float, str]:
-    """(FLOP/s of one GPU in training, the sentence saying where it comes from)."""
-    from segtrain.flops import peak_tflops
+def utilisation(repo: Path, given: str | None, gpu: str) -> tuple[float, str]:
+    """(model FLOP utilisation, the sentence saying where it comes from): ``mfu=`` if
+    given, else the bf16 MFU measured in docs/gpu.md, else ``flops.ASSUMED_MFU``."""
+    from segtrain.flops import ASSUMED_MFU, ASSUMED_MFU_SOURCE
 
-    peak = peak_tflops(ASSUMED_DEVICE)[1]["bf16"]
+    if given is not None:
+        return float(given), f"mfu={given} as given on the command line"
     mfu = measured_mfu(repo / "docs" / "gpu.md")
     if mfu is not None:
-        return mfu * peak * 1e12, (f"throughput {mfu:.1%} of an {ASSUMED_DEVICE}'s dense bf16 "
-                                   f"peak ({peak:g} TFLOP/s), the MFU measured in docs/gpu.md")
-    return ASSUMED_MFU * peak * 1e12, (
-        f"throughput ASSUMED: {ASSUMED_MFU:.0%} of an {ASSUMED_DEVICE}'s dense bf16 peak "
-        f"({peak:g} TFLOP/s) = {ASSUMED_MFU * peak:.0f} TFLOP/s (docs/gpu.md has no measured "
-        f"MFU)")
+        return mfu, (f"measured: the bf16 MFU of segtrain's DeepLab v3 in docs/gpu.md "
+                     f"(scripts/bench.py), applied to {gpu}")
+    return ASSUMED_MFU, (f"ASSUMED, not measured (docs/gpu.md has no MFU of segtrain): the "
+                         f"figure of {ASSUMED_MFU_SOURCE}; segmentation training likely gets "
+                         f"less, so the GPU-hours are a lower bound; set mfu=<fraction> "
+                         f"(and gpu=<name>) to plan with your own")
 
 
 def images_per_step(cfg: DictConfig) -> int:
@@ -658,8 +784,11 @@ def _gb(n: float) -> str:
 
 
 def print_plan(jobs: list[Job], data: dict, paper: str, out: Path, repo: Path,
-               seeds: int, scale: str) -> str:
-    rate, source = throughput(repo)
+               seeds: int, scale: str, mfu: str | None = None, gpu: str = DEFAULT_GPU) -> str:
+    from segtrain.flops import peak_tflops, precision_peak_key
+
+    fraction, source = utilisation(repo, mfu, gpu)
+    peaks = peak_tflops(gpu)[1]
     cache: dict = {}
     checked: dict[str, str] = {}
     rows = data.get("rows") or []
@@ -668,12 +797,17 @@ def print_plan(jobs: list[Job], data: dict, paper: str, out: Path, repo: Path,
              f"training jobs; out {out}; scale {scale}",
              f"cost: images = max_iters x images per step; FLOPs per image counted for one "
              f"training step (forward + loss + backward, torch FlopCounterMode) at the training "
-             f"input; evaluation not counted; {source}",
+             f"input; evaluation not counted; GPU-hours on one {gpu} at {fraction:.0%} of its "
+             f"dense peak for the job's trainer.precision (auto = bf16: {peaks['bf16']:g} "
+             f"TFLOP/s -> {fraction * peaks['bf16']:.0f} TFLOP/s)",
+             f"throughput {fraction:.0%}: {source}",
              "disk: checkpoints/last.pt = parameters x 4 bytes x (1 + optimizer slots), "
              "best.pt = parameters x 4 bytes", ""]
     total_h = total_disk = 0.0
     for n, job in enumerate(jobs, 1):
         cost = job_cost(job, cache)
+        precision = precision_peak_key(str(job.config.trainer.precision))
+        rate = fraction * peaks[precision] * 1e12
         hours = cost["images"] * cost["flops_per_image"] / rate / 3600
         total_h += hours
         total_disk += cost["checkpoint_bytes"]
@@ -692,7 +826,8 @@ def print_plan(jobs: list[Job], data: dict, paper: str, out: Path, repo: Path,
                   f"{images_per_step(job.config)} images = {cost['images']:,} images x "
                   f"{cost['flops_per_image'] / 1e9:.1f} GFLOP ({cost['size'][0]}x"
                   f"{cost['size'][1]}) = {cost['images'] * cost['flops_per_image']:.2e} FLOP "
-                  f"-> {hours:.2f} GPU-hours; {cost['params'] / 1e6:.1f}M parameters, "
+                  f"-> {hours:.2f} GPU-hours ({precision}); {cost['params'] / 1e6:.1f}M "
+                  f"parameters, "
                   f"checkpoints {_gb(cost['checkpoint_bytes'])}",
                   f"  run folder: {job.run_dir}"]
         for e in job.evaluations:
@@ -700,6 +835,9 @@ def print_plan(jobs: list[Job], data: dict, paper: str, out: Path, repo: Path,
             lines.append(f"  then: segtrain.evaluate {given} -> row "
                          f"{_row_label(rows[e['row']], e['row'])}")
         lines += [f"  note: {note}" for note in job.notes]
+        if images_per_step(job.config) < SMALL_BATCH:
+            lines.append(f"  note: {images_per_step(job.config)} image(s) per step: GPUs are "
+                         f"used far less at such batches, expect more GPU-hours than this")
     lines += ["", f"total: {total_h:.2f} GPU-hours, checkpoints {_gb(total_disk)}"]
     return "\n".join(lines)
 
@@ -709,9 +847,9 @@ def row_values(job: Job, row: int, metric: str) -> float | None:
     """Our value of ``metric`` for ``row`` from ``job``'s run, in percent; None if absent."""
     evaluation = next((e for e in job.evaluations if e["row"] == row), None)
     if evaluation is not None:
-        data = _json(job.run_dir / f"eval_{evaluation['name']}.json")
+        data = runs.evaluation_record(job.run_dir, evaluation["name"])
     else:
-        data = _json(job.run_dir / "metrics.json")
+        data = runs.training_record(job.run_dir)
         if data and not data.get("finished"):
             data = None
     if not data or data.get(metric) is None:
@@ -766,7 +904,8 @@ def write_table(jobs: list[Job], data: dict, results: dict, paper: str, out: Pat
 
 
 # -- the command -------------------------------------------------------------------------------
-OPTIONS = {"paper": None, "seeds": "1", "out": None, "dry_run": "false", "scale": "paper"}
+OPTIONS = {"paper": None, "seeds": "1", "out": None, "dry_run": "false", "scale": "paper",
+           "mfu": None, "gpu": DEFAULT_GPU}
 
 
 def parse_args(argv: list[str]) -> tuple[dict, list[str], list[str], dict[str, list[str]]]:
@@ -797,7 +936,24 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str], list[str], dict[str, l
         raise ConfigError(f"dry_run={options['dry_run']}: expected true or false")
     if not options["seeds"].isdigit() or int(options["seeds"]) < 1:
         raise ConfigError(f"seeds={options['seeds']}: expected a whole number >= 1")
+    _check_cost_options(options["mfu"], options["gpu"])
     return options, train, launcher, per_stage
+
+
+def _check_cost_options(mfu: str | None, gpu: str) -> None:
+    from segtrain.flops import PEAK_TFLOPS, peak_tflops
+
+    if mfu is not None:
+        try:
+            value = float(mfu)
+        except ValueError:
+            value = -1.0
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"mfu={mfu}: expected the fraction of the GPU's dense peak a "
+                              f"training step reaches, in (0, 1] (e.g. mfu=0.15)")
+    if peak_tflops(gpu) is None:
+        raise ConfigError(f"gpu={gpu}: no dense peak known for it; one of "
+                          f"{', '.join(name for name, _ in PEAK_TFLOPS)} (segtrain/flops.py)")
 
 
 def main(argv: list[str] | None = None, repo: Path | None = None) -> int:
@@ -820,7 +976,8 @@ def main(argv: list[str] | None = None, repo: Path | None = None) -> int:
         jobs = plan_jobs(paper, seeds, train, data, per_stage)
         resolve(jobs, scale, out)
         if options["dry_run"] == "true":
-            print(print_plan(jobs, data, paper, out, repo or Path.cwd(), seeds, scale))
+            print(print_plan(jobs, data, paper, out, repo or Path.cwd(), seeds, scale,
+                             options["mfu"], options["gpu"]))
             return 0
         results = launch(jobs, launcher, out, paper)
         text = write_table(jobs, data, results, paper, out, scale)

@@ -18,7 +18,10 @@ config. A run folder is a folder holding ``.hydra/config.yaml`` or a checkpoint 
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -38,6 +41,7 @@ from segtrain.errors import UserError
 log = logging.getLogger("segtrain")
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
+METRICS_FILE = "metrics.json"  # the training's scores and state (engine/callbacks/run_log.py)
 
 
 class RunError(UserError):
@@ -154,6 +158,62 @@ def saved_config(run_dir: Path | None, state: dict[str, Any], source: Path) -> D
         raise RunError(f"the config of {where} is not a segtrain training config "
                        f"(no model/dataset section)")
     return cfg
+
+
+# -- what training and evaluation left in the folder ---------------------------------------
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON record of the run, None when absent; both writers replace files atomically
+    (core/json_files.py), so an unreadable one is not half-written: it is reported."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise RunError(f"{path}: not valid JSON ({err}); segtrain writes it atomically, so "
+                       f"something else changed it") from None
+    return data if isinstance(data, dict) else None
+
+
+def training_record(run_dir: Path) -> dict[str, Any] | None:
+    """``<run>/metrics.json``: the final scores, ``finished`` and ``status`` (running |
+    interrupted | failed | ...); None before the first evaluation or stop wrote it."""
+    return _read_json(run_dir / METRICS_FILE)
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether training reached ``trainer.max_iters`` (metrics.json ``"finished": true``)."""
+    record = training_record(run_dir)
+    return bool(record and record.get("finished"))
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """``checkpoints/last.pt``, what ``trainer.resume=auto`` continues from, or None."""
+    last = run_dir / "checkpoints" / "last.pt"
+    return last if last.is_file() else None
+
+
+def evaluation_stem(run_dir: Path | None, checkpoint: Path, name: str) -> str:
+    """The file stem of ``segtrain.evaluate name=<name>``'s results: ``eval_<name>`` for the
+    run's best.pt; the run's other checkpoints add their stem (``eval_whole_last``); a
+    checkpoint from elsewhere adds its stem and a hash of its path, so it never replaces the
+    run's own results."""
+    stem = f"eval_{name}"
+    if run_dir is not None and checkpoint == run_dir / "checkpoints" / "best.pt":
+        return stem
+    if run_dir is not None and checkpoint.parent == run_dir / "checkpoints":
+        return f"{stem}_{checkpoint.stem}"
+    digest = hashlib.sha1(str(checkpoint.resolve()).encode()).hexdigest()[:8]
+    return f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]', '_', checkpoint.stem)}_{digest}"
+
+
+def evaluation_record(run_dir: Path, name: str, checkpoint: str = "best") -> dict[str, Any] | None:
+    """``segtrain.evaluate run=<run_dir> name=<name> checkpoint=<checkpoint>``'s results
+    (scores, the checkpoint scored), None if that evaluation has not been written."""
+    try:
+        path = checkpoint_path(run_dir, checkpoint)
+    except checkpoints.CheckpointError:
+        return None
+    return _read_json(run_dir / f"{evaluation_stem(run_dir, path, name)}.json")
 
 
 # -- the command's options over the run's config -------------------------------------------
