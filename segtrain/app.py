@@ -34,6 +34,7 @@ from segtrain.engine.trainer import FINISHED, Trainer
 from segtrain.errors import ConfigError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.inference import Inference
+from segtrain.eval.metrics import percent
 from segtrain.models.base import SegmentationModel
 from segtrain.models.param_groups import Paramwise, optimizer_groups
 from segtrain.viz import default_palette
@@ -444,8 +445,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                "stop_signal": trainer.stop.signal}
     best = best_evaluation(evaluation.history)
     if dist.is_main and status == FINISHED and "miou" in metrics and best is not None:
-        log.info("final: mIoU %.4f  pixel acc %.4f  (best mIoU %.4f)  run folder %s",
-                 metrics["miou"], metrics["pixel_acc"], best["miou"], run_dir)
+        log.info("final: mIoU %s  pixel acc %s  (best mIoU %s)  run folder %s",
+                 percent(metrics["miou"]), percent(metrics["pixel_acc"]),
+                 percent(best["miou"]), run_dir)
     distributed.cleanup()
     return metrics
 

@@ -52,7 +52,7 @@ from segtrain.core import distributed
 from segtrain.core.json_files import write_json
 from segtrain.errors import ConfigError
 from segtrain.eval import per_image
-from segtrain.eval.metrics import SUMMARY_METRICS, format_table
+from segtrain.eval.metrics import SUMMARY_METRICS, format_table, percent
 from segtrain.runs import RunError
 from segtrain.viz import comparison_strip, write_worst
 
@@ -160,7 +160,7 @@ def evaluate(cfg: DictConfig, eval_name: str,
         strip = comparison_strip(evaluator.samples, palette, run_cfg.dataset.ignore_index)
         Image.fromarray(np.ascontiguousarray(strip)).save(run_dir / f"{stem}_samples.png")
     log.info("eval=%s: %s -> %s", result["name"],
-             "  ".join(f"{k} {scores[k]:.4f}" for k in SUMMARY_METRICS), out)
+             "  ".join(f"{k} {percent(scores[k])}" for k in SUMMARY_METRICS), out)
     return result
 
 
