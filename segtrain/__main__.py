@@ -29,6 +29,7 @@ from segtrain.cli import check_override_keys, user_errors
 from segtrain.core.distributed import env_info
 from segtrain.errors import ConfigError
 from segtrain.run_start import claim, discard_if_refused
+from segtrain.sweep_summary import print_unprinted
 
 log = logging.getLogger("segtrain")
 
@@ -81,7 +82,10 @@ def cli() -> None:
     the nearest existing key (``segtrain.cli.check_override_keys``), then Hydra runs
     ``main``."""
     check_override_keys(sys.argv[1:], CONF_DIR, "config")
-    main()
+    try:
+        main()
+    finally:  # a sweep whose failed job Hydra re-raised before on_multirun_end
+        print_unprinted()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ training's groups only."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -116,3 +117,18 @@ def test_help_lists_the_training_groups_only_and_training_refuses_predicts_forma
     assert not {"export", "format"} & groups, cli.out  # export's and predict's own
     code, err = cli(*TINY, "+format=voc", f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 1 and err.startswith("error: format='voc': no such key"), err
+
+
+def test_a_sweep_ends_with_a_summary_of_its_jobs_failed_ones_included(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    code, err = cli("-m", *TINY, "trainer.eval_interval=2", "trainer.max_iters=2,0",
+                    f"hydra.sweep.dir={sweep}")
+    assert code == 1, err  # job 1 was refused: the sweep reports it
+    lines = cli.out[cli.out.index("sweep "):].splitlines()
+    assert lines[0] == f"sweep {sweep}: 2 jobs, 1 finished, 1 failed", cli.out
+    rows = {line.split()[0]: line for line in lines[2:4]}
+    score = json.loads((sweep / "0" / "metrics.json").read_text())["miou"]
+    assert "trainer.max_iters=2" in rows["0"] and "finished" in rows["0"], rows
+    assert f"{100 * score:.2f}" in rows["0"], (rows, score)
+    assert "trainer.max_iters=0" in rows["1"] and "failed" in rows["1"], rows
+    assert "expected an integer >= 1" in rows["1"], rows
