@@ -25,6 +25,14 @@ deviation and the count of its finished runs, and the difference to the paper as
 ``mean - paper +- std``; below the table, settings that differ in one key are compared
 (difference of means +- its standard error, sqrt(s1^2/n1 + s2^2/n2)).
 
+Beside each difference, its 95% interval (``diff mIoU 95% CI``, and at the end of each
+comparison line): where the runs have per-image counts (``eval.save_per_image=true``:
+``per_image.npz``, ``eval_<name>_per_image.npz``), scripts/compare_runs.py's bootstrap over
+the validation images (paired between two settings; the seeds resampled too where there are
+several); else, with 2 or more seeds, Student's t from the seeds (Welch's t for a difference
+of two settings); else none. The source is named beside it. A sweep whose runs have per-image
+counts gets the comparison lines without a seed sweep too.
+
 Status: ``failed`` when a run has no metrics.json; ``pruned`` when a search's pruner ended
 it (metrics.json ``"status": "pruned"``, ``hydra.sweeper.pruner``), with its last evaluation's
 mIoU; ``unfinished`` when its metrics.json says ``"finished": false`` or
@@ -51,12 +59,16 @@ import statistics
 import sys
 from pathlib import Path
 
+import compare_runs  # scripts/: the paired image bootstrap
+import scipy.stats
 import yaml
 
+from segtrain.errors import UserError
 from segtrain.eval.metrics import SUMMARY_METRICS, percent
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "conf" / "experiment" / "paper"
 SEED = "seed"
+LEVEL, RESAMPLES = 0.95, 10000  # the intervals' level; the bootstrap's resamples
 
 
 def _norm(value) -> str:
@@ -121,7 +133,8 @@ def _evaluations(run: dict, run_dir: Path, sweep: Path) -> list[dict]:
                       "overrides": overrides,
                       "choices": {**run["choices"], "eval": result.get("eval")},
                       "config": {**run["config"], "eval": result["eval_config"]},
-                      "metrics": result, "status": "ok (segtrain.evaluate)"})
+                      "metrics": result, "status": "ok (segtrain.evaluate)",
+                      "eval_name": path.stem[5:]})
     return lines
 
 
@@ -149,7 +162,8 @@ def collect(sweep: Path) -> list[dict]:
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
         run = {"run": str(run_dir.relative_to(sweep)), "overrides": overrides,
                "choices": choices, "config": config, "experiment": experiment,
-               "metrics": metrics, "status": run_status(metrics, max_iters)}
+               "metrics": metrics, "status": run_status(metrics, max_iters),
+               "run_dir": run_dir, "eval_name": None}
         runs.append(run)
         runs += _evaluations(run, run_dir, sweep)
     if not runs:
@@ -186,6 +200,81 @@ def _pct(value) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
+def _finished(runs: list[dict], metric: str) -> list[dict]:
+    return [r for r in runs if r["status"].startswith("ok")
+            and r["metrics"].get(metric) is not None]
+
+
+def image_counts(runs: list[dict]) -> dict | None:
+    """The per-image counts (``eval.save_per_image``) of ``runs`` as scripts/compare_runs.py
+    loads a side, or None when one lacks them or they scored other images."""
+    if not runs or any(not compare_runs.per_image_file(r["run_dir"], r["eval_name"]).is_file()
+                       for r in runs):
+        return None
+    names = {r["eval_name"] for r in runs}
+    if len(names) > 1:
+        return None
+    try:
+        return compare_runs.load_side([r["run_dir"] for r in runs], names.pop())
+    except UserError:
+        return None
+
+
+def interval(runs: list[dict], metric: str) -> tuple[float, float, str] | None:
+    """The 95% interval of the mean of ``metric`` over the finished ``runs``, in percent, and
+    where it comes from: for mIoU with per-image counts, scripts/compare_runs.py's bootstrap
+    over the images (and the seeds, when there are several); else, with 2 or more seeds,
+    Student's t from their spread; else None."""
+    done = _finished(runs, metric)
+    counts = image_counts(done) if metric == "miou" else None
+    if counts is not None:
+        result = compare_runs.miou_interval(counts["counts"], RESAMPLES, LEVEL)
+        source = "images" if len(done) == 1 else "seeds + images"
+        return 100 * result["low"], 100 * result["high"], source
+    if len(done) < 2:
+        return None
+    values = [100.0 * r["metrics"][metric] for r in done]
+    half = scipy.stats.t.ppf(0.5 + LEVEL / 2, len(values) - 1) * \
+        statistics.stdev(values) / math.sqrt(len(values))
+    mean = statistics.fmean(values)
+    return mean - half, mean + half, "seeds"
+
+
+def difference_interval(a: list[dict], b: list[dict], metric: str
+                        ) -> tuple[float, float, str] | None:
+    """The 95% interval of mean(a) - mean(b) of ``metric`` in percent, and its source: for
+    mIoU with per-image counts on both sides (the same images), scripts/compare_runs.py's
+    paired bootstrap (images, and seeds when there are several); else, with 2 or more seeds
+    on each side, Welch's t (Welch-Satterthwaite degrees of freedom); else None."""
+    done_a, done_b = _finished(a, metric), _finished(b, metric)
+    side_a = image_counts(done_a) if metric == "miou" else None
+    side_b = image_counts(done_b) if side_a is not None else None
+    if side_b is not None and side_a["ids"] == side_b["ids"] and \
+            side_a["class_names"] == side_b["class_names"]:
+        result = compare_runs.bootstrap(side_a["counts"], side_b["counts"], RESAMPLES, LEVEL)
+        source = "paired bootstrap over images" + (
+            " and seeds" if max(len(done_a), len(done_b)) > 1 else "")
+        return 100 * result["low"], 100 * result["high"], source
+    if len(done_a) < 2 or len(done_b) < 2:
+        return None
+    va = [100.0 * r["metrics"][metric] for r in done_a]
+    vb = [100.0 * r["metrics"][metric] for r in done_b]
+    qa, qb = statistics.variance(va) / len(va), statistics.variance(vb) / len(vb)
+    if qa + qb == 0:
+        return None
+    df = (qa + qb) ** 2 / (qa ** 2 / (len(va) - 1) + qb ** 2 / (len(vb) - 1))
+    half = scipy.stats.t.ppf(0.5 + LEVEL / 2, df) * math.sqrt(qa + qb)
+    diff = statistics.fmean(va) - statistics.fmean(vb)
+    return diff - half, diff + half, "Welch t over seeds"
+
+
+def _ci(bounds: tuple[float, float, str] | None, minus: float = 0.0) -> str:
+    if bounds is None:
+        return ""
+    low, high, source = bounds
+    return f"[{low - minus:+.2f}, {high - minus:+.2f}] ({source})"
+
+
 def _ours(runs: list[dict], metric: str) -> tuple[float | None, float | None, int]:
     """(mean, sample std or None, count) of ``metric`` in percent over finished runs."""
     values = [100.0 * r["metrics"][metric] for r in runs
@@ -214,21 +303,23 @@ def _status(runs: list[dict]) -> str:
 def _cells(runs: list[dict], rows: list[dict], metric: str, aggregate: bool) -> list[str]:
     mean, std, n = _ours(runs, metric)
     paper = next((float(r["value"]) for r in rows if r["metric"] == metric), None)
+    ci = "" if mean is None or paper is None else _ci(interval(runs, metric), paper)
     if aggregate:
         ours = "n/a" if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
         diff = "" if mean is None or paper is None else (
             f"{mean - paper:+.2f}" + ("" if std is None else f" ± {std:.2f}"))
-        return [ours, str(n), _pct(paper), diff]
+        return [ours, str(n), _pct(paper), diff, ci]
     return ["n/a" if mean is None else _pct(mean), _pct(paper),
-            "" if mean is None or paper is None else f"{mean - paper:+.2f}"]
+            "" if mean is None or paper is None else f"{mean - paper:+.2f}", ci]
 
 
 def _metric_header(metric: str, aggregate: bool, prefix: str = "") -> list[str]:
     name = SUMMARY_METRICS.get(metric, metric)
+    ci = f"diff {name} {100 * LEVEL:g}% CI"
     if aggregate:
-        cols = [f"{name} (mean ± std)", f"{name} n", f"paper {name}", f"diff {name}"]
+        cols = [f"{name} (mean ± std)", f"{name} n", f"paper {name}", f"diff {name}", ci]
     else:
-        cols = [name, f"paper {name}", f"diff {name}"]
+        cols = [name, f"paper {name}", f"diff {name}", ci]
     return [prefix + c for c in cols]
 
 
@@ -280,7 +371,7 @@ def table(runs: list[dict], paper_dir: Path = PAPER_DIR,
         for value in values:
             g = by_value.get(value)
             for m in metrics:
-                width = 4 if aggregate else 3
+                width = 5 if aggregate else 4
                 out += _cells(g, matched[id(g)], m, aggregate) if g else [""] * width
         sources = {f"{r['paper']}, {r['table']}" for g in line for r in matched[id(g)]}
         out.append("; ".join(sorted(sources)))
@@ -288,7 +379,7 @@ def table(runs: list[dict], paper_dir: Path = PAPER_DIR,
 
     # paper rows that no run of the sweep reproduces, in the paper's order
     used = {id(r) for rs in matched.values() for r in rs}
-    width = (4 if aggregate else 3) * len(metrics) * len(values)
+    width = (5 if aggregate else 4) * len(metrics) * len(values)
     for experiment, rows in papers.items():
         for row in rows:
             if id(row) in used:
@@ -296,7 +387,7 @@ def table(runs: list[dict], paper_dir: Path = PAPER_DIR,
             label = row.get("name") or ", ".join(
                 f"{k}={v}" for k, v in row["overrides"].items()) or experiment
             cells = [""] * width
-            cells[metrics.index(row["metric"]) * (4 if aggregate else 3)
+            cells[metrics.index(row["metric"]) * (5 if aggregate else 4)
                   + (2 if aggregate else 1)] = _pct(float(row["value"]))
             body.append([label, *("" for _ in label_keys), "not run", *cells,
                          f"{row['paper']}, {row['table']}"])
@@ -324,9 +415,11 @@ def contrasts(runs: list[dict], metric: str = "miou") -> list[str]:
             same = ", ".join(f"{o}={a[0]['overrides'].get(o)}" for o in label_keys if o != k)
             spread = (f" ± {math.sqrt(sa ** 2 / na + sb ** 2 / nb):.2f} (standard error)"
                       if sa is not None and sb is not None else " (one run each: no spread)")
+            bounds = difference_interval(a, b, metric)
+            ci = "" if bounds is None else f", {100 * LEVEL:g}% CI {_ci(bounds)}"
             lines.append(f"{SUMMARY_METRICS.get(metric, metric)}: {k}={a[0]['overrides'][k]} minus "
                          f"{k}={b[0]['overrides'][k]}" + (f" at {same}" if same else "")
-                         + f" = {ma - mb:+.2f}{spread}, n = {na} and {nb}")
+                         + f" = {ma - mb:+.2f}{spread}, n = {na} and {nb}{ci}")
     return lines
 
 
@@ -397,8 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         header, rows = table(runs, args.paper_dir, args.columns)
     text = markdown(header, rows)
-    if any(_norm(r["overrides"].get(SEED)) != _norm(runs[0]["overrides"].get(SEED))
-           for r in runs):
+    seeds = any(_norm(r["overrides"].get(SEED)) != _norm(runs[0]["overrides"].get(SEED))
+                for r in runs)
+    if not (args.trials or results is not None) and (seeds or any(
+            compare_runs.per_image_file(r["run_dir"], r["eval_name"]).is_file() for r in runs)):
         text += "\n\n" + "\n".join(f"- {line}" for line in contrasts(runs))
     (args.sweep / "ablation_table.md").write_text(text + "\n")
     (args.sweep / "ablation_table.csv").write_text(csv_text(header, rows))

@@ -103,6 +103,40 @@ def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
         return np.nanmean(values, axis=axis)
 
 
+def image_draws(rng: np.random.Generator, n_images: int, size: int) -> np.ndarray:
+    """How often each image is drawn in each of ``size`` resamples (n draws with
+    replacement each): int (size, n_images)."""
+    return rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=size)
+
+
+def resampled_scores(counts: np.ndarray, weights: np.ndarray, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """One side's mIoU (resamples,) and per-class IoU (resamples, classes) on each image
+    resample ``weights`` (``image_draws``) of its counts, float (seeds, images, 2, classes):
+    each resample also draws the seeds with replacement and averages over them."""
+    seeds = rng.integers(0, counts.shape[0], size=(len(weights), counts.shape[0]))
+    # (resample, seed, 2, classes): each seed's sums on each image resample
+    sums = np.einsum("rn,snkc->rskc", weights, counts)
+    picked = np.take_along_axis(iou_of(sums), seeds[:, :, None], axis=1)  # seeds drawn
+    return mean_iou(picked).mean(1), _nanmean(picked, axis=1)
+
+
+def miou_interval(counts: np.ndarray, resamples: int = 10000, level: float = 0.95,
+                  seed: int = 0, chunk: int = 1000) -> dict:
+    """The percentile interval of one side's mIoU (the mean over its seeds) under the
+    resampling of ``bootstrap`` (images; seeds too when there are several): ``miou`` (the
+    point), ``low``, ``high``. ``counts``: int (seeds, images, 2, classes)."""
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([
+        resampled_scores(counts.astype(np.float64),
+                         image_draws(rng, counts.shape[1], min(chunk, resamples - start)),
+                         rng)[0] for start in range(0, resamples, chunk)])
+    tail = 100 * (1 - level) / 2
+    return {"miou": float(mean_iou(iou_of(counts.sum(1).astype(np.float64))).mean()),
+            "low": float(np.percentile(values, tail)),
+            "high": float(np.percentile(values, 100 - tail))}
+
+
 def bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10000, level: float = 0.95,
               seed: int = 0, chunk: int = 1000) -> dict:
     """Paired (hierarchical with seeds) bootstrap of mIoU(A) - mIoU(B).
@@ -127,17 +161,8 @@ def bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10000, level: float
     diffs, class_diffs = [], []
     a_f, b_f = a.astype(np.float64), b.astype(np.float64)
     for start in range(0, resamples, chunk):
-        size = min(chunk, resamples - start)
-        # how often each image is drawn in each resample (one draw of n images each)
-        weights = rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=size)
-        sides = []
-        for counts in (a_f, b_f):
-            seeds = rng.integers(0, counts.shape[0], size=(size, counts.shape[0]))
-            # (resample, seed, 2, classes): each seed's sums on each image resample
-            sums = np.einsum("rn,snkc->rskc", weights, counts)
-            iou = iou_of(sums)
-            picked = np.take_along_axis(iou, seeds[:, :, None], axis=1)  # seeds drawn
-            sides.append((mean_iou(picked).mean(1), _nanmean(picked, axis=1)))
+        weights = image_draws(rng, n_images, min(chunk, resamples - start))
+        sides = [resampled_scores(counts, weights, rng) for counts in (a_f, b_f)]
         diffs.append(sides[0][0] - sides[1][0])
         class_diffs.append(sides[0][1] - sides[1][1])
     diff, class_diff = np.concatenate(diffs), np.concatenate(class_diffs)

@@ -194,7 +194,7 @@ class PruningSweeperImpl(OptunaSweeperImpl):
         study = self._open_study(directions, distributions)
         to_go = self.n_trials - len(study.trials)
         log.info("study %r in %s: %d trials there, %d to run (hydra.sweeper.n_trials=%d), "
-                 "pruner %s", study.study_name, self.storage, len(study.trials), max(to_go, 0),
+                 "pruner %s", study.study_name, self.rdb.url, len(study.trials), max(to_go, 0),
                  self.n_trials, self.pruner_name)
         while to_go > 0:
             trials = [study.ask() for _ in range(min(to_go, self.n_jobs))]

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import yaml
 
 from segtrain.eval.metrics import SUMMARY_METRICS
+from tests.cli_in_process import run_module
 from tests.conftest import CONF_DIR, REPO, TINY
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -38,13 +38,12 @@ PAPER = {"rows": [
 def sweep(tmp_path_factory) -> Path:
     """``python -m segtrain -m experiment=unet lr=poly,step`` with tiny settings."""
     root = tmp_path_factory.mktemp("sweep")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "segtrain", "-m", "experiment=unet", "lr=poly,step",
+    args = ["-m", "experiment=unet", "lr=poly,step",
             *TINY, "model.base_channels=4", "trainer.global_batch_size=2",
             f"hydra.sweep.dir={root / 'multirun'}",
             # the default subdir (all overrides) would exceed the 255-byte file-name limit
             "hydra.sweep.subdir=${hydra.job.num}"]
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_module("segtrain", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root / "multirun"
 
@@ -175,6 +174,53 @@ def test_seed_sweep_is_aggregated_with_its_spread(tmp_path):
     text = (sweep / "ablation_table.md").read_text()
     se = np.sqrt(2.0 ** 2 / 3 + step_std ** 2 / 3)
     assert f"mIoU: lr=poly minus lr=step = +3.00 ± {se:.2f} (standard error), n = 3 and 3" in text
+    # the 95% intervals from the seeds: Student's t with 2 degrees of freedom (its table
+    # value), and for the difference Welch's, as scipy's own t-test gives it
+    half = 4.302652729911275 * 2.0 / np.sqrt(3)
+    assert poly["diff mIoU 95% CI"] == \
+        f"[{52 - half - 63.42:+.2f}, {52 + half - 63.42:+.2f}] (seeds)"
+    welch = scipy.stats.ttest_ind([50, 52, 54], [47, 48, 52], equal_var=False)
+    low, high = welch.confidence_interval(0.95)
+    assert f"n = 3 and 3, 95% CI [{low:+.2f}, {high:+.2f}] (Welch t over seeds)" in text
+
+
+def test_intervals_from_per_image_counts(tmp_path):
+    """Runs with per_image.npz (eval.save_per_image): the paired image bootstrap of
+    scripts/compare_runs.py. Identical images make every resample the same: the interval is
+    the one value, by hand; B's two kinds of image make it a real interval."""
+    from segtrain.eval import per_image
+
+    sweep = tmp_path / "sweep"
+    names = ["background", "thing"]
+
+    def run(name: str, lr: str, miou: float, inter: list[list[int]], union: list[list[int]]):
+        folder = fake_run(sweep, name, ["experiment=demo", f"lr={lr}"], miou)
+        ids = [f"img{i}" for i in range(len(inter))]
+        per_image.save({"ids": ids, "intersection": np.array(inter),
+                        "union": np.array(union)}, names, folder / "per_image.npz")
+
+    # poly: every image IoU 0.8 and 0.5 (mIoU 0.65); step: 0.6 and 0.5 (0.55)
+    run("0", "poly", 0.65, [[8, 3]] * 6, [[10, 6]] * 6)
+    run("1", "step", 0.55, [[6, 3]] * 6, [[10, 6]] * 6)
+    paper = _demo_paper(tmp_path, [{"overrides": {"lr": "poly"}, "value": 63.42},
+                                   {"overrides": {"lr": "step"}, "value": 62.25}])
+    assert ablation_table.main([str(sweep), "--paper-dir", str(paper)]) == 0
+    rows = {r["lr"]: r for r in _rows((sweep / "ablation_table.csv").read_text())}
+    assert rows["poly"]["diff mIoU 95% CI"] == "[+1.58, +1.58] (images)"  # 65 - 63.42
+    assert rows["step"]["diff mIoU 95% CI"] == "[-7.25, -7.25] (images)"  # 55 - 62.25
+    text = (sweep / "ablation_table.md").read_text()
+    assert ("mIoU: lr=poly minus lr=step = +10.00 (one run each: no spread), n = 1 and 1, "
+            "95% CI [+10.00, +10.00] (paired bootstrap over images)") in text
+
+    shutil.rmtree(sweep / "1")  # step: half its images now score 0.2 on the thing class
+    run("1", "step", (0.6 + 12 / 33) / 2, [[6, 3], [6, 1]] * 3, [[10, 6], [10, 5]] * 3)
+    assert ablation_table.main([str(sweep), "--paper-dir", str(paper)]) == 0
+    line = next(x for x in (sweep / "ablation_table.md").read_text().splitlines()
+                if "lr=poly minus lr=step" in x)
+    low, high = (float(v) for v in line.split("CI [")[1].split("]")[0].split(", "))
+    point = float(line.split(" = ")[1].split(" ")[0])
+    assert point == pytest.approx(100 * (0.65 - (0.6 + 12 / 33) / 2), abs=0.005)
+    assert 0 < low < point < high  # poly is better on every resample
 
 
 def test_rows_match_the_config_and_each_evaluation_of_a_run(tmp_path):

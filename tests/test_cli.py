@@ -5,44 +5,25 @@ training's groups only."""
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 
-from segtrain import __main__ as entry
+from tests.cli_in_process import run_module
 from tests.conftest import CONF_DIR, TINY
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys):
-    """``cli(*args)`` runs ``python -m segtrain *args`` in this process: (exit status,
-    stderr). Hydra's global state and the root logger's handlers are restored after."""
-    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+def cli():
+    """``cli(*args)`` runs ``python -m segtrain *args`` in this process
+    (``tests.cli_in_process``): (exit status, stderr); ``cli.out``: its stdout."""
 
     def run(*args: str) -> tuple[int, str]:
-        monkeypatch.setattr(sys, "argv", ["segtrain", *args])
-        try:
-            entry.cli()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-        captured = capsys.readouterr()
-        run.out = captured.out
-        return code, captured.err
+        proc = run_module("segtrain", *args)
+        run.out = proc.stdout
+        return proc.returncode, proc.stderr
 
-    yield run
-    GlobalHydra.instance().clear()
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    return run
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

@@ -3,9 +3,7 @@ get Hydra's own clear errors."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,8 @@ from omegaconf import OmegaConf
 from segtrain import app
 from segtrain.app import build_model, build_optimizer
 from segtrain.core.precision import resolve_precision
-from tests.conftest import CONF_DIR, REPO, compose_config
+from tests.cli_in_process import run_module
+from tests.conftest import CONF_DIR, compose_config
 
 
 def options(group: str) -> list[str]:
@@ -148,10 +147,7 @@ def test_deeplabv2_head_choice_builds_the_papers_rates():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "segtrain", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run_module("segtrain", *args)
 
 
 def test_wrong_group_option_is_a_clear_hydra_error():

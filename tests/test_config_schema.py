@@ -4,17 +4,14 @@ shipped experiment and paper row passes it; keys the code reads exist in every c
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import yaml
 from omegaconf import OmegaConf, open_dict
 
 from segtrain import app, config_schema
 from segtrain.errors import ConfigError
-from tests.conftest import CONF_DIR, REPO, TINY, compose_config
+from tests.cli_in_process import run_module
+from tests.conftest import CONF_DIR, TINY, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 PAPER_ROWS = [(path.stem, row["overrides"]) for path in
@@ -82,10 +79,7 @@ def test_train_refuses_before_building_anything(tmp_path, monkeypatch):
 
 
 def test_entry_point_prints_one_error_line(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "segtrain", "trainer.max_iters=abc", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_module("segtrain", "trainer.max_iters=abc", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: trainer.max_iters='abc': expected an integer >= 1"
     assert not (tmp_path / "checkpoints").exists()

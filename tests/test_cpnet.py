@@ -59,6 +59,7 @@ def test_cpnet_resizes_other_feature_sizes_to_its_prior_grid():
         small_cpnet((4,))
 
 
+@pytest.mark.slow  # 80 steps of a ResNet-18 CPNet: 25 s on an idle machine
 def test_cpnet_fits_one_tiny_batch_with_the_affinity_loss():
     torch.manual_seed(0)
     model = small_cpnet((4, 4), dropout=0.0).train()

@@ -22,6 +22,7 @@ from segtrain.core.checkpoint import CheckpointError
 from segtrain.data.synthetic import PALETTE, render
 from segtrain.evaluate import RunError, evaluate
 from segtrain.predict import PredictError, predict
+from tests.cli_in_process import run_module
 from tests.conftest import CONF_DIR, REPO, TINY, slurm_sbatch_script
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -29,6 +30,10 @@ IMAGE_SIZES = {"b_shapes.png": (36, 44), "a_shapes.png": (30, 25)}  # name: (hei
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
+    """``python -m <module> ...`` in this process (tests/cli_in_process.py), a script in a
+    new one."""
+    if args[0] == "-m":
+        return run_module(args[1], *args[2:])
     return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=300)
 

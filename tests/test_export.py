@@ -5,9 +5,6 @@ graph fixes its size (CPNet's prior map) fails the dynamic check with a clear me
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from segtrain.app import build_model
 from segtrain.errors import ConfigError
 from segtrain.export import ExportError, export, main_export
-from tests.conftest import CONF_DIR, REPO, TINY
+from tests.cli_in_process import run_module
+from tests.conftest import CONF_DIR, TINY
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")  # torch.onnx.export needs it; both come with the export extra
@@ -35,9 +33,7 @@ def _model(*overrides: str) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("export") / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "segtrain", *TINY, f"hydra.run.dir={run}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_module("segtrain", *TINY, f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run
 
@@ -46,11 +42,8 @@ def run_dir(tmp_path_factory) -> Path:
                                          ("torchscript", True)])
 def test_export_command_writes_a_file_that_agrees_with_pytorch(run_dir, tmp_path, fmt,
                                                                dynamic):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "segtrain.export", f"run={run_dir}",
-                           f"format={fmt}", f"dynamic={str(dynamic).lower()}",
-                           f"out={tmp_path}"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_module("segtrain.export", f"run={run_dir}", f"format={fmt}",
+                      f"dynamic={str(dynamic).lower()}", f"out={tmp_path}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     name = f"model_{'dynamic' if dynamic else '32x32'}.{'onnx' if fmt == 'onnx' else 'pt'}"
     assert (tmp_path / name).is_file()

@@ -25,6 +25,7 @@ from segtrain.core import checkpoint
 from segtrain.data import synthetic
 from segtrain.data.base import DatasetError
 from segtrain.engine.trainer import Trainer, set_rng_state
+from tests.cli_in_process import run_module
 from tests.conftest import REPO, TINY, compose_config
 from tests.dataset_miniatures import make_camvid
 
@@ -34,7 +35,11 @@ ENV.pop("HYDRA_FULL_ERROR", None)
 
 def _segtrain(*args: str, env: dict | None = None, module: str = "segtrain",
               timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env or ENV,
+    """The command in this process (tests/cli_in_process.py); in a new one where it must
+    read another environment."""
+    if env is None:
+        return run_module(module, *args)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -332,6 +337,7 @@ def _pid_writing(log_file: Path) -> int | None:
     return None
 
 
+@pytest.mark.slow  # a submitit job signalled, requeued and resumed: 30 s on an idle machine
 def test_a_preempted_sweep_job_is_requeued_and_ends_with_uninterrupted_weights(tmp_path,
                                                                                one_thread):
     sweep = tmp_path / "sweep"

@@ -5,16 +5,13 @@ options and the models that fit.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from segtrain.app import models_that_fit, train
 from segtrain.errors import ConfigError
 from segtrain.models.pspnet import PSPNet
-from tests.conftest import CONF_DIR, REPO, TINY
+from tests.cli_in_process import run_module
+from tests.conftest import CONF_DIR, TINY
 from tests.test_cpnet import small_cpnet
 from tests.test_models_zoo import SMALL, K, tiny_batch
 from tests.test_spnet import small_spnet
@@ -58,11 +55,8 @@ def test_mismatched_model_and_loss_stop_with_one_line(tiny_cfg, tmp_path):
 
 
 def test_mismatch_names_the_config_options_on_the_command_line(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "segtrain", *TINY, "model=deeplabv3", "loss=affinity",
-         f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    res = run_module("segtrain", *TINY, "model=deeplabv3", "loss=affinity",
+                     f"hydra.run.dir={tmp_path}")
     assert res.returncode != 0
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]

@@ -7,7 +7,6 @@ serial path, and ``scripts/crf_search.py`` against ``segtrain.evaluate``."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from segtrain.models.deeplab import DeepLabV2
 from segtrain.models.deeplabv3 import DeepLabV3
 from segtrain.models.msc import MultiScaleInputs
 from segtrain.predict import predict
+from tests.cli_in_process import run_module
 from tests.conftest import CONF_DIR, REPO, TINY, compose_config, plain_groups
 
 RATES = {"aspp_s": [2, 4, 8, 12], "aspp_l": [6, 12, 18, 24], "largefov": [12]}
@@ -382,9 +382,7 @@ def test_crf_workers_default():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("crfsearch") / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "segtrain", *TINY, f"hydra.run.dir={run}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_module("segtrain", *TINY, f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr
     return run
 

@@ -5,6 +5,7 @@ launcher under the sweeper, and the trial table of scripts/ablation_table.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
@@ -21,8 +23,14 @@ from hydra.utils import instantiate
 from optuna.trial import TrialState
 
 from segtrain.__main__ import check_sweep_direction
+from segtrain.core.distributed import DistInfo
+from segtrain.data.loader import train_loader
+from segtrain.engine.callbacks.base import Callback, Evaluation
+from segtrain.engine.callbacks.trial_pruning import TrialPruning
+from segtrain.engine.trainer import Trainer
 from segtrain.errors import ConfigError
 from segtrain.sweeper import chosen_pruner, open_trial, study_storage
+from tests.cli_in_process import run_module
 from tests.conftest import CONF_DIR, REPO, TINY
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -43,16 +51,9 @@ def _hydra_cfg(*overrides: str):
 def _sweep(root: Path, n_trials: int) -> None:
     """``python -m segtrain -m ...`` in this process (its jobs run in it too: Hydra's basic
     launcher), ``n_trials`` at most."""
-    from hydra.core.hydra_config import HydraConfig
-
-    import segtrain.__main__ as entry
-
-    args = ["segtrain", "-m", *TINY, *PRUNED_SEARCH, f"hydra.sweeper.n_trials={n_trials}",
-            f"hydra.sweep.dir={root}"]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", args)
-        patch.setattr(HydraConfig.instance(), "cfg", None)  # set again by each job
-        entry.main()
+    proc = run_module("segtrain", "-m", *TINY, *PRUNED_SEARCH,
+                      f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweep.dir={root}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def _study(root: Path) -> optuna.Study:
@@ -252,3 +253,61 @@ def test_search_with_the_submitit_launcher(tmp_path):
     results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     scores = [json.loads((tmp_path / n / "metrics.json").read_text())["miou"] for n in "01"]
     assert results["best_value"] == max(scores)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+class _Scores(Callback):
+    """An evaluation every 3 iterations whose mIoU is the iteration / 100."""
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.iteration % 3 == 0:
+            trainer.publish(Evaluation(trainer.iteration, {"miou": trainer.iteration / 100}))
+
+
+class _Trial:
+    """Stands in for segtrain.sweeper.StudyTrial: the pruner stops the trial at 6."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[float, int]] = []
+
+    def report(self, miou: float, iteration: int) -> bool:
+        self.reports.append((miou, iteration))
+        return iteration == 6
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_pruned_trial_stops_after_that_step_with_last_pt(tmp_path, ranks):
+    """One process, and rank 0 of a world that DistInfo calls 2 ranks (a real one-process
+    gloo group: the decision goes through the gather every rank joins)."""
+    if ranks == 2:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}",
+                                             rank=0, world_size=1)
+    try:
+        model, trial = _Tiny(), _Trial()
+        data = [{"image": torch.randn(3, 8, 8), "mask": torch.zeros(8, 8, dtype=torch.long),
+                 "meta": {}} for _ in range(8)]
+        batches = functools.partial(train_loader, data, 2, 0, 0, rank=0, world_size=ranks)
+        trainer = Trainer(model, lambda out, batch: {"total": out["out"].mean()},
+                          torch.optim.SGD(model.parameters(), lr=0.1), lambda it: 1.0,
+                          batches, tmp_path, max_iters=12, iter_size=1, precision="fp32",
+                          clip_grad_norm=None, log_interval=5, seed=0,
+                          device=torch.device("cpu"), dist=DistInfo(rank=0, world_size=ranks),
+                          callbacks=[_Scores(), TrialPruning(trial)])
+        assert trainer.fit() == "pruned"
+    finally:
+        if ranks == 2:
+            torch.distributed.destroy_process_group()
+    # stopped after the step of that evaluation (not at the next log interval), last.pt saved
+    assert trial.reports == [(0.03, 3), (0.06, 6)] and trainer.iteration == 6
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 6
+    assert trainer.stop.text(6, tmp_path).startswith(
+        "the search's pruner (hydra.sweeper.pruner) stopped this trial after its evaluation "
+        "at iteration 6: saved checkpoints/last.pt at iteration 6")

@@ -4,9 +4,7 @@ folders (metrics.json history, TensorBoard, train.log) and the PNG is written.""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.cli_in_process import run_module
 from tests.conftest import REPO, TINY
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -24,10 +23,8 @@ import plot_runs  # noqa: E402
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("plot") / "multirun"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "segtrain", "-m", "lr=poly,step", *TINY,
-            f"hydra.sweep.dir={root}", "hydra.sweep.subdir=${hydra.job.num}"]
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_module("segtrain", "-m", "lr=poly,step", *TINY, f"hydra.sweep.dir={root}",
+                      "hydra.sweep.subdir=${hydra.job.num}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return sorted(p for p in root.iterdir() if p.is_dir())
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from segtrain import app, protocol
 from segtrain.errors import ConfigError
+from tests.cli_in_process import run_module
 from tests.conftest import REPO, compose_config
 
 PAPER_FILES = sorted(protocol.PAPER_DIR.glob("*.yml"))
@@ -228,8 +228,7 @@ def test_a_rows_overrides_change_exactly_the_settings_the_row_names(experiment):
 # --- the command ----------------------------------------------------------------------------
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "segtrain.protocol", *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    return run_module("segtrain.protocol", *args)
 
 
 def test_the_command_prints_json_with_30_images_and_6000_iterations_for_table2s_row():

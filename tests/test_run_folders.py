@@ -21,6 +21,7 @@ from PIL import Image
 
 from segtrain.app import train
 from segtrain.eval.evaluator import Evaluator
+from tests.cli_in_process import run_module
 from tests.conftest import REPO, TINY
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -31,7 +32,11 @@ SHORT = [*TINY, "trainer.max_iters=2", "trainer.eval_interval=2",
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env or ENV,
+    """The command in this process (tests/cli_in_process.py); in a new one where it must
+    read another environment."""
+    if env is None:
+        return run_module(*args)
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -96,6 +96,7 @@ def test_spms_sit_in_the_last_block_of_each_stage_and_all_of_layer4():
 
 # ---- fitting a tiny batch -----------------------------------------------------------------
 
+@pytest.mark.slow  # 40 steps of a ResNet-18 SPNet: 15 s on an idle machine
 def test_spnet_fits_one_tiny_batch():
     torch.manual_seed(0)
     first, last = fit(small_spnet(dropout=0.0), 40, 1e-2)
