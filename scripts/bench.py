@@ -73,7 +73,6 @@ from segtrain import app
 from segtrain.core.distributed import DistInfo
 from segtrain.core.precision import autocast_dtype
 from segtrain.data.loader import train_loader
-from segtrain.engine.callbacks.checkpoints import Checkpoints
 from segtrain.engine.callbacks.run_log import RunLog
 from segtrain.engine.trainer import Trainer
 from segtrain.flops import WHOLE_IMAGE_INPUT, peak_tflops, train_step_flops  # noqa: F401
@@ -157,8 +156,7 @@ def trainer_loop(cfg: DictConfig, batches: list[dict], steps: int, warmup: int,
                 stamps.append(CLOCK())
             yield batch
 
-    callbacks = [Checkpoints(t.checkpoint_interval),
-                 RunLog([str(i) for i in range(cfg.dataset.num_classes)], None,
+    callbacks = [RunLog([str(i) for i in range(cfg.dataset.num_classes)], None,
                         cfg.dataset.ignore_index, progress=True)]
     trainer = Trainer(
         model, instantiate(cfg.loss, class_weights=None).to(device),
@@ -166,7 +164,8 @@ def trainer_loop(cfg: DictConfig, batches: list[dict], steps: int, warmup: int,
         instantiate(cfg.lr)(max_iters=steps), lambda start: timed(itertools.cycle(batches)),
         run_dir, max_iters=steps, iter_size=t.iter_size, precision=precision,
         clip_grad_norm=t.clip_grad_norm, log_interval=t.log_interval, seed=cfg.seed,
-        device=device, callbacks=callbacks, dist=DistInfo(), **options)
+        device=device, callbacks=callbacks, dist=DistInfo(),
+        checkpoint_interval=t.checkpoint_interval, **options)
     with contextlib.redirect_stderr(io.StringIO()):  # the progress bar stays in the run
         trainer.fit()
     if device.type == "cuda":

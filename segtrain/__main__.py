@@ -16,7 +16,6 @@ shows it).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import hydra
@@ -25,7 +24,7 @@ from omegaconf import DictConfig
 
 from segtrain import config_schema
 from segtrain.app import CONF_DIR, train
-from segtrain.cli import check_override_keys, user_errors
+from segtrain.cli import check_override_keys, exit_stopped, user_errors
 from segtrain.core.distributed import env_info
 from segtrain.errors import ConfigError
 from segtrain.run_start import claim, discard_if_refused
@@ -45,18 +44,6 @@ def check_sweep_direction(sweeper: DictConfig) -> None:
                           f"or hydra.sweeper.direction=maximize")
 
 
-def exit_stopped(signum: int | None) -> None:
-    """A run stopped by a signal at a step boundary (its last.pt saved, the trainer logged
-    the one line saying so) ends the process: with status 1 and no result under submitit, so
-    that the launcher waits for the job SLURM requeues (trainer.resume=auto); else with
-    128 + the signal's number, as a shell reports a process that a signal ended (Ctrl-C: 130),
-    which also ends a local sweep instead of starting its next job."""
-    if os.environ.get("SUBMITIT_FOLDER"):
-        log.warning("exiting without a result; the requeued job resumes from last.pt")
-        sys.exit(1)
-    sys.exit(128 + (signum or 15))
-
-
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
@@ -64,7 +51,7 @@ def main(cfg: DictConfig) -> float | None:
         # a start refused before training wrote anything takes the folder it made with it
         with discard_if_refused(hydra_cfg.runtime.output_dir, is_main):
             check_sweep_direction(hydra_cfg.sweeper)
-            config_schema.check(cfg, strict=True)  # a wrong key or value: before .hydra/ is written
+            config_schema.check(cfg, strict=True)  # a wrong key or value: before .hydra/
             # settings compared with a run already in the folder, the folder locked, .hydra/
             # written: before anything else touches it
             with claim(cfg, hydra_cfg, is_main=is_main) as run_dir:

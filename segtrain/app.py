@@ -26,10 +26,10 @@ from segtrain.data.class_uniform import ClassUniformPlan, class_uniform_plan
 from segtrain.data.loader import eval_loader, train_loader
 from segtrain.data.transforms import compose
 from segtrain.engine.batch import Batch, resolve_batch
-from segtrain.engine.callbacks.checkpoints import Checkpoints, best_evaluation
 from segtrain.engine.callbacks.evaluation import PeriodicEvaluation
 from segtrain.engine.callbacks.preemption import Preemption
 from segtrain.engine.callbacks.run_log import RunLog
+from segtrain.engine.checkpoint_files import check_disk, disk_plan
 from segtrain.engine.trainer import FINISHED, Trainer
 from segtrain.errors import ConfigError
 from segtrain.eval.evaluator import Evaluator
@@ -365,9 +365,10 @@ def build_training(cfg: DictConfig, in_channels: int = 3, batch: Batch | None = 
 
 def build_trainer(cfg: DictConfig, training: Training, batches: Callable[[int], Any],
                   run_dir: Path, device: torch.device, dist: distributed.DistInfo,
-                  callbacks: list) -> Trainer:
+                  callbacks: list, class_names: list[str] | tuple[str, ...] = ()) -> Trainer:
     """The loop over ``batches`` (``start -> stream``) with ``cfg.trainer``'s settings;
-    ``training.model`` as it will run (on ``device``, wrapped for DDP where needed)."""
+    ``training.model`` as it will run (on ``device``, wrapped for DDP where needed);
+    ``class_names`` of the dataset, for metrics.json."""
     t = cfg.trainer
     # what a resumed run must share with the checkpoint, or its poly curve bends
     schedule = {"trainer.max_iters": int(t.max_iters),
@@ -380,7 +381,9 @@ def build_trainer(cfg: DictConfig, training: Training, batches: Callable[[int], 
         clip_grad_norm=t.clip_grad_norm, log_interval=t.log_interval, seed=cfg.seed,
         device=device, callbacks=callbacks, config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
         dist=dist, compile=t.compile, channels_last=t.channels_last, schedule=schedule,
-        allow_schedule_change=bool(t.resume_allow_schedule_change), ema_decay=t.ema.decay)
+        allow_schedule_change=bool(t.resume_allow_schedule_change), ema_decay=t.ema.decay,
+        checkpoint_interval=t.checkpoint_interval, keep_checkpoints=t.keep_checkpoints,
+        class_names=class_names)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -390,6 +393,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     config_schema.check(cfg, strict=True)  # a wrong key, type or range: one line, nothing built
     run_dir = Path(run_dir)
     dist = distributed.init()
+    if dist.is_main:  # the first line: where to look while it runs
+        log.info("run folder: %s", run_dir.resolve())
     seed_everything(cfg.seed + dist.rank, cfg.trainer.deterministic)
     device = pick_device(cfg.trainer.device, dist.local_rank)
     batch = train_batch(cfg, dist.world_size)  # a batch that cannot be: refused before the data
@@ -428,22 +433,27 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                                 rank=dist.rank, world_size=dist.world_size,
                                 pin_memory=device.type == "cuda",
                                 class_uniform=build_sampling(cfg, train_set, workers))
-    evaluation = PeriodicEvaluation(evaluator, t.eval_interval)
-    # in this order: last.pt after an evaluation holds it; the preemption exit comes last
     palette = palette_of(val_set, cfg.dataset.num_classes)
-    callbacks = [evaluation, Checkpoints(t.checkpoint_interval),
+    callbacks = [PeriodicEvaluation(evaluator, t.eval_interval),
                  RunLog(val_set.class_names, palette, cfg.dataset.ignore_index),
                  *tracker(cfg, val_set.class_names, palette), *trial_pruning(cfg, dist),
                  Preemption()]
-    trainer = build_trainer(cfg, training, batches, run_dir, device, dist, callbacks)
+    trainer = build_trainer(cfg, training, batches, run_dir, device, dist, callbacks,
+                            val_set.class_names)
     source = resume_source(t.resume, run_dir)
     if source is not None:
         trainer.load_state_dict(checkpoint.load(source), checkpoint.resolve(source))
         log.info("resumed from %s at iteration %d", checkpoint.resolve(source), trainer.iteration)
+    # what the checkpoints take, from the weights and the optimizer state (as resumed)
+    plan = disk_plan(run_dir, trainer.bare_model, training.optimizer,
+                     None if trainer.ema is None else trainer.ema.module, t.keep_checkpoints)
+    if dist.is_main:
+        log.info("%s", plan.text(run_dir))
+    check_disk(plan, run_dir)
     status = trainer.fit()
     metrics = {**trainer.scores, "status": status, "finished": status == FINISHED,
                "stop_signal": trainer.stop.signal}
-    best = best_evaluation(evaluation.history)
+    best = trainer.record.best
     if dist.is_main and status == FINISHED and "miou" in metrics and best is not None:
         log.info("final: mIoU %s  pixel acc %s  (best mIoU %s)  run folder %s",
                  percent(metrics["miou"]), percent(metrics["pixel_acc"]),

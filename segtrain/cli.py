@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -141,3 +142,20 @@ def _has_key(tree: Any, key: str) -> bool:
         else:
             return False
     return True
+
+
+def exit_stopped(signum: int | None) -> None:
+    """A run stopped by a signal at a step boundary (its last.pt saved, the trainer logged
+    the one line saying so) ends the process. The signal first goes on to the handler the
+    trainer had replaced (not SIGINT's: Python's raises KeyboardInterrupt): submitit's
+    requeues the job and exits itself. Then exit with status 1 and no result under submitit,
+    so that the launcher waits for the job SLURM requeues (trainer.resume=auto); else with
+    128 + the signal's number, as a shell reports a process that a signal ended (Ctrl-C:
+    130), which also ends a local sweep instead of starting its next job."""
+    handler = signal.getsignal(signum) if signum is not None else None
+    if signum != signal.SIGINT and callable(handler):
+        handler(signum, None)
+    if os.environ.get("SUBMITIT_FOLDER"):
+        log.warning("exiting without a result; the requeued job resumes from last.pt")
+        sys.exit(1)
+    sys.exit(128 + (signum or 15))

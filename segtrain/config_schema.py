@@ -88,6 +88,7 @@ class TrainerSchema:
     eval_interval: int = spec(1)
     log_interval: int = spec(1)
     checkpoint_interval: int = spec(1)
+    keep_checkpoints: int = spec(0, optional=True)  # absent (older runs): 0
     deterministic: bool = spec()
     device: str = spec(pattern=r"auto|cpu|cuda(:\d+)?|mps",
                        allowed="auto, cpu, cuda, cuda:N or mps")

@@ -581,15 +581,23 @@ def scheduler_state(handle) -> str:
     return {"FINISHED": "COMPLETED", "INTERRUPTED": "FAILED"}.get(state, state)
 
 
-def adopt(job: Job):
-    """The scheduler job an earlier invocation submitted for ``job``'s run, when the
-    scheduler says it is still pending or running (``ACTIVE_STATES``); else None, and the
-    run is launched again."""
+def earlier_submission(job: Job) -> tuple[Any, str] | None:
+    """(handle, scheduler state) of the last job submitted for ``job``'s run, or None."""
     record = _json(job.run_dir / SUBMISSION)
     if not record or not record.get("job_id"):
         return None
     handle = scheduler_job(record)
-    state = scheduler_state(handle)
+    return handle, scheduler_state(handle)
+
+
+def adopt(job: Job):
+    """The scheduler job an earlier invocation submitted for ``job``'s run, when the
+    scheduler says it is still pending or running (``ACTIVE_STATES``); else None, and the
+    run is launched again."""
+    earlier = earlier_submission(job)
+    if earlier is None:
+        return None
+    handle, state = earlier
     if state in ACTIVE_STATES:
         log.info("%s (seed %d): job %s submitted earlier is %s: waiting for it, not "
                  "submitting again", job.label, job.seed, handle.job_id, state)
@@ -816,7 +824,12 @@ def print_plan(jobs: list[Job], data: dict, paper: str, out: Path, repo: Path,
             checked[ds_key] = check_dataset(job.config)
         served = "; ".join(f"{_row_label(rows[i], i)} ({float(rows[i]['value']):.2f})"
                            for i in job.rows)
-        lines += [f"job {n}/{len(jobs)}: {job.label} (seed {job.seed}) [{state(job)}]"
+        status = state(job)
+        earlier = earlier_submission(job) if status != "done" else None
+        if earlier is not None:
+            status += f"; job {earlier[0].job_id} {earlier[1]}" + (
+                ": a run waits for it" if earlier[1] in ACTIVE_STATES else "")
+        lines += [f"job {n}/{len(jobs)}: {job.label} (seed {job.seed}) [{status}]"
                   + (f" -> rows: {served}" if served else ""),
                   f"  overrides: {' '.join(job.overrides)}",
                   "  waits for: " + (f"{job.after.label} (seed {job.after.seed}), then "

@@ -46,7 +46,8 @@ LOCK = ".lock"
 START_FILES = (f"{SAVED}/config.yaml", f"{SAVED}/hydra.yaml", f"{SAVED}/overrides.yaml",
                "train.log", LOCK)
 #: keys a restart may change: they say where and how the process runs, not what it trains
-RESTART_KEYS = ("trainer.resume", "trainer.num_workers", "trainer.device")
+RESTART_KEYS = ("trainer.resume", "trainer.num_workers", "trainer.device",
+                "trainer.keep_checkpoints")
 
 
 class RunFolderError(UserError):

@@ -144,3 +144,18 @@ def test_a_cycle_and_an_upward_import_are_found():
     graph = {"eval": {"engine": {"segtrain.eval.crf"}}, "engine": {"eval": {"segtrain.engine.t"}}}
     assert find_cycle(graph) == ["engine", "eval", "engine"]
     assert find_cycle({"engine": {"eval": {"segtrain.engine.t"}}, "eval": {}}) is None
+
+
+CALLBACKS = PACKAGE / "engine" / "callbacks"
+
+
+def test_no_callback_module_imports_another_callback_module():
+    """Callbacks share nothing but the trainer (its run record, checkpoints and stop state)
+    and the hooks' base: so their order in the trainer's list is free."""
+    modules = {module_name(p)[0] for p in CALLBACKS.glob("*.py")} - {
+        "segtrain.engine.callbacks", "segtrain.engine.callbacks.base"}
+    leaning = sorted(f"{module_name(path)[0]} imports {name}"
+                     for path in CALLBACKS.glob("*.py")
+                     for name in imported_modules(path) if name in modules
+                     and name != module_name(path)[0])
+    assert leaning == []

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from segtrain import reproduce
+from segtrain import reproduce, runs
 from segtrain.errors import ConfigError
 from segtrain.flops import peak_tflops
 
@@ -235,6 +235,8 @@ def test_killed_midway_the_rerun_gives_the_uninterrupted_numbers(tmp_path, capsy
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (cut / "table.md").exists()
+    done = [runs.finished(p.parent) for p in cut.glob(f"runs/*/{reproduce.PROVENANCE}")]
+    assert 1 <= sum(done) < 5, done  # killed midway: some runs finished, not all
     assert run_main(capsys, "paper=deeplabv2_lr_policy", "scale=tiny", f"out={cut}")[0] == 0
     assert _scores(cut) == _scores(whole)
     assert _numbers((cut / "table.md").read_text()) == _numbers((whole / "table.md").read_text())
@@ -302,8 +304,6 @@ def test_row_scores_are_read_where_segtrain_evaluate_writes_them(tmp_path):
     """A run that never evaluated during training has no best.pt: segtrain.evaluate (its
     default checkpoint=best falls back to last.pt) writes eval_<name>_last.json, and the
     table reads the row from there; metrics.json counts only once finished."""
-    from segtrain import runs
-
     jobs, data = plan("deeplabv2_voc", tmp_path, "dataset.root=/data/VOC2012")
     aspp = jobs[-1]
     (crf,) = aspp.evaluations
@@ -344,6 +344,9 @@ def test_slurm_rerun_waits_for_queued_jobs_and_resubmits_ended_ones(tmp_path):
         # SLURM's view now: fcn32s running, fcn16s queued, one row failed, one cancelled
         for job_id, state in zip(ids, ["RUNNING", "PENDING", "FAILED", "CANCELLED by 0"]):
             sacct.set_job_state(job_id, state)
+        # what the dry run's plan shows beside each job
+        assert [reproduce.earlier_submission(j)[1] for j in jobs] == \
+            ["RUNNING", "PENDING", "FAILED", "CANCELLED"]
         again = []
         reproduce._launch_submitit(launcher, jobs, wait=False, record=again)
         reproduce.GlobalHydra.instance().clear()

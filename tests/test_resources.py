@@ -6,6 +6,7 @@ split, a data set on disk without dataset.root, an image size of 0."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import sys
@@ -115,3 +116,51 @@ def test_the_likeliest_first_mistakes_are_one_line(tmp_path, overrides, line):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and \
         proc.stderr.startswith(line), proc.stderr
+
+
+def test_the_start_names_the_run_folder_and_refuses_a_disk_too_small_for_its_checkpoints(
+        tiny_cfg, tmp_path, monkeypatch, caplog):
+    """The first log line is the run folder; the next ones say what the checkpoints take; a
+    file system with less free space than that refuses the run in one line, before a step."""
+    import shutil
+
+    from segtrain.engine.checkpoint_files import NotEnoughDisk
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10**6))
+    with caplog.at_level(logging.INFO, logger="segtrain"), \
+            pytest.raises(NotEnoughDisk, match=r"not enough disk for the checkpoints of this "
+                                               r"run: .* MB needed in .*checkpoints .*1\.0 MB "
+                                               r"free; .*trainer.keep_checkpoints") as err:
+        train(tiny_cfg(), tmp_path)
+    assert "\n" not in str(err.value)
+    messages = [r.getMessage() for r in caplog.records if r.name == "segtrain"]
+    assert messages[0] == f"run folder: {tmp_path.resolve()}"
+    assert any(m.startswith("checkpoints: last.pt ") for m in messages), messages
+    assert not (tmp_path / "checkpoints").exists()  # refused before the first step
+
+
+def test_checkpoint_sizes_are_known_before_the_first_step(tmp_path):
+    """The plan's last.pt and best.pt, from the weights and the optimizer's state before it
+    exists (a probe step), bound the files torch.save writes after a step, within the
+    allowance for the zip records."""
+    from segtrain.engine.checkpoint_files import PER_FILE_OVERHEAD, disk_plan
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 400), torch.nn.BatchNorm1d(400))
+    groups = [{"params": model[0].parameters(), "lr": 1e-3},
+              {"params": model[1].parameters(), "lr": 1e-2, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups)
+    before = disk_plan(tmp_path, model, optimizer, None, keep=0)
+    model(torch.randn(4, 300)).square().mean().backward()
+    optimizer.step()
+    after = disk_plan(tmp_path, model, optimizer, None, keep=3)
+    assert (before.last, before.best) == (after.last, after.best)
+    checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                           tmp_path / "last.pt")
+    checkpoint.save_atomic({"model": model.state_dict()}, tmp_path / "best.pt")
+    last, best = (tmp_path / "last.pt").stat().st_size, (tmp_path / "best.pt").stat().st_size
+    assert last > 3 * 4 * 300 * 400  # weights and Adam's two moments, fp32
+    assert last <= after.last <= last + PER_FILE_OVERHEAD + 0.01 * last
+    assert best <= after.best <= best + PER_FILE_OVERHEAD + 0.01 * best
+    assert after.total == 5 * after.last + after.best  # last, 3 copies, its rewrite, best

@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,10 @@ from torch import nn
 
 from segtrain.core import checkpoint
 from segtrain.engine.callbacks.base import Callback
-from segtrain.engine.callbacks.checkpoints import Checkpoints, best_evaluation
 from segtrain.engine.callbacks.evaluation import PeriodicEvaluation
 from segtrain.engine.callbacks.preemption import Preemption
 from segtrain.engine.callbacks.run_log import RunLog
+from segtrain.engine.run_record import best_evaluation
 from segtrain.engine.schedules import poly
 from segtrain.engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
@@ -49,7 +50,7 @@ def _stream(start: int):
 
 
 def _trainer(run_dir: Path, callbacks=(), max_iters=4, iter_size=1, loss=None, groups=None,
-             batches=_stream, log_interval=2) -> Trainer:
+             batches=_stream, log_interval=2, checkpoint_interval=None) -> Trainer:
     torch.manual_seed(0)
     model = Tiny()
     opt = torch.optim.SGD(groups(model) if groups else model.parameters(), lr=0.01)
@@ -57,7 +58,7 @@ def _trainer(run_dir: Path, callbacks=(), max_iters=4, iter_size=1, loss=None, g
                    poly(max_iters, 0.9), batches, run_dir, max_iters=max_iters,
                    iter_size=iter_size, precision="fp32", clip_grad_norm=None,
                    log_interval=log_interval, seed=0, device=torch.device("cpu"),
-                   callbacks=callbacks)
+                   callbacks=callbacks, checkpoint_interval=checkpoint_interval)
 
 
 class Recorder(Callback):
@@ -167,15 +168,15 @@ def test_best_pt_metrics_and_the_history_survive_a_resume(tmp_path):
     run = tmp_path / "run"
 
     def callbacks(mious):
-        return [PeriodicEvaluation(FakeEvaluator(mious), interval=2), Checkpoints(2),
+        return [PeriodicEvaluation(FakeEvaluator(mious), interval=2),
                 RunLog(["a", "b"], np.array([[0, 0, 0], [255, 0, 0]], np.uint8), 255,
                        progress=False)]
 
-    _trainer(run, callbacks([0.4, 0.6]), max_iters=4).fit()
+    _trainer(run, callbacks([0.4, 0.6]), max_iters=4, checkpoint_interval=2).fit()
     assert checkpoint.load(run / "checkpoints" / "best.pt")["iteration"] == 4
     # a longer run resumed from last.pt: its evaluations are worse than iteration 4's
     later = callbacks([0.5, 0.55])
-    resumed = _trainer(run, later, max_iters=8)
+    resumed = _trainer(run, later, max_iters=8, checkpoint_interval=2)
     resumed.load_state_dict(checkpoint.load(run))
     resumed.fit()
     saved = json.loads((run / "metrics.json").read_text())
@@ -232,7 +233,8 @@ def test_a_second_ctrl_c_ends_at_once_and_keeps_the_last_checkpoint(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)  # the second ends now, mid-step
         return {"total": outputs["out"].mean()}
 
-    trainer = _trainer(tmp_path, [Checkpoints(3), Preemption()], max_iters=8, loss=loss)
+    trainer = _trainer(tmp_path, [Preemption()], max_iters=8, loss=loss,
+                       checkpoint_interval=3)
     with pytest.raises(TrainingInterrupted, match="interrupted again .* after iteration 4: "
                                                   "stopped at once without saving") as err:
         trainer.fit()
@@ -277,9 +279,57 @@ def test_a_stop_after_the_weights_went_nan_keeps_the_last_good_checkpoint(tmp_pa
             return {"total": outputs["out"].mean() * math.nan}
         return {"total": outputs["out"].mean()}
 
-    trainer = _trainer(tmp_path, [Checkpoints(3)], max_iters=8, loss=loss, log_interval=100)
+    trainer = _trainer(tmp_path, [], max_iters=8, loss=loss, log_interval=100,
+                       checkpoint_interval=3)
     with pytest.raises(NonFiniteLossError, match="non-finite loss at iteration 4"):
         trainer.fit()
     state = checkpoint.load(tmp_path)
     assert state["iteration"] == 3
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_log_lines_give_the_elapsed_time_and_the_eta_of_this_process(tmp_path, monkeypatch,
+                                                                     caplog):
+    """Each step takes 60 s on a fake clock: the ETA is the steps left at that pace; after a
+    resume at iteration 4 the pace is of the steps this process did, not of iteration 0 on."""
+    now, first = [1000.0], None
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+
+    def loss(outputs, batch):
+        now[0] += 60.0
+        if first is not None and int(batch["image"][0, 0, 0, 0]) == 3:
+            first.request_stop(signal.SIGTERM)  # the first process stops at iteration 4
+        return {"total": outputs["out"].mean()}
+
+    def lines() -> list[str]:
+        found = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iter ")]
+        caplog.clear()
+        return [" ".join(line.split()[-4:]) for line in found]
+
+    with caplog.at_level(logging.INFO, logger="segtrain"):
+        first = _trainer(tmp_path, [RunLog(["a", "b"], None, 255, progress=False)],
+                         max_iters=8, loss=loss)
+        assert first.fit() == "stopped" and first.iteration == 4
+        assert lines() == ["elapsed 0:02:00 eta 0:06:00", "elapsed 0:04:00 eta 0:04:00"]
+        now[0] += 3600.0  # an hour before the resumed process starts
+        first = None
+        resumed = _trainer(tmp_path, [RunLog(["a", "b"], None, 255, progress=False)],
+                           max_iters=8, loss=loss)
+        resumed.load_state_dict(checkpoint.load(tmp_path))
+        resumed.fit()
+    assert lines() == ["elapsed 0:02:00 eta 0:02:00", "elapsed 0:04:00 eta 0:00:00"]
+
+
+def test_keep_checkpoints_keeps_the_newest_periodic_copies_of_last_pt(tmp_path):
+    _trainer(tmp_path / "plain", max_iters=8, checkpoint_interval=2).fit()
+    assert sorted(p.name for p in (tmp_path / "plain" / "checkpoints").iterdir()) == [
+        "last.pt"]
+    trainer = _trainer(tmp_path / "kept", max_iters=8, checkpoint_interval=2)
+    trainer.keep_checkpoints = 2
+    trainer.fit()
+    folder = tmp_path / "kept" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "iter_0000006.pt", "iter_0000008.pt", "last.pt"]
+    six = checkpoint.load(folder / "iter_0000006.pt")
+    assert six["iteration"] == 6 and checkpoint.load(folder / "last.pt")["iteration"] == 8
+    assert not torch.equal(six["model"]["head.weight"], trainer.model.head.weight)

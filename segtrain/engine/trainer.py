@@ -3,8 +3,11 @@
 One step: ``iter_size`` micro-batches -> model -> loss dict -> backward (scaled for fp16) ->
 optional clipping -> optimizer step -> schedule step (every iteration, as DeepLab's poly).
 It keeps exact resume (model, optimizer, schedule, scaler, RNG, data position), non-finite
-checks agreed by every rank and last.pt on a stop; evaluation, checkpoints, logs and signals
-are callbacks (``segtrain.engine.callbacks``). ``segtrain.app`` builds it from the config.
+checks agreed by every rank, the checkpoints (last.pt every ``checkpoint_interval``, on a stop
+and after an error; best.pt by the best-model policy; ``segtrain.engine.checkpoint_files``),
+the run record (``segtrain.engine.run_record``: evaluations, best, metrics.json) and the stop
+state; evaluation, logs and signals are callbacks (``segtrain.engine.callbacks``), none of
+which reads what another writes. ``segtrain.app`` builds it from the config.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from segtrain.core.checkpoint import ScheduleChanged
 from segtrain.core.distributed import DistInfo
 from segtrain.core.precision import autocast_dtype, resolve_precision
 from segtrain.core.rng import load_rank_state, rng_state, set_rng_state
-from segtrain.engine import finite
+from segtrain.engine import checkpoint_files, finite
 from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.engine.ema import WeightEMA
 from segtrain.engine.finite import NonFiniteLossError
+from segtrain.engine.run_record import RunRecord
 from segtrain.errors import UserError, from_worker
 from segtrain.models.base import bare
 
@@ -53,36 +57,45 @@ FINISHED, STOPPED, PRUNED, FAILED = "finished", "stopped", "pruned", "failed"
 
 
 class StopState:
-    """The loop's stop bookkeeping in one place: the signal this process was asked to stop
-    by, the iteration a hyper-parameter search's pruner ended the run at, whether the loop
-    stops after this step (one process: as soon as asked; several ranks: when they agree at
-    a check point; a prune: every rank got the same decision at the same evaluation), and
-    the one line that says so."""
+    """The loop's stop bookkeeping in one place: what this process was asked to stop by (a
+    signal, or a hyper-parameter search's pruner), the status ``fit`` returns for it, whether
+    the loop stops after this step (one process: as soon as asked; several ranks: when they
+    agree at a check point; a prune: every rank got the same decision at the same
+    evaluation), and the one line that says so."""
 
     def __init__(self) -> None:
         self.signal: int | None = None  # a stop signal this process received
         self.pruned_at: int | None = None  # the evaluation a search's pruner stopped it at
+        self.status: str | None = None  # what fit returns when this request ends the run
+        self.reason: str | None = None  # why, in words
         self.now = False  # the loop stops after the current step
 
-    def request(self, signum: int) -> None:
-        self.signal = signum
+    def request(self, signum: int | None = None, *, status: str = STOPPED,
+                reason: str | None = None) -> None:
+        """Stop at the next step boundary, saving last.pt: asked by signal ``signum``, or
+        for ``reason``; ``fit`` then returns ``status``."""
+        self.signal, self.status = signum, status
+        self.reason = reason or f"signal {signum} received ({signal.Signals(signum).name})"
 
     def prune(self, iteration: int) -> None:
         """End the run after this step as PRUNED (every rank calls it at the same step)."""
         self.pruned_at = iteration
+        self.request(status=PRUNED, reason=f"the search's pruner (hydra.sweeper.pruner) "
+                                           f"stopped this trial after its evaluation at "
+                                           f"iteration {iteration}")
 
     @property
     def requested(self) -> bool:
-        return self.signal is not None or self.pruned_at is not None
+        return self.status is not None
+
+    @property
+    def ended_as(self) -> str:
+        """The status of a run this stop ended (a rank that was not asked itself: STOPPED)."""
+        return self.status or STOPPED
 
     @property
     def cause(self) -> str:
-        if self.pruned_at is not None:
-            return (f"the search's pruner (hydra.sweeper.pruner) stopped this trial after its "
-                    f"evaluation at iteration {self.pruned_at}")
-        if self.signal is None:
-            return "another rank received a stop signal"
-        return f"signal {self.signal} received ({signal.Signals(self.signal).name})"
+        return self.reason or "another rank received a stop signal"
 
     def text(self, iteration: int, run_dir: Path) -> str:
         return (f"{self.cause}: saved checkpoints/last.pt at iteration {iteration}; resume "
@@ -128,14 +141,21 @@ class Trainer:
         batches: ``start -> the endless stream of training micro-batches from number start
             on``; ``fit`` starts it at ``iteration x iter_size``, so a resumed run continues
             the data where it stopped (``segtrain.data.loader.train_loader``).
-        run_dir: where checkpoints (and the callbacks' files) go.
+        run_dir: where checkpoints, metrics.json (and the callbacks' files) go.
         max_iters: optimizer steps. iter_size: micro-batches per step (DeepLab v2: 10).
         precision: fp32 | bf16 | fp16 | auto. clip_grad_norm: max gradient norm, or None.
         log_interval: every ``log_interval`` steps the loss terms summed on the device are
             read (their means go to ``on_log``) and all ranks agree on a non-finite loss and a
             stop request on any of them, in one host sync; none in between.
         seed: seeds the streams of ranks a resumed run has and its checkpoint has not.
-        callbacks: called in this order at each hook (``segtrain.engine.callbacks.base``).
+        checkpoint_interval: write last.pt every this many iterations and at the last (after
+            every callback's ``on_step_end``, so it holds an evaluation of the same
+            iteration); None: only on a stop and after an error.
+        keep_checkpoints: also keep the newest N periodic copies of last.pt
+            (``segtrain.engine.checkpoint_files``); 0: last.pt and best.pt only.
+        class_names: of the dataset, for metrics.json.
+        callbacks: called in this order at each hook (``segtrain.engine.callbacks.base``);
+            none depends on another's place in the list.
         config_yaml: the resolved config, stored in checkpoints. dist: the rank's position.
         compile: train through ``torch.compile(model)`` (evaluation uses the eager model).
         channels_last: NHWC memory format for the model and its input batches.
@@ -154,7 +174,9 @@ class Trainer:
                  device: torch.device, callbacks: Sequence[Callback] = (),
                  config_yaml: str = "", dist: DistInfo | None = None, compile: bool = False,
                  channels_last: bool = False, schedule: dict[str, Any] | None = None,
-                 allow_schedule_change: bool = False, ema_decay: float | None = None) -> None:
+                 allow_schedule_change: bool = False, ema_decay: float | None = None,
+                 checkpoint_interval: int | None = None, keep_checkpoints: int = 0,
+                 class_names: Sequence[str] = ()) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.memory_format = torch.channels_last if channels_last else torch.preserve_format
         if channels_last:
@@ -167,12 +189,13 @@ class Trainer:
         self.batches, self.run_dir = batches, Path(run_dir)
         self.max_iters, self.iter_size, self.clip_grad_norm = max_iters, iter_size, clip_grad_norm
         self.log_interval, self.seed, self.device = log_interval, seed, device
+        self.checkpoint_interval, self.keep_checkpoints = checkpoint_interval, keep_checkpoints
         self.precision = resolve_precision(precision, device)
         self.amp_dtype = autocast_dtype(self.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.callbacks, self.config_yaml = list(callbacks), config_yaml
         self.dist, self.iteration = dist or DistInfo(), 0
-        self.scores: dict[str, Any] = {}  # of the last evaluation
+        self.record = RunRecord(self.run_dir, class_names)
         self.stop = StopState()
         # the BatchNorm statistics before the step in progress (a forward pass changes them
         # before the optimizer step): an error mid-step restores them, so the state saved
@@ -202,6 +225,11 @@ class Trainer:
         """Whether an every-``interval`` action is due now (always at the last iteration)."""
         return self.iteration % interval == 0 or self.iteration == self.max_iters
 
+    @property
+    def scores(self) -> dict[str, Any]:
+        """The last evaluation's scores (``self.record``)."""
+        return self.record.scores
+
     def request_stop(self, signum: int) -> None:
         """Stop after this step, saving last.pt (a signal handler may call it)."""
         self.stop.request(signum)
@@ -210,14 +238,27 @@ class Trainer:
         """Every rank: raise NonFiniteLossError on all if a loss on any was not finite."""
         self._check_finite(weights=False)
 
-    def checkpoint(self) -> None:
-        """Every rank: agree that the loss and weights are finite, then save last.pt."""
+    def checkpoint(self, periodic: bool = False) -> None:
+        """Every rank: agree that the loss and weights are finite, then save last.pt (and
+        with ``periodic`` its copy that ``keep_checkpoints`` keeps)."""
         self._check_finite(weights=True)
-        self.save("last.pt")
+        last = self.save("last.pt")
+        if periodic and last is not None:
+            checkpoint_files.keep_periodic(last.parent, last, self.iteration,
+                                           self.keep_checkpoints)
 
     def publish(self, evaluation: Evaluation) -> None:
-        """Hand a new evaluation to every callback; its scores are what ``fit`` returns."""
-        self.scores = evaluation.scores
+        """Record a new evaluation (every rank): best.pt when it is the run's best,
+        metrics.json; then hand it to every callback with the run's history."""
+        if self.record.add(evaluation.iteration, evaluation.scores):
+            # the weights that were scored: the average with trainer.ema.decay
+            self.save("best.pt", {"model": bare(self.eval_model).state_dict(),
+                                  "iteration": evaluation.iteration,
+                                  "metrics": self.record.history[-1],
+                                  "config": self.config_yaml})
+        evaluation.history = self.record.history
+        if self.dist.is_main:
+            self.record.write(self.max_iters)
         self._call("on_evaluation", evaluation)
 
     def _call(self, hook: str, *args: Any) -> None:
@@ -235,6 +276,7 @@ class Trainer:
                  "config": self.config_yaml, "schedule": self.schedule}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        state.update(self.record.state_dict())
         for callback in self.callbacks:
             state.update(callback.state_dict())
         return state
@@ -249,6 +291,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
         self._load_ema(state, source)
+        self.record.load_state_dict(state)
         for callback in self.callbacks:
             callback.load_state_dict(state)
         load_rank_state(state["rng"], self.dist.rank, self.seed, self.iteration, source)
@@ -278,24 +321,30 @@ class Trainer:
                                       self.run_dir / "checkpoints" / name)
 
     def fit(self) -> str:
-        """Train from ``self.iteration`` to ``max_iters``; returns FINISHED, or STOPPED when a
-        stop request ended it at a step boundary (last.pt saved; ``self.stop.text`` says
-        so), or PRUNED when a search's pruner did (``self.stop.prune``). An error goes to
-        the callbacks' ``on_exception`` (Checkpoints saves the last completed step), then up;
-        a KeyboardInterrupt (a second Ctrl-C) becomes ``TrainingInterrupted``. The last
-        evaluation's scores are ``self.scores``."""
+        """Train from ``self.iteration`` to ``max_iters``; returns FINISHED, or the stop's
+        status when a stop request ended it at a step boundary (STOPPED for a signal, PRUNED
+        when a search's pruner did, ``self.stop.prune``; last.pt saved, ``self.stop.text``
+        says so); the entry point turns it into the exit status. An error saves the last
+        completed step (``_save_after_error``) and goes to the callbacks' ``on_exception``,
+        then up; a KeyboardInterrupt (a second Ctrl-C) becomes ``TrainingInterrupted``. The
+        last evaluation's scores are ``self.scores``."""
         status = FAILED
         try:
+            if self.dist.is_main:
+                # kill -9 during a write leaves .last.pt.*.tmp files: this run owns the folder
+                checkpoint.remove_stale_temporaries(self.run_dir / "checkpoints",
+                                                    checkpoint_files.ALL_NAMES)
             self._call("on_fit_start")
             if self.iteration >= self.max_iters:
+                self.record.read_back(self.iteration)  # a requeued job of a finished run
                 log.info("nothing to do: the run is at iteration %d of trainer.max_iters=%d "
                          "(raise max_iters to train further)", self.iteration, self.max_iters)
             else:
                 self._loop(iter(self.batches(self.iteration * self.iter_size)))
             if self.iteration >= self.max_iters:
                 self._call("on_train_end")  # the final evaluation, if it is missing
-            status = FINISHED if not self.stop.now or self.iteration >= self.max_iters \
-                else PRUNED if self.stop.pruned_at is not None else STOPPED
+            status = self.stop.ended_as if self.stop.now and self.iteration < self.max_iters \
+                else FINISHED
         except NonFiniteLossError:
             raise  # it kept the last good checkpoint itself
         except KeyboardInterrupt:
@@ -309,15 +358,44 @@ class Trainer:
             self._restore_step_start()
             error = out_of_memory(err, self._batch_shape, self.iteration) or \
                 (from_worker(err) if isinstance(err, UserError) else err)  # not its traceback
-            notes = [note for note in self._call_each("on_exception", error) if note]
+            notes = [note for note in [self._save_after_error(error),
+                                       *self._call_each("on_exception", error)] if note]
             if isinstance(error, UserError) and notes:  # the lines the entry point prints
                 error = with_lines(error, notes)
             if error is err:
                 raise
             raise error from err
         finally:
+            if status != FINISHED and self.dist.is_main:
+                self.record.close(status, self.iteration)  # before on_fit_end reads it
             self._call("on_fit_end", status)
         return status
+
+    def _save_after_error(self, error: BaseException) -> str | None:
+        """last.pt of the last completed step after ``error``, when its weights are finite;
+        the line that says what was kept. No collective (another rank may be gone): this
+        rank's RNG states only."""
+        if self.rng_after_step is None:  # no step completed since the start (or resume)
+            return None
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if not self.at_step_boundary:
+            note = f"last.pt not saved: the step after iteration {self.iteration} was " \
+                   f"interrupted in its optimizer update"
+        elif not self._weights_finite():
+            note = f"last.pt not saved: the weights after iteration {self.iteration} are " \
+                   f"not finite"
+        else:
+            try:
+                self.save("last.pt", self.state_dict(rng=[self.rng_after_step]))
+                note = f"saved {last} at iteration {self.iteration} (the last completed " \
+                       f"step): resume with trainer.resume={self.run_dir}"
+            except Exception as save_err:  # noqa: BLE001 - report the first error
+                log.error("could not save last.pt either: %s", save_err)
+                return None
+        if self.dist.is_main:
+            log.error("training stopped by %s at iteration %d; %s", type(error).__name__,
+                      self.iteration, note)
+        return note
 
     def _restore_step_start(self) -> None:
         """After an error inside a step's forward/backward: put back the BatchNorm statistics
@@ -349,8 +427,10 @@ class Trainer:
                 # log, evaluation and checkpoint points (_check_finite), sync-free between;
                 # a prune is decided on rank 0 and handed to every rank at the same step
                 self.stop.now = self.stop.requested
+            periodic = bool(self.checkpoint_interval) and self.due(self.checkpoint_interval)
+            if periodic or self.stop.now:
+                self.checkpoint(periodic)  # after the callbacks: it holds their evaluation
             if self.stop.now:
-                self.checkpoint()
                 if self.dist.is_main or self.stop.signal is not None:  # and the rank signalled
                     log.warning("%s", self.stop.text(self.iteration, self.run_dir))
                 return

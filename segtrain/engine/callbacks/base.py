@@ -5,11 +5,15 @@ rank, callback by callback in the order of its list, at these points:
     on_log(terms, rate)                   every log_interval steps (and at the last)
     on_step_end                           after every optimizer step (and its on_log)
     on_evaluation(evaluation)             when a callback hands the trainer an Evaluation
+                                          (after the trainer recorded it: best.pt and
+                                          metrics.json written, ``trainer.record`` updated)
     on_train_end                          once the run is at max_iters (also a resumed run
                                           that already was), before on_fit_end
-    on_exception(error) -> line | None    when the loop raised (not a non-finite loss,
+    on_exception(error) -> line | None    when the loop raised, after the trainer saved
+                                          the last completed step (not a non-finite loss,
                                           whose check keeps the last good state itself)
     on_fit_end(status)                    once: "finished", "stopped" or "failed"
+                                          (metrics.json already says so)
 
 A hook that writes a file does it on rank 0 only (``trainer.dist.is_main``); a hook that
 calls a collective (``trainer.checkpoint``, ``trainer.check_finite``, an evaluation) does it
@@ -30,8 +34,9 @@ if TYPE_CHECKING:
 @dataclass
 class Evaluation:
     """The scores of one evaluation at ``iteration`` (every rank), the run's ``history`` of
-    evaluation summaries with this one last, and the (image, gt, prediction) ``samples`` for
-    figures (both on rank 0; empty elsewhere)."""
+    evaluation summaries with this one last (the trainer's record, filled when it is
+    published), and the (image, gt, prediction) ``samples`` for figures (rank 0; empty
+    elsewhere)."""
 
     iteration: int
     scores: dict[str, Any]

@@ -1,9 +1,10 @@
 """Preemption: a stop signal (Ctrl-C, ``kill``, SLURM's preemption or its warning before the
 time limit) ends the run cleanly at the next step boundary, with ``last.pt`` saved, instead of
 killing it mid-step; a second Ctrl-C ends it at once (a KeyboardInterrupt: nothing saved,
-the last.pt on disk stays whole). Under submitit (Hydra's SLURM launcher) the entry point
-then exits without a result so that SLURM requeues the job and the requeued job resumes
-(``trainer.resume=auto``)."""
+the last.pt on disk stays whole). The handlers it replaced are back once ``fit`` returns;
+the entry point then hands the signal on to them (``segtrain.cli.exit_stopped``: under
+submitit, Hydra's SLURM launcher, its handler requeues the job and the requeued job resumes
+with ``trainer.resume=auto``)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 class Preemption(Callback):
     """Turns a stop signal into ``trainer.request_stop`` while the trainer runs (a second
-    SIGINT into a KeyboardInterrupt), then hands the signal on to the handler it replaced
-    (not SIGINT's: Python's raises KeyboardInterrupt)."""
+    SIGINT into a KeyboardInterrupt), then puts back the handlers it replaced."""
 
     def __init__(self) -> None:
         self.previous: dict[int, object] = {}
@@ -41,9 +41,4 @@ class Preemption(Callback):
     def on_fit_end(self, trainer: Trainer, status: str) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-        if status != "stopped" or self.received == signal.SIGINT:
-            return
-        # hand the signal on (submitit's handler requeues the job)
-        handler = self.previous.get(self.received)
-        if callable(handler):
-            handler(self.received, None)
+        self.previous = {}

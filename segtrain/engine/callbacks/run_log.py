@@ -1,13 +1,14 @@
 """What a run leaves to read: a log line every ``log_interval`` steps (on every kind of
 output), a progress bar on a terminal only (in a SLURM output file, under nohup or in CI its
-carriage-return updates would pile up on one line), TensorBoard scalars and images, a
-sample-prediction figure per evaluation and ``metrics.json``."""
+carriage-return updates would pile up on one line), TensorBoard scalars and images and a
+sample-prediction figure per evaluation. ``metrics.json`` is the trainer's run record
+(``segtrain.engine.run_record``)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -15,9 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from segtrain.core.json_files import write_json
 from segtrain.engine.callbacks.base import Callback, Evaluation
-from segtrain.engine.callbacks.checkpoints import best_evaluation
 from segtrain.eval import per_image
 from segtrain.eval.metrics import SUMMARY_METRICS, format_table
 from segtrain.viz import comparison_strip, write_worst
@@ -28,11 +27,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("segtrain")
 
 
+def clock(seconds: float) -> str:
+    """``seconds`` as h:mm:ss."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 class RunLog(Callback):
     """Logs and files of rank 0 in ``trainer.run_dir``: ``train.log`` lines (through the
-    ``segtrain`` logger), ``tb/``, ``samples/iter_<iteration>.png``, ``metrics.json`` (and
-    ``per_image.npz`` of the same evaluation with ``eval.save_per_image``, the panels of its
-    worst images in ``worst/iter_<iteration>/`` with ``eval.dump_worst``).
+    ``segtrain`` logger), ``tb/``, ``samples/iter_<iteration>.png`` (and ``per_image.npz``
+    of the same evaluation with ``eval.save_per_image``, beside metrics.json, the panels of
+    its worst images in ``worst/iter_<iteration>/`` with ``eval.dump_worst``).
 
     Args:
         class_names, palette, ignore_index: of the dataset, for the tables and figures.
@@ -44,8 +49,10 @@ class RunLog(Callback):
         self.class_names, self.palette, self.ignore_index = class_names, palette, ignore_index
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.writer, self.bar = None, None
+        self.started = (time.perf_counter(), 0)  # the time and iteration of this start
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        self.started = (time.perf_counter(), trainer.iteration)
         if not trainer.dist.is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -53,12 +60,6 @@ class RunLog(Callback):
         self.writer = SummaryWriter(str(trainer.run_dir / "tb"))
         self.bar = tqdm(total=trainer.max_iters, initial=trainer.iteration, desc="train",
                         disable=not self.progress, dynamic_ncols=True, mininterval=1.0)
-        saved = trainer.run_dir / "metrics.json"
-        if trainer.iteration >= trainer.max_iters and saved.is_file():
-            # a requeued job whose run had already finished reports the final scores
-            data = json.loads(saved.read_text())
-            if data.get("finished") and data.get("iteration") == trainer.iteration:
-                trainer.scores = data
 
     def on_log(self, trainer: Trainer, terms: dict[str, float], rate: float) -> None:
         if not trainer.dist.is_main:
@@ -66,8 +67,14 @@ class RunLog(Callback):
         groups = trainer.optimizer.param_groups
         self.bar.set_postfix(loss=f"{terms['total']:.4f}", lr=f"{groups[0]['lr']:.2e}",
                              refresh=False)
-        log.info("iter %d/%d  %s  lr %.3e  %.2f it/s", trainer.iteration, trainer.max_iters,
-                 "  ".join(f"{k} {v:.4f}" for k, v in terms.items()), groups[0]["lr"], rate)
+        # the time since this process started training and the time left at its mean pace
+        # (evaluations and checkpoints included; a resumed run: the steps done since it)
+        elapsed = time.perf_counter() - self.started[0]
+        done = max(trainer.iteration - self.started[1], 1)
+        left = (trainer.max_iters - trainer.iteration) * elapsed / done
+        log.info("iter %d/%d  %s  lr %.3e  %.2f it/s  elapsed %s  eta %s", trainer.iteration,
+                 trainer.max_iters, "  ".join(f"{k} {v:.4f}" for k, v in terms.items()),
+                 groups[0]["lr"], rate, clock(elapsed), clock(left))
         for k, v in terms.items():
             self.writer.add_scalar(f"train/loss/{k}", v, trainer.iteration)
         for i, group in enumerate(groups):
@@ -100,14 +107,6 @@ class RunLog(Callback):
         if evaluation.worst:  # eval.dump_worst
             write_worst(evaluation.worst, trainer.run_dir / "worst" / f"iter_{it:07d}",
                         self.palette, self.ignore_index)
-        best = best_evaluation(evaluation.history)
-        finished = it >= trainer.max_iters
-        # "finished" is what tells a final score from the partial one of a stopped run
-        write_json({"iteration": it, "max_iters": trainer.max_iters, "finished": finished,
-                    "status": "finished" if finished else "running",
-                    "best_miou": None if best is None else best["miou"],
-                    "class_names": list(self.class_names), **scores,
-                    "history": evaluation.history}, trainer.run_dir / "metrics.json")
 
     def on_fit_end(self, trainer: Trainer, status: str) -> None:
         if self.bar is not None:
@@ -115,10 +114,3 @@ class RunLog(Callback):
         if self.writer is not None:
             self.writer.close()
         self.writer, self.bar = None, None
-        path = trainer.run_dir / "metrics.json"
-        if status == "finished" or not trainer.dist.is_main or not path.is_file():
-            return
-        # metrics.json, if written, says the run stopped before max_iters
-        data = json.loads(path.read_text())
-        data.update(finished=False, status=status, stopped_at=trainer.iteration)
-        write_json(data, path)
