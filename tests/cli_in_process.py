@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -80,3 +81,18 @@ def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
             if isinstance(stop.code, str):
                 print(stop.code, file=sys.stderr)
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
+def run_script(path: str | Path, *args: str) -> subprocess.CompletedProcess:
+    """``python <path> args`` in this process (``runpy.run_path``), as ``run_module``."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with _process_state_kept(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        sys.argv = [str(path), *args]
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            if isinstance(stop.code, str):
+                print(stop.code, file=sys.stderr)
+    return subprocess.CompletedProcess([str(path), *args], code, out.getvalue(), err.getvalue())

@@ -111,3 +111,17 @@ def plain_groups(model: torch.nn.Module) -> list[dict]:
 
     policy = Paramwise.from_mapping(OmegaConf.load(CONF_DIR / "optim/paramwise/torch.yaml"))
     return optimizer_groups(model, model.head_modules(), policy)
+
+
+def model_from_yaml(name: str, num_classes: int, **override) -> torch.nn.Module:
+    """``conf/model/<name>.yaml`` built as the paper configures it, ``override`` keys set;
+    under ``with torch.device("meta")`` it allocates nothing (parameter counts)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
+    cfg.num_classes = num_classes
+    for key, value in override.items():
+        cfg[key] = value
+    return instantiate(cfg)

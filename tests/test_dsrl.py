@@ -21,6 +21,7 @@ from segtrain.losses.ce import CrossEntropyLoss
 from segtrain.losses.dsrl import DSRLLoss, feature_affinity_loss, similarity_matrix
 from segtrain.models.deeplabv3 import DeepLabV3Plus
 from segtrain.models.dsrl import DSRL
+from tests.conftest import model_from_yaml
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 K = 3
@@ -217,14 +218,11 @@ def test_dsrl_loss_config_composes_with_paper_weights():
 
 def test_dsrl_parameter_count_by_hand():
     """DSRL = DeepLab v3+ + SSSR deconv (K*K*16) + SISR decoder + 1x1 feature transform."""
-    cfg = OmegaConf.load(CONF / "model" / "dsrl.yaml")
-    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
-    cfg.num_classes = 19
     with torch.device("meta"):
-        model = instantiate(cfg)
+        model = model_from_yaml("dsrl", 19)
         plain = DeepLabV3Plus(19, "resnet101", 16, None, (6, 12, 18), 0.1, False, 48, 256,
                               None)
-    c = cfg.sr_channels
+    c = OmegaConf.load(CONF / "model" / "dsrl.yaml").sr_channels
     sisr = (256 * 48 + 2 * 48) + (304 * c * 9 + 2 * c) + (c * c * 9 + 2 * c) \
         + (c * 3 * 64 * 9 + 3 * 64)  # sub-pixel conv to 3 x (4 x 2)^2 channels
     assert n_params(model.sisr) == sisr

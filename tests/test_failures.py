@@ -25,7 +25,7 @@ from segtrain.core import checkpoint
 from segtrain.data import synthetic
 from segtrain.data.base import DatasetError
 from segtrain.engine.trainer import Trainer, set_rng_state
-from tests.cli_in_process import run_module
+from tests.cli_in_process import run_module, run_script
 from tests.conftest import REPO, TINY, compose_config
 from tests.dataset_miniatures import make_camvid
 
@@ -102,8 +102,7 @@ def test_an_old_checkpoint_gets_a_clear_message_and_can_be_upgraded(tiny_cfg, tm
                        match=r"refused.*asks for numpy.*without running anything.*"
                              r"scripts/upgrade_checkpoint.py .*last.pt"):
         checkpoint.load(path)
-    proc = subprocess.run([sys.executable, "scripts/upgrade_checkpoint.py", str(path)],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    proc = run_script(REPO / "scripts/upgrade_checkpoint.py", str(path))
     assert proc.returncode == 0, proc.stderr
     upgraded = checkpoint.load(path)
     set_rng_state(upgraded["rng"])
@@ -402,9 +401,8 @@ def test_check_dataset_lists_every_problem_with_counts(tmp_path):
     out_of_range = root / "valannot" / "0001TP_val_0000.png"
     label = torch.full((36, 48), 40, dtype=torch.uint8).numpy()
     Image.fromarray(label).save(out_of_range)
-    proc = subprocess.run([sys.executable, "scripts/check_dataset.py", "dataset=camvid",
-                           f"dataset.root={root}", "--workers", "2"], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script(REPO / "scripts/check_dataset.py", "dataset=camvid",
+                      f"dataset.root={root}", "--workers", "2")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "2 problem(s)" in proc.stdout
     assert "unreadable file: 1" in proc.stdout and str(broken) in proc.stdout
@@ -414,7 +412,6 @@ def test_check_dataset_lists_every_problem_with_counts(tmp_path):
     (root / "train.txt").write_text("".join(line + "\n" for line in (
         root / "train.txt").read_text().splitlines() if "0001TP_train_0001" not in line))
     Image.fromarray(label % 11).save(out_of_range)
-    ok = subprocess.run([sys.executable, "scripts/check_dataset.py", "dataset=camvid",
-                         f"dataset.root={root}", "--workers", "2"], cwd=REPO, env=ENV,
-                        capture_output=True, text=True, timeout=120)
+    ok = run_script(REPO / "scripts/check_dataset.py", "dataset=camvid", f"dataset.root={root}",
+                    "--workers", "2")
     assert ok.returncode == 0 and "no problems" in ok.stdout, ok.stdout + ok.stderr

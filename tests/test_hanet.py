@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 from segtrain.errors import ConfigError
@@ -23,7 +21,7 @@ from segtrain.models.backbones.build import set_backbone_output_stride
 from segtrain.models.deeplabv3 import DeepLabV3Plus
 from segtrain.models.hanet import HANet
 from segtrain.models.modules.height_attention import HeightAttention, positional_encoding
-from tests.conftest import CONF_DIR
+from tests.conftest import model_from_yaml
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 K = 3
@@ -62,13 +60,8 @@ def height_attention_params(c_low: int, c_high: int, r: int, k: int) -> int:
 # ---- parameter counts against the reference code --------------------------------------------
 
 def reference_model(name: str, **override) -> nn.Module:
-    cfg = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
-    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
-    cfg.num_classes = 19
-    for key, value in override.items():
-        cfg[key] = value
     with torch.device("meta"):
-        return instantiate(cfg)
+        return model_from_yaml(name, 19, **override)
 
 
 # ---- HANet ----------------------------------------------------------------------------------
@@ -148,10 +141,7 @@ def test_positional_encoding_is_added_after_the_first_convolution():
 def test_hanet_config_adds_the_reference_encoding_table():
     """The configured model adds sinusoid + 1 after the first conv, as the reference code
     (the +1 changes the logits: scripts/reference/compare_hanet.py, docs/reference/hanet.md)."""
-    cfg = OmegaConf.load(CONF / "model" / "hanet.yaml")
-    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
-    cfg.num_classes, cfg.backbone = K, "resnet18"
-    model = instantiate(cfg)
+    model = model_from_yaml("hanet", K, backbone="resnet18")
     for module in model.attention.values():
         width = module.conv1[0].out_channels
         assert np.allclose(module.pe.numpy(), reference_encoding_table(17, width), atol=1e-6)
@@ -162,11 +152,8 @@ def test_hanet_config_adds_the_reference_encoding_table():
 def test_hanet_parameter_count_by_hand():
     assert n_params(HeightAttention(1024, 2048, 16, 64, 3, 0.1)) == 216_672
     assert height_attention_params(1024, 2048, 64, 3) == 216_672
-    cfg = OmegaConf.load(CONF / "model" / "hanet.yaml")
-    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
-    cfg.num_classes = 19
     with torch.device("meta"):
-        model = instantiate(cfg)
+        model = model_from_yaml("hanet", 19)
         plain = DeepLabV3Plus(19, "resnet101s", 8, None, (6, 12, 18), 0.0, False, 48, 256,
                               None)
     # the paper's best model: layer1-4 on ResNet-101 (deep stem; c4 1024, c5 2048, ASPP

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 from segtrain import app
@@ -24,7 +22,7 @@ from segtrain.models.modules.ppm import PyramidPooling
 from segtrain.models.pspnet import PSPNet
 from segtrain.models.segnet import SegNet, SegNetBasic
 from segtrain.models.unet import UNet, mirror_pad
-from tests.conftest import compose_config, plain_groups
+from tests.conftest import compose_config, model_from_yaml, plain_groups
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 K = 3  # classes in the small tests
@@ -109,12 +107,7 @@ PAPER_MODELS = {
 
 
 def build_config(name: str, **override) -> nn.Module:
-    cfg = OmegaConf.load(CONF_MODEL / f"{name}.yaml")
-    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
-    cfg.num_classes = PAPER_MODELS[name]["num_classes"]
-    for key, value in override.items():
-        cfg[key] = value
-    return instantiate(cfg)
+    return model_from_yaml(name, PAPER_MODELS[name]["num_classes"], **override)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_MODELS))

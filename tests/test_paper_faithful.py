@@ -26,6 +26,7 @@ from segtrain.losses.unet_weights import class_balance_map, unet_weight_map
 from segtrain.models.fcn import CROP_FINAL, FCN
 from segtrain.models.init_from import init_from
 from segtrain.models.segnet import SegNetBasic
+from tests import conftest
 from tests.conftest import compose_config
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -36,12 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_from_yaml(name: str, num_classes: int = 21, **override) -> nn.Module:
-    cfg = OmegaConf.load(CONF_MODEL / f"{name}.yaml")
-    cfg.pop("defaults")  # the optimizer policy it picks, not a constructor argument
-    cfg.num_classes = num_classes
-    for key, value in override.items():
-        cfg[key] = value
-    return instantiate(cfg)
+    return conftest.model_from_yaml(name, num_classes, **override)
 
 
 def n_params(module: nn.Module) -> int:

@@ -333,3 +333,34 @@ def test_keep_checkpoints_keeps_the_newest_periodic_copies_of_last_pt(tmp_path):
     six = checkpoint.load(folder / "iter_0000006.pt")
     assert six["iteration"] == 6 and checkpoint.load(folder / "last.pt")["iteration"] == 8
     assert not torch.equal(six["model"]["head.weight"], trainer.model.head.weight)
+
+
+def test_the_callbacks_order_is_free_the_trainer_records_before_them(tmp_path):
+    """A callback listed before the evaluation still gets a last.pt that holds the
+    evaluation of the same iteration, and one listed first reads the final metrics.json
+    at on_fit_end (the old Checkpoints and RunLog callbacks had to come in one order)."""
+    seen = []
+
+    class ReadsTheRecord(Callback):
+        def on_fit_end(self, trainer, status):
+            seen.append(json.loads((trainer.run_dir / "metrics.json").read_text())["status"])
+
+    def run(folder, stop_in_step=None):
+        trainer = None
+
+        def loss(outputs, batch):
+            if int(batch["image"][0, 0, 0, 0]) + 1 == stop_in_step:
+                trainer.request_stop(signal.SIGTERM)
+            return {"total": outputs["out"].mean()}
+
+        palette = np.array([[0, 0, 0], [255, 0, 0]], np.uint8)
+        trainer = _trainer(folder, [ReadsTheRecord(), RunLog(["a", "b"], palette, 255, False),
+                                    PeriodicEvaluation(FakeEvaluator([0.4, 0.6]), 2)],
+                           max_iters=4, loss=loss, checkpoint_interval=2)
+        return trainer.fit()
+
+    assert run(tmp_path / "a") == "finished"
+    assert [h["iteration"] for h in checkpoint.load(tmp_path / "a")["history"]] == [2, 4]
+    assert run(tmp_path / "b", stop_in_step=3) == "stopped"
+    assert seen == ["finished", "stopped"]
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["stopped_at"] == 3
