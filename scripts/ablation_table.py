@@ -64,7 +64,7 @@ import scipy.stats
 import yaml
 
 from segtrain.errors import UserError
-from segtrain.eval.metrics import SUMMARY_METRICS
+from segtrain.eval.metrics import SUMMARY_METRICS, percent
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "conf" / "experiment" / "paper"
 SEED = "seed"
@@ -94,7 +94,7 @@ def run_status(metrics: dict | None, max_iters: int | None) -> str:
         return "failed (no metrics.json)"
     iteration = metrics.get("iteration")
     if metrics.get("status") == "pruned":  # segtrain.sweeper: not a final score
-        then = "" if metrics.get("miou") is None else f", mIoU then {100 * metrics['miou']:.2f}"
+        then = "" if metrics.get("miou") is None else f", mIoU then {percent(metrics['miou'])}"
         return f"pruned (iteration {iteration} of {max_iters}{then})"
     if metrics.get("finished") is False or metrics.get("interrupted"):
         return f"unfinished (iteration {iteration} of {max_iters})"

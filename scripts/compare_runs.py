@@ -34,6 +34,7 @@ import numpy as np
 
 from segtrain.errors import UserError
 from segtrain.eval import per_image
+from segtrain.eval.metrics import percent
 
 
 def per_image_file(run: Path, eval_name: str | None) -> Path:
@@ -179,31 +180,25 @@ def bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10000, level: float
             "resamples": resamples, "level": level, "images": n_images}
 
 
-def _pct(value: float, sign: bool = False) -> str:
-    if value != value:
-        return "n/a"
-    return f"{100 * value:+.2f}" if sign else f"{100 * value:.2f}"
-
-
 def report(name_a: str, name_b: str, side_a: dict, side_b: dict, result: dict) -> str:
     def summary(name: str, side: dict, mious: list[float]) -> str:
-        spread = f" +- {100 * np.std(mious, ddof=1):.2f} (seed sd)" if len(mious) > 1 else ""
-        return f"{name}: {len(mious)} run(s), mIoU {100 * np.mean(mious):.2f}{spread}"
+        spread = f" +- {percent(np.std(mious, ddof=1))} (seed sd)" if len(mious) > 1 else ""
+        return f"{name}: {len(mious)} run(s), mIoU {percent(np.mean(mious))}{spread}"
 
     level = f"{100 * result['level']:g}%"
     lines = [summary(f"A {name_a}", side_a, result["miou_a"]),
              summary(f"B {name_b}", side_b, result["miou_b"]),
-             f"mIoU A - B: {_pct(result['diff'], True)}  {level} CI "
-             f"[{_pct(result['low'], True)}, {_pct(result['high'], True)}]  A beats B in "
+             f"mIoU A - B: {percent(result['diff'], True)}  {level} CI "
+             f"[{percent(result['low'], True)}, {percent(result['high'], True)}]  A beats B in "
              f"{100 * result['a_beats_b']:.1f}% of {result['resamples']} paired resamples "
              f"of the {result['images']} images"
              + (" (seeds resampled too)" if max(len(result["miou_a"]),
                                                 len(result["miou_b"])) > 1 else ""),
              "", f"{'class':<16} {'A - B':>7}  {level + ' CI':>18}  {'A > B':>6}"]
     for k, name in enumerate(side_a["class_names"]):
-        lines.append(f"{name:<16} {_pct(result['class_diff'][k], True):>7}  "
-                     f"[{_pct(result['class_low'][k], True):>7}, "
-                     f"{_pct(result['class_high'][k], True):>7}]  "
+        lines.append(f"{name:<16} {percent(result['class_diff'][k], True):>7}  "
+                     f"[{percent(result['class_low'][k], True):>7}, "
+                     f"{percent(result['class_high'][k], True):>7}]  "
                      f"{100 * result['class_a_beats_b'][k]:5.1f}%")
     return "\n".join(lines)
 

@@ -42,7 +42,7 @@ from segtrain.errors import ConfigError, UserError
 from segtrain.eval.crf import DenseCRF, default_workers, softmax_probs
 from segtrain.eval.crf_grid import crf_matrix, load_cache
 from segtrain.eval.evaluator import crf_pool
-from segtrain.eval.metrics import ConfusionMatrix, scores_from_matrix
+from segtrain.eval.metrics import ConfusionMatrix, percent, scores_from_matrix
 
 # DeepLab v2 Sec. 4.1's search range (coarse grid)
 BI_W = [3.0, 4.0, 5.0, 6.0]
@@ -149,14 +149,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{len(grid)} grid points x {num} images in {time.perf_counter() - tic:.1f} s, "
           f"{workers} CRF processes", flush=True)
     print(f"{'bi_w':>6} {'bi_xy_std':>10} {'bi_rgb_std':>11} {'mIoU':>8}")
-    print(f"{'(no CRF)':>29} {100 * plain:8.2f}")
+    print(f"{'(no CRF)':>29} {percent(plain):>8}")
     for point, miou in zip(grid, mious):
         print(f"{point['bi_w']:6g} {point['bi_xy_std']:10g} {point['bi_rgb_std']:11g} "
-              f"{100 * miou:8.2f}")
+              f"{percent(miou):>8}")
     k = int(np.nanargmax(mious))
     text = best_yaml(base, grid[k])
     print(f"\n# best of {len(grid)} points on {num} val images of {args.run}: mIoU "
-          f"{100 * mious[k]:.2f} (without CRF {100 * plain:.2f}); paste into an eval config")
+          f"{percent(mious[k])} (without CRF {percent(plain)}); paste into an eval config")
     print(text, end="", flush=True)
     return {"plain": plain, "grid": grid, "miou": mious, "best": grid[k], "yaml": text}
 

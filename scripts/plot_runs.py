@@ -6,8 +6,9 @@ iterations, the runs overlaid.
 
 Everything is read from the run folders: the mIoU history from ``metrics.json`` (one point per
 evaluation), the training loss (``total``) from the TensorBoard event files in ``tb/``, or
-from ``train.log`` when there are none. A run's legend is the overrides that differ between
-the runs plotted (``lr=poly``), else its folder name.
+from ``train.log`` when there are none. A run's legend is the settings that differ between
+the runs plotted (``lr=step``), ``default`` for a run with the default settings, with the
+folder name where two runs share their settings.
 """
 
 from __future__ import annotations
@@ -56,18 +57,49 @@ def loss_curve(run: Path) -> tuple[list[int], list[float]]:
     return steps, [points[s] for s in steps]
 
 
+def _saved(run: Path, name: str) -> dict:
+    path = run / ".hydra" / name
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def settings(run: Path, keys: set[str]) -> dict[str, str]:
+    """The value of each of ``keys`` (override keys: a group's or a config key's) in ``run``:
+    its override, else the option or value its saved config holds."""
+    overrides = dict(o.split("=", 1) for o in _saved(run, "overrides.yaml") or [] if "=" in o)
+    config = _saved(run, "config.yaml")
+    choices = _saved(run, "hydra.yaml").get("hydra", {}).get("runtime", {}).get("choices", {})
+    values = {}
+    for key in keys:
+        if key in overrides:
+            values[key] = overrides[key]
+        elif key in choices:
+            values[key] = str(choices[key])
+        else:
+            node = config
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            values[key] = "null" if node is None else str(node)
+    return values
+
+
 def labels(runs: list[Path]) -> list[str]:
-    """The overrides that differ between the runs, else the folder names."""
-    overrides = []
-    for run in runs:
-        path = run / ".hydra" / "overrides.yaml"
-        items = yaml.safe_load(path.read_text()) if path.is_file() else []
-        overrides.append(dict(o.split("=", 1) for o in items or [] if "=" in o))
-    keys = sorted({k for o in overrides for k in o})
-    varying = [k for k in keys if len({o.get(k) for o in overrides}) > 1]
-    if not varying or len(runs) == 1:
-        return [run.name for run in runs]
-    return [" ".join(f"{k}={o.get(k, '-')}" for k in varying) for o in overrides]
+    """Each run's settings that differ between the runs (their overrides, compared by the
+    value each run used), ``default`` for a run with the defaults' settings; the folder name
+    added where two runs share settings, and for a single run."""
+    if len(runs) == 1:
+        return [runs[0].name]
+    keys = {o.split("=", 1)[0].lstrip("+~") for run in runs
+            for o in _saved(run, "overrides.yaml") or [] if "=" in o}
+    values = [settings(run, keys) for run in runs]
+    varying = sorted(k for k in keys if len({v[k] for v in values}) > 1)
+    defaults = [v for run, v in zip(runs, values) if not _saved(run, "overrides.yaml")]
+    base = defaults[0] if defaults else {}
+    names = []
+    for v in values:
+        own = [f"{k}={v[k]}" for k in varying if v[k] != base.get(k)]
+        names.append(" ".join(own) or "default")
+    return [f"{name} ({run.name})" if names.count(name) > 1 else name
+            for name, run in zip(names, runs)]
 
 
 def plot(runs: list[Path], out: Path, title: str | None = None) -> Path:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from segtrain.eval.metrics import percent
+
 REPO = Path(__file__).resolve().parents[1]
 # name -> the overrides of the README's command (python -m segtrain <overrides>)
 DEMOS = {
@@ -62,10 +64,10 @@ def markdown(results: list[dict], load_before: float, load_after: float) -> str:
     first = results[0]
     t = first["trainer"]
     lines = [
-        "| command | wall time | val mIoU | pixel acc |",
+        "| command | wall time | val mIoU (%) | pixel acc (%) |",
         "|---|---|---|---|",
-        *(f"| `{r['command']}` | {minutes(r['seconds'])} | {r['miou']:.3f} | "
-          f"{r['pixel_acc']:.3f} |" for r in results),
+        *(f"| `{r['command']}` | {minutes(r['seconds'])} | {percent(r['miou'])} | "
+          f"{percent(r['pixel_acc'])} |" for r in results),
         "",
         f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with "
         f"{os.cpu_count()} CPU cores (load average {load_before:.1f} before, "
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir.exists():
             shutil.rmtree(run_dir)
         result = run_demo(DEMOS[name], run_dir)
-        print(f"{result['command']}: {minutes(result['seconds'])}, mIoU {result['miou']:.3f}",
+        print(f"{result['command']}: {minutes(result['seconds'])}, mIoU {percent(result['miou'])}",
               file=sys.stderr)
         results.append(result)
     print(markdown(results, load_before, os.getloadavg()[0]))

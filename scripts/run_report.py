@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from segtrain.eval.metrics import percent
+
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\]")
 
 
@@ -61,10 +63,6 @@ def status(run: Path, metrics: dict) -> str:
     return f"unfinished: {metrics.get('status', 'stopped')} at {it} of {max_iters}"
 
 
-def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
-
-
 def report(runs: list[Path], names: list[str]) -> str:
     metrics = [load(r) for r in runs]
     lines = [f"Machine: {platform.machine()}, {platform.system()}, "
@@ -74,14 +72,14 @@ def report(runs: list[Path], names: list[str]) -> str:
     for name, run, m in zip(names, runs, metrics):
         minutes = wall_minutes(run)
         wall = "n/a" if minutes is None else f"{minutes:.0f} min"
-        scores = " | ".join(pct(m[k]) for k in ("miou", "pixel_acc", "mean_acc"))
+        scores = " | ".join(percent(m[k]) for k in ("miou", "pixel_acc", "mean_acc"))
         lines.append(f"| {name} | `{command(run)}` | {wall} | {status(run, m)} | {scores} |")
     classes = metrics[0]["class_names"]
     lines += ["", "Per-class IoU (%) at the last evaluation:", "",
               "| class | " + " | ".join(names) + " |",
               "|---|" + "---:|" * len(names)]
     for c, cls in enumerate(classes):
-        lines.append(f"| {cls} | " + " | ".join(pct(m["iou"][c]) for m in metrics) + " |")
+        lines.append(f"| {cls} | " + " | ".join(percent(m["iou"][c]) for m in metrics) + " |")
     lines += ["", "Validation mIoU (%) at each evaluation:", "",
               "| iteration | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     iterations = sorted({h["iteration"] for m in metrics for h in m.get("history", [])})
@@ -89,7 +87,7 @@ def report(runs: list[Path], names: list[str]) -> str:
         row = []
         for m in metrics:
             hit = [h for h in m.get("history", []) if h["iteration"] == it]
-            row.append(pct(hit[0]["miou"]) if hit else "")
+            row.append(percent(hit[0]["miou"]) if hit else "")
         lines.append(f"| {it} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -16,16 +16,19 @@ shows it).
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from segtrain.app import train
-from segtrain.cli import exit_stopped, user_errors
+from segtrain import config_schema
+from segtrain.app import CONF_DIR, train
+from segtrain.cli import check_override_keys, exit_stopped, user_errors
 from segtrain.core.distributed import env_info
 from segtrain.errors import ConfigError
-from segtrain.run_start import claim
+from segtrain.run_start import claim, discard_if_refused
+from segtrain.sweep_summary import print_unprinted
 
 log = logging.getLogger("segtrain")
 
@@ -44,11 +47,15 @@ def check_sweep_direction(sweeper: DictConfig) -> None:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
-        check_sweep_direction(HydraConfig.get().sweeper)
-        # settings compared with a run already in the folder, the folder locked, .hydra/
-        # written: before anything else touches it
-        with claim(cfg, HydraConfig.get(), is_main=env_info().is_main) as run_dir:
-            metrics = train(cfg, run_dir)
+        hydra_cfg, is_main = HydraConfig.get(), env_info().is_main
+        # a start refused before training wrote anything takes the folder it made with it
+        with discard_if_refused(hydra_cfg.runtime.output_dir, is_main):
+            check_sweep_direction(hydra_cfg.sweeper)
+            config_schema.check(cfg, strict=True)  # a wrong key or value: before .hydra/
+            # settings compared with a run already in the folder, the folder locked, .hydra/
+            # written: before anything else touches it
+            with claim(cfg, hydra_cfg, is_main=is_main) as run_dir:
+                metrics = train(cfg, run_dir)
     if metrics.get("status") == "stopped":
         exit_stopped(metrics["stop_signal"])
     # the value a Hydra sweeper optimises: only the score of a finished run. None is not a
@@ -57,5 +64,16 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("miou") if metrics.get("finished") else None
 
 
+def cli() -> None:
+    """``python -m segtrain`` and the ``segtrain`` command: a mistyped key is one line naming
+    the nearest existing key (``segtrain.cli.check_override_keys``), then Hydra runs
+    ``main``."""
+    check_override_keys(sys.argv[1:], CONF_DIR, "config")
+    try:
+        main()
+    finally:  # a sweep whose failed job Hydra re-raised before on_multirun_end
+        print_unprinted()
+
+
 if __name__ == "__main__":
-    main()
+    cli()

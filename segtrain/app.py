@@ -21,6 +21,7 @@ from segtrain.builders import build_model, instantiate
 from segtrain.core import checkpoint, distributed
 from segtrain.core.precision import resolve_precision
 from segtrain.core.rng import seed_everything, stream_seed
+from segtrain.data.base import DatasetError, SegmentationDataset
 from segtrain.data.class_uniform import ClassUniformPlan, class_uniform_plan
 from segtrain.data.loader import eval_loader, train_loader
 from segtrain.data.transforms import compose
@@ -33,6 +34,7 @@ from segtrain.engine.trainer import FINISHED, Trainer
 from segtrain.errors import ConfigError
 from segtrain.eval.evaluator import Evaluator
 from segtrain.eval.inference import Inference
+from segtrain.eval.metrics import percent
 from segtrain.models.base import SegmentationModel
 from segtrain.models.param_groups import Paramwise, optimizer_groups
 from segtrain.viz import default_palette
@@ -51,6 +53,18 @@ def dataset_config(overrides: list[str]) -> DictConfig:
     rest = [o for o in overrides if not o.startswith("dataset=")]
     with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra.compose(overrides=["+" + names[-1]] + rest).dataset
+
+
+def loader_workers(requested: int, key: str = "trainer.num_workers") -> int:
+    """``requested`` data-loader worker processes, at most this rank's share of the cores
+    (``distributed.cores_per_rank``): more only contend for them, and torch's DataLoader
+    warns about it; one info line when capped."""
+    workers = min(int(requested), distributed.cores_per_rank())
+    if workers < requested:
+        log.info("data loader: %d worker process%s, not %s=%d: this process may use %d "
+                 "core(s)", workers, "" if workers == 1 else "es", key, requested,
+                 distributed.cores_per_rank())
+    return workers
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -84,15 +98,30 @@ def build_train_set(cfg: DictConfig) -> Any:
     return _build_split(cfg, "train", keep_rows=bool(cfg.dataset.get("source_rows", False)))
 
 
-def build_sampling(cfg: DictConfig, train_set: Any) -> ClassUniformPlan | None:
+def build_sampling(cfg: DictConfig, train_set: Any, num_workers: int | None = None
+                   ) -> ClassUniformPlan | None:
     """``dataset.class_uniform`` (``segtrain.data.class_uniform``): the plan of class-uniform
-    sampling over ``train_set``, its class index read from the cache or built; None: off
-    (also where a saved config predates the key)."""
+    sampling over ``train_set``, its class index read from the cache or built (by
+    ``num_workers`` processes; None: ``trainer.num_workers``); None: off (also where a saved
+    config predates the key)."""
     options = cfg.dataset.get("class_uniform")
     if not options or not options.pct:
         return None
-    return class_uniform_plan(train_set, float(options.pct), int(options.tile),
-                              cfg.trainer.num_workers)
+    workers = cfg.trainer.num_workers if num_workers is None else num_workers
+    return class_uniform_plan(train_set, float(options.pct), int(options.tile), workers)
+
+
+def check_first_samples(splits: dict[str, SegmentationDataset]) -> None:
+    """Read the first sample of every split (``load_checked``: sizes, label values) before
+    the first step, so that a broken validation split is not found after training; one line
+    naming the split. ``scripts/check_dataset.py`` reads every file."""
+    for split, dataset in splits.items():
+        try:
+            dataset.load_checked(0)
+        except DatasetError as err:
+            raise DatasetError(f"dataset.{split}: its first sample: {err} (checked before the "
+                               f"first step; scripts/check_dataset.py checks every file)"
+                               ) from None
 
 
 def build_val_set(cfg: DictConfig) -> Any:
@@ -212,8 +241,8 @@ def build_evaluator(cfg: DictConfig, val_set, dist: distributed.DistInfo,
                     show_progress: bool = False, num_workers: int | None = None) -> Evaluator:
     """``cfg.eval``'s inference on ``val_set`` (this rank's share), the CRF in
     ``eval.crf_workers`` processes; ``num_workers`` loader workers (None: the run's
-    ``trainer.num_workers``)."""
-    workers = cfg.trainer.num_workers if num_workers is None else num_workers
+    ``trainer.num_workers``, capped by ``loader_workers``)."""
+    workers = loader_workers(cfg.trainer.num_workers) if num_workers is None else num_workers
     return Evaluator(eval_loader(val_set, workers, dist.rank, dist.world_size),
                      cfg.dataset.num_classes, cfg.dataset.ignore_index, val_set.class_names,
                      build_inference(cfg), num_samples=cfg.eval.num_samples,
@@ -361,7 +390,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Build everything from ``cfg`` and train; returns the last validation scores with
     ``status`` (``Trainer.fit``'s: finished, stopped or pruned), ``finished`` and ``stop_signal``
     (the signal that stopped it, or None)."""
-    config_schema.check(cfg)  # a wrong type or range: one line naming the key, nothing built
+    config_schema.check(cfg, strict=True)  # a wrong key, type or range: one line, nothing built
     run_dir = Path(run_dir)
     dist = distributed.init()
     if dist.is_main:  # the first line: where to look while it runs
@@ -372,6 +401,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     train_set, val_set = build_train_set(cfg), build_val_set(cfg)
     check_batch_fits(cfg, batch, len(train_set))  # before any batch is allocated
+    check_first_samples({"train": train_set, "val": val_set})
     log.info("data: %s train %d / val %d images, %d classes", cfg.dataset.name,
              len(train_set), len(val_set), cfg.dataset.num_classes)
     training = build_training(cfg, getattr(train_set, "in_channels", 3), batch)
@@ -390,7 +420,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("model: %s, %.2fM parameters, device %s, precision %s", cfg.model._target_,
              n_params / 1e6, device, resolve_precision(cfg.trainer.precision, device))
 
-    evaluator = build_evaluator(cfg, val_set, dist)
+    workers = loader_workers(cfg.trainer.num_workers)  # at most this rank's cores
+    evaluator = build_evaluator(cfg, val_set, dist, num_workers=workers)
     evaluator.check_model(model)  # eval.output_stride: refused now, not at the first eval
 
     t = cfg.trainer
@@ -398,10 +429,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("batch: %d images per step = %d per rank x trainer.iter_size %d x %d rank(s)",
              training.batch.images_per_step, batch_size, t.iter_size, dist.world_size)
     # the endless, resumable sample stream; the trainer starts it at its own iteration
-    batches = functools.partial(train_loader, train_set, batch_size, t.num_workers, cfg.seed,
+    batches = functools.partial(train_loader, train_set, batch_size, workers, cfg.seed,
                                 rank=dist.rank, world_size=dist.world_size,
                                 pin_memory=device.type == "cuda",
-                                class_uniform=build_sampling(cfg, train_set))
+                                class_uniform=build_sampling(cfg, train_set, workers))
     palette = palette_of(val_set, cfg.dataset.num_classes)
     callbacks = [PeriodicEvaluation(evaluator, t.eval_interval),
                  RunLog(val_set.class_names, palette, cfg.dataset.ignore_index),
@@ -424,8 +455,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                "stop_signal": trainer.stop.signal}
     best = trainer.record.best
     if dist.is_main and status == FINISHED and "miou" in metrics and best is not None:
-        log.info("final: mIoU %.4f  pixel acc %.4f  (best mIoU %.4f)  run folder %s",
-                 metrics["miou"], metrics["pixel_acc"], best["miou"], run_dir)
+        log.info("final: mIoU %s  pixel acc %s  (best mIoU %s)  run folder %s",
+                 percent(metrics["miou"]), percent(metrics["pixel_acc"]),
+                 percent(best["miou"]), run_dir)
     distributed.cleanup()
     return metrics
 

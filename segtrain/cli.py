@@ -13,11 +13,15 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
+from segtrain.config_schema import dotted_keys, unknown_key
 from segtrain.errors import UserError, from_worker, plain_message
 
 log = logging.getLogger("segtrain")
@@ -54,6 +58,90 @@ def user_errors() -> Iterator[None]:
             raise
         sys.stderr.write("error: interrupted (Ctrl-C)\n")
         sys.exit(130)
+
+
+#: Hydra flags after which the command composes no run config of ours (or another one)
+_NOT_A_RUN = ("help", "hydra_help", "version", "shell_completion", "config_path",
+              "config_name", "config_dir", "experimental_rerun", "info")
+
+
+def check_override_keys(argv: list[str], config_dir: Path, config_name: str) -> None:
+    """Before Hydra composes ``config_name`` from the command line ``argv``: a ``key=value``
+    whose key the composed config lacks ends the command with one ``error:`` line naming the
+    nearest existing key (Hydra's own message advises ``+key=value``, which adds a key that
+    nothing reads). Where a swept group's options differ (``-m model=unet,deeplabv2``), a
+    key one of them has is accepted. ``+key``/``++key`` are the schema's to refuse
+    (``config_schema.check(strict=True)``); anything else Hydra reports as usual."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, OverrideType
+
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        args, _ = parser.parse_known_args(argv)
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # noqa: BLE001 - Hydra reports a command line it cannot parse
+        return
+    if any(getattr(args, flag, None) for flag in _NOT_A_RUN):
+        return
+    parsed = [o for o in parsed if not o.is_hydra_override()]
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        groups, checked, added = [], [], []
+        for o in parsed:
+            if loader.get_group_options(o.key_or_group) and not isinstance(o.value(), dict):
+                groups.append(o)
+            elif o.type == OverrideType.CHANGE and "[" not in o.key_or_group:
+                checked.append(o)
+            elif o.type in (OverrideType.ADD, OverrideType.FORCE_ADD):
+                added.append(o.key_or_group)
+        if not checked:
+            return
+        swept = [o for o in groups if o.is_sweep_override()]
+        if any(not isinstance(o.value(), ChoiceSweep) for o in swept):
+            return  # a glob over options: Hydra expands it
+
+        def composed(choice: dict[int, Any]) -> Any:
+            lines = [f"{o.get_key_element()}={choice.get(i, o.value().list[0])}"
+                     if o.is_sweep_override() else o.input_line for i, o in enumerate(groups)]
+            try:
+                return OmegaConf.to_container(compose(config_name, overrides=lines),
+                                              resolve=False)
+            except Exception:  # noqa: BLE001 - Hydra reports what it cannot compose
+                return None
+
+        first = composed({})
+        if first is None:
+            return
+        # the other options of each swept group, composed only when a key is missing
+        others = ({groups.index(o): value} for o in swept for value in o.value().list[1:])
+        configs = [first]
+        for o in checked:
+            key = o.key_or_group
+            if any(key == a or key.startswith(a + ".") for a in added):
+                continue
+            while not any(_has_key(c, key) for c in configs if c is not None):
+                more = next(others, None)
+                if more is None:
+                    message = unknown_key(key, o.input_line.split("=", 1)[1],
+                                          dotted_keys(first))
+                    sys.stderr.write(f"error: {message}\n")
+                    sys.exit(1)
+                configs.append(composed(more))
+
+
+def _has_key(tree: Any, key: str) -> bool:
+    for part in key.split("."):
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        else:
+            return False
+    return True
 
 
 def exit_stopped(signum: int | None) -> None:

@@ -20,16 +20,25 @@ onto it), while this interpolation resolves to ``???``, which the check refuses 
 command line sets the key.
 Groups whose options differ widely (``model``, ``loss``) are checked on the keys they
 share; their constructors check the rest.
+
+``check(cfg, strict=True)`` (a training start) also refuses a key nothing reads: one that a
+``+key=value`` added to a group of keys the schema lists in full (``trainer``, ``eval``, the
+top level...), naming the nearest existing key. A node with a ``_target_`` takes extra keys
+(``+optim.eps=1e-8``: its constructor's argument, which refuses what it does not take), and
+so does ``dataset`` (each data set has its own)::
+
+    error: trainer.max_iter=10: no such key; the nearest existing key: trainer.max_iters
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
@@ -154,6 +163,8 @@ class ClassUniformSchema:
 
 @dataclass
 class DatasetSchema:
+    #: each data set has keys of its own (its splits, transforms, layout)
+    OTHER_KEYS: ClassVar[bool] = True
     name: str = spec()
     # absent for the embedded data sets (synthetic); ??? for those on disk
     root: str = spec(optional=True, unset=(
@@ -189,6 +200,7 @@ class EvalSchema:
     crf_workers: int | None = spec(0, optional=True)
     save_per_image: bool = spec(optional=True)  # absent (a run saved before it): false
     dump_worst: int = spec(0, optional=True)  # absent: 0
+    crf: Any = spec(optional=True)  # null or the DenseCRF's node: its constructor checks it
 
 
 @dataclass
@@ -201,11 +213,25 @@ class RunSchema:
     model: ModelSchema = spec()
     dataset: DatasetSchema = spec()
     eval: EvalSchema = spec()
+    loss: Any = spec()  # its constructor checks it
+    logger: Any = spec(optional=True)
 
 
-def check(tree: Mapping[str, Any], schema: type = RunSchema, prefix: str = "") -> None:
-    """Raise ``ConfigError`` naming the first key of ``tree`` that ``schema`` refuses."""
+def check(tree: Mapping[str, Any], schema: type = RunSchema, prefix: str = "",
+          strict: bool = False, root: Mapping[str, Any] | None = None) -> None:
+    """Raise ``ConfigError`` naming the first key of ``tree`` that ``schema`` refuses;
+    ``strict``: also a key that ``schema`` does not know where it lists every key
+    (``root``: the whole config, whose keys the nearest one is sought among)."""
     hints = get_type_hints(schema)
+    root = tree if root is None else root
+    if strict and "_target_" not in tree.keys() and not getattr(schema, "OTHER_KEYS", False):
+        known = {f.name for f in fields(schema)}
+        for name in tree.keys():
+            if name not in known:
+                key = f"{prefix}{name}"
+                raise unknown_key(key, _show(_plain(tree)[name]),
+                                  [k for k in dotted_keys(root) if k != key
+                                   and not k.startswith(key + ".")])
     for f in fields(schema):
         key = f"{prefix}{f.name}"
         if f.name not in tree.keys():  # a DictConfig's `in` is False for a ??? value
@@ -226,10 +252,49 @@ def check(tree: Mapping[str, Any], schema: type = RunSchema, prefix: str = "") -
         if value == UNSET:
             raise ConfigError(f"{key}=??? must be set (e.g. on the command line, {key}=...): "
                               f"expected {_expected(hints[f.name], f.metadata)}")
-        _check_value(key, value, hints[f.name], f.metadata)
+        _check_value(key, value, hints[f.name], f.metadata, strict, root)
 
 
-def _check_value(key: str, value: Any, kind: Any, meta: dict) -> None:
+def _plain(tree: Any) -> Any:
+    return OmegaConf.to_container(tree, resolve=False) if OmegaConf.is_config(tree) else tree
+
+
+def dotted_keys(tree: Any, prefix: str = "") -> list[str]:
+    """Every key of a config (groups of keys included) as ``a.b.c``, values unresolved."""
+    tree = _plain(tree)
+    if not isinstance(tree, Mapping):
+        return []
+    keys = []
+    for name, node in tree.items():
+        keys.append(f"{prefix}{name}")
+        keys += dotted_keys(node, f"{prefix}{name}.")
+    return keys
+
+
+def unknown_key(key: str, value: str, keys: Sequence[str]) -> ConfigError:
+    """The one line for ``key=value`` where the config has no ``key``: the nearest of
+    ``keys`` by difflib's ratio of the dotted paths, else of their last names (``trainer.lr``:
+    ``optim.lr``); a group that holds ``key``'s place, or a key whose last name is unlike
+    ``key``'s (``trainer.ema`` for ``trainer.lr``), is no answer."""
+    name = key.rsplit(".", 1)[-1]
+    keys = [k for k in keys if not key.startswith(k + ".")]
+    alike = [k for k in keys if difflib.SequenceMatcher(
+        None, name, k.rsplit(".", 1)[-1]).ratio() >= 0.5]
+    near = difflib.get_close_matches(key, alike, n=1, cutoff=0.6)
+    if not near:
+        names = difflib.get_close_matches(name, {k.rsplit(".", 1)[-1] for k in keys}, n=1,
+                                          cutoff=0.8)
+        near = difflib.get_close_matches(key, [k for k in keys if names and
+                                               k.rsplit(".", 1)[-1] == names[0]], n=1, cutoff=0)
+    hint = f"the nearest existing key: {near[0]}" if near else \
+        "python -m segtrain --cfg job lists the keys"
+    return ConfigError(f"{key}={value}: no such key; {hint}")
+
+
+def _check_value(key: str, value: Any, kind: Any, meta: dict, strict: bool = False,
+                 root: Mapping[str, Any] | None = None) -> None:
+    if kind is Any:
+        return
     nullable = _is_union(kind) and type(None) in get_args(kind)
     if nullable:
         kind = next(a for a in get_args(kind) if a is not type(None))
@@ -241,7 +306,7 @@ def _check_value(key: str, value: Any, kind: Any, meta: dict) -> None:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}={value!r}: expected a group of keys "
                               f"({', '.join(f.name for f in fields(kind))})")
-        check(value, kind, prefix=f"{key}.")
+        check(value, kind, prefix=f"{key}.", strict=strict, root=root)
         return
     if get_origin(kind) is list:
         item = get_args(kind)[0]

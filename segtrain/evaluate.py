@@ -52,7 +52,7 @@ from segtrain.core import distributed
 from segtrain.core.json_files import write_json
 from segtrain.errors import ConfigError
 from segtrain.eval import per_image
-from segtrain.eval.metrics import SUMMARY_METRICS, format_table
+from segtrain.eval.metrics import SUMMARY_METRICS, format_table, percent
 from segtrain.runs import RunError
 from segtrain.viz import comparison_strip, write_worst
 
@@ -125,7 +125,8 @@ def evaluate(cfg: DictConfig, eval_name: str,
     model = runs.build_model(run, device, getattr(val_set, "in_channels", 3))
     # each rank a strided share of the images; Evaluator sums the confusion matrices
     evaluator = build_evaluator(run_cfg, val_set, dist, show_progress=dist.is_main,
-                                num_workers=int(cfg.num_workers))
+                                num_workers=app.loader_workers(int(cfg.num_workers),
+                                                               "num_workers"))
     log.info("evaluating %s on %s/%s (%d images), eval=%s, device %s", run_dir,
              run_cfg.dataset.name, getattr(val_set, "split", "val"), len(val_set), eval_name,
              device)
@@ -159,7 +160,7 @@ def evaluate(cfg: DictConfig, eval_name: str,
         strip = comparison_strip(evaluator.samples, palette, run_cfg.dataset.ignore_index)
         Image.fromarray(np.ascontiguousarray(strip)).save(run_dir / f"{stem}_samples.png")
     log.info("eval=%s: %s -> %s", result["name"],
-             "  ".join(f"{k} {scores[k]:.4f}" for k in SUMMARY_METRICS), out)
+             "  ".join(f"{k} {percent(scores[k])}" for k in SUMMARY_METRICS), out)
     return result
 
 

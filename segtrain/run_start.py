@@ -17,6 +17,10 @@ ranks share rank 0's folder). Before anything is written into the folder:
   ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml``, written
   here instead of by Hydra (``hydra.output_subdir: null`` in conf/config.yaml), because
   Hydra writes them when the job starts, before any check could run.
+- a start refused before training wrote anything (a config error, a batch larger than the
+  split) removes the folder again when this start made it (``NewRunFolder`` records, before
+  Hydra makes it, which folders did not exist; ``discard_if_refused`` removes them): no
+  empty ``outputs/<date>/<time>`` stays behind, and a folder that was there is never removed.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from segtrain.errors import UserError
@@ -36,6 +41,10 @@ from segtrain.errors import UserError
 #: where Hydra's copies of the config live in a run folder (Hydra's default output_subdir)
 SAVED = ".hydra"
 LOCK = ".lock"
+#: the files a start writes into its folder before training does (the log Hydra opens:
+#: ``hydra.job.name`` is ``train``)
+START_FILES = (f"{SAVED}/config.yaml", f"{SAVED}/hydra.yaml", f"{SAVED}/overrides.yaml",
+               "train.log", LOCK)
 #: keys a restart may change: they say where and how the process runs, not what it trains
 RESTART_KEYS = ("trainer.resume", "trainer.num_workers", "trainer.device",
                 "trainer.keep_checkpoints")
@@ -170,3 +179,79 @@ def claim(cfg: DictConfig, hydra_cfg: DictConfig, is_main: bool = True) -> Itera
         yield folder
     finally:
         lock.release()
+
+
+#: run folder -> the outermost folder of its path that did not exist before this start
+_MADE_BY_THIS_START: dict[Path, Path] = {}
+
+
+class NewRunFolder(Callback):
+    """A Hydra callback (``hydra.callbacks`` in conf/config.yaml, after ``shared_start_time``,
+    whose clock names the folder): before Hydra makes the run folder of a single run, records
+    which folders of its path this start creates, for ``discard_if_refused``. Sweep jobs
+    keep their folders: the job's log holds its error."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: ARG002
+        folder = Path(str(config.hydra.run.dir)).absolute()
+        outermost = None
+        for path in (folder, *folder.parents):
+            if path.exists():
+                break
+            outermost = path
+        if outermost is not None:
+            _MADE_BY_THIS_START[folder] = outermost
+
+
+def made_by_this_start(folder: Path) -> Path | None:
+    """The outermost folder of ``folder``'s path that this start created, or None."""
+    return _MADE_BY_THIS_START.get(Path(folder).absolute())
+
+
+def _only_start_files(folder: Path) -> bool:
+    found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
+    dirs = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_dir()}
+    return found <= set(START_FILES) and dirs <= {SAVED}
+
+
+def remove_start_files(folder: Path, outermost: Path) -> bool:
+    """Remove ``folder`` if it holds only what a start writes before training, then its
+    parents up to ``outermost`` while they are empty; under the folder's lock, so a start
+    that shares the folder keeps it. Returns whether ``folder`` went."""
+    if not folder.is_dir() or not _only_start_files(folder):
+        return False
+    lock = RunLock(folder)
+    try:
+        lock.acquire()
+    except RunFolderError:
+        return False  # another start holds it
+    try:
+        if not _only_start_files(folder):
+            return False
+        for name in START_FILES:
+            if name != LOCK:
+                (folder / name).unlink(missing_ok=True)
+        if (folder / SAVED).is_dir():
+            (folder / SAVED).rmdir()
+    finally:
+        lock.release()
+    for path in (folder, *folder.parents):
+        try:
+            path.rmdir()
+        except OSError:
+            break  # not empty: a folder another start or the user put something in
+        if path == outermost:
+            break
+    return not folder.exists()
+
+
+@contextmanager
+def discard_if_refused(folder: Path, is_main: bool = True) -> Iterator[None]:
+    """Around a start in ``folder``: when it raises before training wrote anything, the
+    folders this start made (``NewRunFolder``) are removed again."""
+    try:
+        yield
+    except BaseException:
+        outermost = made_by_this_start(folder) if is_main else None
+        if outermost is not None:
+            remove_start_files(Path(folder).absolute(), outermost)
+        raise

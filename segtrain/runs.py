@@ -104,7 +104,7 @@ def _scratch_folder() -> str:
 
 def hydra_folder_root(run: str) -> str:
     """``${segtrain.run:${run}}``, where the entry points' Hydra folder starts
-    (conf/evaluate.yaml, predict.yaml, export/export.yaml).
+    (conf/evaluate.yaml, predict.yaml, export.yaml).
 
     Hydra creates its output folder before main() runs, so a mistyped ``run=`` (or a folder
     that is not a run) would get an ``eval/`` or ``predict/`` tree. Such a ``run`` gets a

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from segtrain.errors import ConfigError
+from segtrain.eval.metrics import percent
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ class StudyTrial:
         self.trial.report(miou, iteration)
         if not self.trial.should_prune():
             return False
-        log.info("trial %d: pruned after iteration %d (mIoU %.4f)", self.trial.number,
-                 iteration, miou)
+        log.info("trial %d: pruned after iteration %d (mIoU %s)", self.trial.number,
+                 iteration, percent(miou))
         self.trial.set_user_attr(PRUNED_AT, iteration)
         return True
 

@@ -5,6 +5,7 @@ graph fixes its size (CPNet's prior map) fails the dynamic check with a clear me
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from segtrain.app import build_model
-from segtrain.export import ExportError, export
+from segtrain.errors import ConfigError
+from segtrain.export import ExportError, export, main_export
 from tests.cli_in_process import run_module
 from tests.conftest import CONF_DIR, TINY
 
@@ -72,8 +74,20 @@ def test_export_command_writes_a_file_that_agrees_with_pytorch(run_dir, tmp_path
 @pytest.mark.parametrize("model", ["deeplabv1", "deeplabv3_mobilenetv2"])
 def test_models_export_to_onnx_at_a_free_size(tmp_path, model):
     net = _model(f"model={model}")
-    result = export(net, "onnx", tmp_path / "m.onnx", (32, 32), dynamic=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = export(net, "onnx", tmp_path / "m.onnx", (32, 32), dynamic=True)
     assert result["max_abs_logit_diff"] <= 1e-3 * max(1.0, result["max_abs_logit"])
+    # torch's notice that this is its TorchScript-based exporter is known and not repeated
+    assert not [w for w in caught if "legacy TorchScript-based" in str(w.message)]
+
+
+def test_an_unknown_format_is_refused_before_the_run_is_opened(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="export", overrides=[f"run={tmp_path / 'no_run'}",
+                                                       "format=pdf"])
+    with pytest.raises(ConfigError, match="format='pdf': expected one of onnx, torchscript"):
+        main_export(cfg)
 
 
 def test_a_size_bound_graph_fails_the_dynamic_check(tmp_path):

@@ -257,7 +257,9 @@ def test_a_data_error_mid_run_saves_the_last_completed_step(tiny_cfg, tmp_path, 
     def load(self, index):
         if self.split == "train":
             reads.append(index)
-            if len(reads) == 7:  # batch 2: iteration 4 reads the 7th and 8th samples
+            # the start reads the first sample (app.check_first_samples), then batch 2:
+            # iteration 4 reads the 7th and 8th samples of the stream
+            if len(reads) == 1 + 7:
                 raise DatasetError("cannot read image file /data/broken/0007.png: truncated")
         return real_load(self, index)
 

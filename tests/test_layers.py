@@ -22,7 +22,8 @@ LAYERS: list[set[str]] = [
     {"config_schema", "builders"},   # the schema every entry point applies; config -> objects
     {"runs", "run_start"},   # a run folder or .pt -> config, checkpoint, model; a start's claim
     {"app", "__main__", "evaluate", "predict", "export", "protocol", "reproduce", "flops", "api",
-     "cli", "sweeper",                            # sweeper: Hydra's, an entry point
+     "cli", "sweep_summary",
+     "sweeper",  # sweeper: Hydra's, an entry point
      "__init__"},
 ]
 LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}

@@ -37,12 +37,13 @@ def test_user_error_is_segtrains_own_exception():
 
 def test_configs_are_installed_as_segtrains_data_and_found_from_any_directory(tmp_path):
     """A regular (non-editable) install: the wheel holds conf/ as segtrain/conf (no top-level
-    ``conf`` package), and ``python -m segtrain`` run elsewhere composes an experiment."""
+    ``conf`` package; predict's conf_predict/ likewise), and ``python -m segtrain`` run
+    elsewhere composes an experiment."""
     import shutil
     import zipfile
 
     source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info into it
-    for name in ("segtrain", "conf"):
+    for name in ("segtrain", "conf", "conf_predict"):
         shutil.copytree(REPO / name, source / name, symlinks=True,
                         ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
@@ -52,7 +53,8 @@ def test_configs_are_installed_as_segtrains_data_and_found_from_any_directory(tm
                    cwd=tmp_path, capture_output=True, text=True, check=True)
     (wheel,) = (tmp_path / "wheel").glob("segtrain-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    configs = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "conf").rglob("*.y*ml"))
+    configs = sorted(p.relative_to(REPO).as_posix() for folder in ("conf", "conf_predict")
+                     for p in (REPO / folder).rglob("*.y*ml"))
     assert {f"segtrain/{c}" for c in configs} <= set(names)
     assert {n.split("/")[0] for n in names} == {"segtrain", wheel.name.split("-py3")[0]
                                                  + ".dist-info"}

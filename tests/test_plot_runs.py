@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tests.cli_in_process import run_module
@@ -55,3 +56,24 @@ def test_plot_writes_one_png_with_both_runs(runs, tmp_path):
 def test_no_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no run folder"):
         plot_runs.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+
+
+def _run_folder(path: Path, overrides: list[str], batch_size: int, lr: str) -> Path:
+    """A run folder's .hydra/ as python -m segtrain writes it (no training needed)."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (path / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump({"trainer": {"batch_size": batch_size}, "optim": {"lr": 0.001}}))
+    (path / ".hydra" / "hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"runtime": {"choices": {"lr": lr, "model": "unet"}}}}))
+    return path
+
+
+def test_runs_are_labelled_by_the_settings_that_differ_or_default(tmp_path):
+    default = _run_folder(tmp_path / "a", [], 8, "poly")
+    step = _run_folder(tmp_path / "b", ["lr=step", "trainer.batch_size=16"], 16, "step")
+    same = _run_folder(tmp_path / "c", ["lr=poly", "model=unet"], 8, "poly")  # as the default
+    assert plot_runs.labels([default, step]) == ["default", "lr=step trainer.batch_size=16"]
+    # lr=poly and model=unet change nothing here: the two runs are the same settings
+    assert plot_runs.labels([default, step, same]) == \
+        ["default (a)", "lr=step trainer.batch_size=16", "default (c)"]

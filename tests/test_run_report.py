@@ -38,7 +38,7 @@ def test_report_reads_command_time_scores_and_status(tmp_path):
     out = res.stdout
     # the command without the launcher plumbing, 42.5 minutes of log, the last evaluation
     assert "| poly | `python -m segtrain experiment=demo lr=poly` | 42 min | 100 of 100 | " \
-           "50.0 | 90.0 | 50.0 |" in out
-    assert "| step |" in out and "unfinished: stopped at 60 of 100 | 25.0 |" in out
-    assert "| road | 80.0 | 80.0 |" in out and "| sky | n/a | n/a |" in out
-    assert "| 50 | 25.0 | 12.5 |" in out
+           "50.00 | 90.00 | 50.00 |" in out
+    assert "| step |" in out and "unfinished: stopped at 60 of 100 | 25.00 |" in out
+    assert "| road | 80.00 | 80.00 |" in out and "| sky | n/a | n/a |" in out
+    assert "| 50 | 25.00 | 12.50 |" in out

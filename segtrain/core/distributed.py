@@ -48,6 +48,16 @@ def slurm_tasks_on_node(env: os._Environ | dict) -> int:
     return counts[node] if node < len(counts) else 1
 
 
+def cores_per_rank() -> int:
+    """This rank's share of the cores this process may run on (the affinity mask where there
+    is one, which torch's DataLoader also reads): the cores divided among the ranks of this
+    node (torchrun's LOCAL_WORLD_SIZE, SLURM's tasks on this node), at least one, so 8 ranks
+    on a node start cores/8 processes each, not cores each."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count() or 1
+    return max(1, cores // env_info().local_world_size)
+
+
 def env_info() -> DistInfo:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:

@@ -225,9 +225,9 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.item(index)
 
-    def item(self, index: int, centroid: Centroid | None = None) -> dict[str, Any]:
-        """Item ``index``; a class-uniform sample passes its ``centroid``, which the crop
-        (``transforms.RandomCrop``) covers, and ``meta["centroid_class"]`` names."""
+    def load_checked(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """``load`` with the image and label sizes compared and the label values checked (a
+        ``DatasetError`` naming the files); no transform runs."""
         image, mask, meta = self.load(index)
         source = str(meta.get("label_path", meta.get("name", index)))
         if image.shape[:2] != mask.shape[:2]:
@@ -236,6 +236,12 @@ class SegmentationDataset(Dataset):
                 f"but its label {source} is {mask.shape[1]}x{mask.shape[0]} (width x height)"
             )
         self.check_labels(mask, source)
+        return image, mask, meta
+
+    def item(self, index: int, centroid: Centroid | None = None) -> dict[str, Any]:
+        """Item ``index``; a class-uniform sample passes its ``centroid``, which the crop
+        (``transforms.RandomCrop``) covers, and ``meta["centroid_class"]`` names."""
+        image, mask, meta = self.load_checked(index)
         meta = {**meta, "index": index, "orig_size": tuple(mask.shape[:2])}
         if centroid is not None:
             meta["centroid_class"] = centroid.class_id

@@ -20,8 +20,6 @@ per-image job that ``Evaluator`` hands to ``eval.crf_workers`` processes.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -83,12 +81,8 @@ def softmax_probs(logits: torch.Tensor) -> np.ndarray:
 
 
 def default_workers() -> int:
-    """This rank's share of the cores this process may run on (the affinity mask where there
-    is one): the cores divided among the ranks of this node (torchrun's LOCAL_WORLD_SIZE,
-    SLURM's tasks on this node), at least one, so 8 ranks on a node start cores/8 processes
-    each, not cores each."""
-    from segtrain.core.distributed import env_info
+    """The CRF's processes: this rank's share of the cores
+    (``segtrain.core.distributed.cores_per_rank``)."""
+    from segtrain.core.distributed import cores_per_rank
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        os.cpu_count() or 1
-    return max(1, cores // env_info().local_world_size)
+    return cores_per_rank()

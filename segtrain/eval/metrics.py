@@ -133,16 +133,26 @@ def scores_from_matrix(matrix: torch.Tensor) -> dict[str, float | list[float]]:
     }
 
 
+def percent(score: float | None, signed: bool = False) -> str:
+    """A score as a user reads it everywhere (log lines, tables, the final line, evaluate,
+    sweep summaries, scripts): percent with two decimals, as the papers print them
+    (0.665312 -> ``66.53``; ``signed``, a difference of two scores: ``+1.20``); metrics.json
+    and the other stored files keep the fraction. None or NaN (a class without pixels):
+    ``n/a``."""
+    if score is None or score != score:
+        return "n/a"
+    return f"{100 * score:+.2f}" if signed else f"{100 * score:.2f}"
+
+
 def format_table(scores: dict, class_names: list[str] | tuple[str, ...]) -> str:
-    """Per-class IoU/accuracy table plus the summary scores, as plain text."""
+    """Per-class IoU/accuracy table plus the summary scores (``percent``), as plain text."""
     width = max(10, *(len(n) for n in class_names))
     lines = [f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}", "-" * (width + 18)]
     for name, iou, acc in zip(class_names, scores["iou"], scores["acc"]):
-        fmt = lambda v: "    n/a" if v != v else f"{100 * v:7.2f}"  # noqa: E731 - NaN check
-        lines.append(f"{name:<{width}}  {fmt(iou)}  {fmt(acc)}")
+        lines.append(f"{name:<{width}}  {percent(iou):>7}  {percent(acc):>7}")
     lines.append("-" * (width + 18))
     for key in SUMMARY_METRICS:
-        lines.append(f"{key:<{width}}  {100 * scores[key]:7.2f}")
+        lines.append(f"{key:<{width}}  {percent(scores[key]):>7}")
     return "\n".join(lines)
 
 
