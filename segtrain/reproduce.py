@@ -478,6 +478,7 @@ def launch(jobs: list[Job], launcher_overrides: list[str], out: Path, paper: str
         return {}
     for job in todo:
         write_provenance(job, paper)
+    previous = HydraConfig.instance().cfg  # the launcher's and each job's replace it
     launcher = _launcher(launcher_overrides, out / "runs")
     try:
         if isinstance(launcher, BaseSubmititLauncher):
@@ -485,6 +486,8 @@ def launch(jobs: list[Job], launcher_overrides: list[str], out: Path, paper: str
         return _launch_in_turn(launcher, todo)
     finally:
         GlobalHydra.instance().clear()  # the caller composes with its own search path again
+        HydraConfig.instance().cfg = previous  # a later train() in this process names its
+        # options from its own config, not from the last job's choices (app._choice)
 
 
 def _launch_in_turn(launcher, todo: list[Job]) -> dict:

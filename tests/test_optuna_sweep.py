@@ -29,6 +29,7 @@ from segtrain.engine.callbacks.base import Callback, Evaluation
 from segtrain.engine.callbacks.trial_pruning import TrialPruning
 from segtrain.engine.trainer import Trainer
 from segtrain.errors import ConfigError
+from segtrain.eval.metrics import SUMMARY_METRICS
 from segtrain.sweeper import chosen_pruner, open_trial, study_storage
 from tests.cli_in_process import run_module
 from tests.conftest import CONF_DIR, REPO, TINY
@@ -269,7 +270,8 @@ class _Scores(Callback):
 
     def on_step_end(self, trainer) -> None:
         if trainer.iteration % 3 == 0:
-            trainer.publish(Evaluation(trainer.iteration, {"miou": trainer.iteration / 100}))
+            scores = {key: trainer.iteration / 100 for key in SUMMARY_METRICS}
+            trainer.publish(Evaluation(trainer.iteration, scores))
 
 
 class _Trial:

@@ -276,7 +276,7 @@ def test_submitit_local_launcher_waits_for_stages_and_skips_after_a_failed_one(
     assert len(_submitit_jobs(bad)) == 1  # only the stage was submitted
 
 
-def test_slurm_dependants_are_submitted_with_afterok(tmp_path):
+def test_slurm_dependants_are_submitted_with_afterok(tmp_path, monkeypatch):
     """SLURM: every job submitted at once, a dependant with --dependency=afterok:<stage id>
     and --kill-on-invalid-dep=yes (submitit's sbatch text, sbatch itself mocked)."""
     from submitit.slurm.test_slurm import mocked_slurm
@@ -285,6 +285,8 @@ def test_slurm_dependants_are_submitted_with_afterok(tmp_path):
     for job in jobs:
         reproduce.write_provenance(job, "fcn8s_voc")
     with mocked_slurm():
+        # _launcher sets Hydra's job config as a launch does; put it back after the test
+        monkeypatch.setattr(reproduce.HydraConfig.instance(), "cfg", None)
         launcher = reproduce._launcher(["hydra/launcher=slurm"], tmp_path / "runs")
         submitted = []  # the mocked jobs never run: not waited for
         results = reproduce._launch_submitit(launcher, jobs, wait=False, record=submitted)
@@ -324,7 +326,7 @@ def test_row_scores_are_read_where_segtrain_evaluate_writes_them(tmp_path):
     assert reproduce.state(aspp) == "done"
 
 
-def test_slurm_rerun_waits_for_queued_jobs_and_resubmits_ended_ones(tmp_path):
+def test_slurm_rerun_waits_for_queued_jobs_and_resubmits_ended_ones(tmp_path, monkeypatch):
     """Each submission's job id is kept in its run folder (reproduce_job.json); a rerun asks
     SLURM (sacct through submitit) for its state: a pending or running job is waited for and
     stays its dependants' afterok, a failed or cancelled one is submitted again."""
@@ -334,6 +336,8 @@ def test_slurm_rerun_waits_for_queued_jobs_and_resubmits_ended_ones(tmp_path):
     for job in jobs:
         reproduce.write_provenance(job, "fcn8s_voc")
     with mocked_slurm() as sacct:
+        # _launcher sets Hydra's job config as a launch does; put it back after the test
+        monkeypatch.setattr(reproduce.HydraConfig.instance(), "cfg", None)
         launcher = reproduce._launcher(["hydra/launcher=slurm"], tmp_path / "runs")
         first = []
         reproduce._launch_submitit(launcher, jobs, wait=False, record=first)
