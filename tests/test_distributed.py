@@ -268,6 +268,7 @@ def late_start(tmp_path_factory) -> Path:
     return cwd
 
 
+@pytest.mark.slow  # a third torchrun job (14 s idle); the default suite keeps the other three
 def test_ranks_started_apart_write_to_rank_0s_run_folder(late_start):
     folders = [p.parent for p in (late_start / "outputs").glob("*/*/.hydra")]
     assert len(folders) == 1, folders
