@@ -52,7 +52,12 @@ class SweepSummary(Callback):
     def print(self) -> None:
         if self in _UNPRINTED:
             _UNPRINTED.remove(self)
-        if self.sweep_dir is not None:
+        # a sweep refused before its first job (a sweeper option, say) has its error only;
+        # a job run elsewhere (SLURM) left its folder, a refused one too (its log says why)
+        started = self.sweep_dir is not None and (
+            bool(self.returns) or self.sweep_dir.is_dir() and any(
+                p.is_dir() for p in self.sweep_dir.iterdir()))
+        if started:
             print(summary(self.sweep_dir, self.returns), flush=True)
 
 

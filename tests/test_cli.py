@@ -113,3 +113,11 @@ def test_a_sweep_ends_with_a_summary_of_its_jobs_failed_ones_included(cli, tmp_p
     assert f"{100 * score:.2f}" in rows["0"], (rows, score)
     assert "trainer.max_iters=0" in rows["1"] and "failed" in rows["1"], rows
     assert "expected an integer >= 1" in rows["1"], rows
+
+
+def test_a_sweep_that_starts_no_job_prints_no_summary(cli, tmp_path):
+    """A sweeper refused at its start (an unknown pruner): its error, no empty job table."""
+    code, err = cli("-m", *TINY, "hydra/sweeper=optuna_miou", "optim.lr=choice(0.01,0.001)",
+                    "hydra.sweeper.pruner=foo", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert code == 1 and "hydra.sweeper.pruner=foo" in err, err
+    assert "0 jobs" not in cli.out and "job  overrides" not in cli.out, cli.out
