@@ -109,6 +109,8 @@ def test_distributed_evaluation_counts_each_val_pixel_once(runs):
     assert m2["miou"] == pytest.approx(m1["miou"], abs=1e-6)
 
 
+@pytest.mark.slow  # a torchrun evaluation (10 s idle); the pixel count of a two-rank
+# evaluation stays in the default suite
 def test_torchrun_evaluate_gives_the_scores_of_one_process(runs):
     one, _ = runs
     common = ["-m", "segtrain.evaluate", f"run={one}", "checkpoint=last", "num_workers=0",
@@ -276,6 +278,7 @@ def test_ranks_started_apart_write_to_rank_0s_run_folder(late_start):
     assert (run / "checkpoints" / "last.pt").is_file() and (run / "train.log").is_file()
 
 
+@pytest.mark.slow  # the late-start torchrun job (13 s idle)
 def test_each_rank_draws_its_own_stream_and_last_pt_holds_every_rank_rng(late_start):
     (run,) = [p.parent for p in (late_start / "outputs").glob("*/*/.hydra")]
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)

@@ -193,14 +193,16 @@ def test_fcn16s_from_a_fcn32s_checkpoint_predicts_what_the_32s_scores_say(tmp_pa
     from segtrain.app import build_model
 
     torch.manual_seed(0)
-    fcn32 = FCN(6, 32, None, True, False, 0.5)
+    # VGG-16 at 1/8 of its channels (segtrain.reproduce scale=tiny's option): the same layers
+    # and init_from path as the paper's width, 64x fewer weights
+    fcn32 = FCN(6, 32, None, True, False, 0.5, width=0.125)
     with torch.no_grad():  # a "trained" classifier: non-zero scores
         fcn32.score_fr.weight.normal_(0, 0.01)
         fcn32.score_fr.bias.normal_()
     # saved as the trainer saves: checkpoints/last.pt of a run folder, under "model"
     checkpoint.save_atomic({"model": fcn32.state_dict(), "iteration": 7},
                            tmp_path / "run32" / "checkpoints" / "last.pt")
-    cfg = tiny_cfg("model=fcn16s", f"model.init_from={tmp_path / 'run32'}")
+    cfg = tiny_cfg("model=fcn16s", "model.width=0.125", f"model.init_from={tmp_path / 'run32'}")
     fcn16 = build_model(cfg, initialise=True).eval()
     fcn32.eval()
     own32 = fcn32.state_dict()
