@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from segtrain.eval.metrics import SUMMARY_METRICS
+
 if TYPE_CHECKING:
     from segtrain.engine.trainer import Trainer
 
@@ -79,3 +81,22 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def train_scalars(trainer: Trainer, terms: dict[str, float], rate: float) -> dict[str, float]:
+    """What every logger (TensorBoard, MLflow, W&B) records at a log interval, by name: the
+    loss terms, each parameter group's rate and the iterations per second."""
+    values = {f"train/loss/{k}": v for k, v in terms.items()}
+    for i, group in enumerate(trainer.optimizer.param_groups):
+        values[f"train/lr/{group.get('name', str(i))}"] = group["lr"]
+    values["train/iters_per_s"] = rate
+    return values
+
+
+def val_scalars(scores: dict[str, Any], class_names: list[str]) -> dict[str, float]:
+    """What every logger records of an evaluation, by name: the summary metrics and each
+    class's IoU (a NaN IoU, a class absent from prediction and ground truth, is left out)."""
+    values = {f"val/{k}": scores[k] for k in SUMMARY_METRICS}
+    values.update({f"val/iou/{name}": iou for name, iou in zip(class_names, scores["iou"])
+                   if iou == iou})
+    return values

@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segtrain.engine.callbacks.base import Callback, Evaluation
+from segtrain.engine.callbacks.base import Callback, Evaluation, train_scalars, val_scalars
 from segtrain.errors import ConfigError
-from segtrain.eval.metrics import SUMMARY_METRICS
 from segtrain.viz import comparison_strip
 
 if TYPE_CHECKING:
@@ -123,20 +122,13 @@ class MLflowLog(Callback):
     def on_log(self, trainer: Trainer, terms: dict[str, float], rate: float) -> None:
         if self.client is None:
             return
-        values = {f"train/loss/{k}": v for k, v in terms.items()}
-        for i, group in enumerate(trainer.optimizer.param_groups):
-            values[f"train/lr/{group.get('name', str(i))}"] = group["lr"]
-        values["train/iters_per_s"] = rate
-        self._metrics(values, trainer.iteration)
+        self._metrics(train_scalars(trainer, terms, rate), trainer.iteration)
 
     def on_evaluation(self, trainer: Trainer, evaluation: Evaluation) -> None:
         if self.client is None:
             return
         scores, it = evaluation.scores, evaluation.iteration
-        values = {f"val/{k}": scores[k] for k in SUMMARY_METRICS}
-        values.update({f"val/iou/{name}": iou
-                       for name, iou in zip(self.class_names, scores["iou"])})
-        self._metrics(values, it)
+        self._metrics(val_scalars(scores, self.class_names), it)
         if evaluation.samples:
             strip = comparison_strip(evaluation.samples, self.palette, self.ignore_index)
             self.client.log_image(self.run_id, strip, f"samples/iter_{it:07d}.png")

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from segtrain.engine.callbacks.base import Callback, Evaluation
+from segtrain.engine.callbacks.base import Callback, Evaluation, train_scalars, val_scalars
 from segtrain.eval import per_image
-from segtrain.eval.metrics import SUMMARY_METRICS, format_table
+from segtrain.eval.metrics import format_table
 from segtrain.viz import comparison_strip, write_worst
 
 if TYPE_CHECKING:
@@ -75,12 +75,8 @@ class RunLog(Callback):
         log.info("iter %d/%d  %s  lr %.3e  %.2f it/s  elapsed %s  eta %s", trainer.iteration,
                  trainer.max_iters, "  ".join(f"{k} {v:.4f}" for k, v in terms.items()),
                  groups[0]["lr"], rate, clock(elapsed), clock(left))
-        for k, v in terms.items():
-            self.writer.add_scalar(f"train/loss/{k}", v, trainer.iteration)
-        for i, group in enumerate(groups):
-            self.writer.add_scalar(f"train/lr/{group.get('name', str(i))}", group["lr"],
-                                   trainer.iteration)
-        self.writer.add_scalar("train/iters_per_s", rate, trainer.iteration)
+        for name, value in train_scalars(trainer, terms, rate).items():
+            self.writer.add_scalar(name, value, trainer.iteration)
 
     def on_step_end(self, trainer: Trainer) -> None:
         if self.bar is not None:
@@ -91,11 +87,8 @@ class RunLog(Callback):
             return
         it, scores = evaluation.iteration, evaluation.scores
         log.info("eval at iteration %d\n%s", it, format_table(scores, self.class_names))
-        for k in SUMMARY_METRICS:
-            self.writer.add_scalar(f"val/{k}", scores[k], it)
-        for name, iou in zip(self.class_names, scores["iou"]):
-            if iou == iou:  # NaN: class absent from prediction and ground truth
-                self.writer.add_scalar(f"val/iou/{name}", iou, it)
+        for name, value in val_scalars(scores, self.class_names).items():
+            self.writer.add_scalar(name, value, it)
         if evaluation.samples:
             strip = comparison_strip(evaluation.samples, self.palette, self.ignore_index)
             self.writer.add_image("val/image_gt_pred", strip, it, dataformats="HWC")

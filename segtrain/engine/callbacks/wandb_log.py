@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segtrain.engine.callbacks.base import Callback, Evaluation
+from segtrain.engine.callbacks.base import Callback, Evaluation, train_scalars, val_scalars
 from segtrain.errors import ConfigError
-from segtrain.eval.metrics import SUMMARY_METRICS
 from segtrain.viz import comparison_strip
 
 if TYPE_CHECKING:
@@ -83,11 +82,7 @@ class WandbLog(Callback):
     def on_log(self, trainer: Trainer, terms: dict[str, float], rate: float) -> None:
         if self.run is None:
             return
-        values = {f"train/loss/{k}": v for k, v in terms.items()}
-        for i, group in enumerate(trainer.optimizer.param_groups):
-            values[f"train/lr/{group.get('name', str(i))}"] = group["lr"]
-        values["train/iters_per_s"] = rate
-        self.run.log(values, step=trainer.iteration)
+        self.run.log(train_scalars(trainer, terms, rate), step=trainer.iteration)
 
     def on_evaluation(self, trainer: Trainer, evaluation: Evaluation) -> None:
         if self.run is None:
@@ -95,9 +90,7 @@ class WandbLog(Callback):
         import wandb
 
         scores = evaluation.scores
-        values: dict[str, Any] = {f"val/{k}": scores[k] for k in SUMMARY_METRICS}
-        values.update({f"val/iou/{name}": iou for name, iou in
-                       zip(self.class_names, scores["iou"]) if iou == iou})  # NaN: absent
+        values: dict[str, Any] = val_scalars(scores, self.class_names)
         if evaluation.samples:
             strip = comparison_strip(evaluation.samples, self.palette, self.ignore_index)
             values["val/image_gt_pred"] = wandb.Image(strip)
