@@ -125,3 +125,14 @@ def model_from_yaml(name: str, num_classes: int, **override) -> torch.nn.Module:
     for key, value in override.items():
         cfg[key] = value
     return instantiate(cfg)
+
+
+class OneConv(torch.nn.Module):
+    """The smallest segmentation model for trainer tests: a 1x1 convolution, 3 -> 2 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}

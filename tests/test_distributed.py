@@ -34,7 +34,7 @@ from segtrain.eval.crf import default_workers
 from segtrain.eval.evaluator import crf_pool
 from segtrain.eval.metrics import SUMMARY_METRICS
 from tests import injected_faults
-from tests.conftest import REPO, TINY, compose_config, slurm_sbatch_script
+from tests.conftest import REPO, TINY, OneConv, compose_config, slurm_sbatch_script
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -338,22 +338,13 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tm
 
 
 # -- in-process: the host synchronisations of the loop under DDP --------------------------
-class _Tiny(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 2, 1)
-
-    def forward(self, x):
-        return {"out": self.conv(x)}
-
-
 def test_ranks_agree_on_a_stop_signal_only_at_log_intervals(tmp_path, monkeypatch):
     """Rank 0 of a world that DistInfo calls 2 ranks, in a real one-process gloo group: every
     all-reduce is counted with the iteration it ran after."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}",
                                          rank=0, world_size=1)
     try:
-        model = _Tiny()
+        model = OneConv()
         data = [{"image": torch.randn(3, 8, 8), "mask": torch.zeros(8, 8, dtype=torch.long),
                  "meta": {}} for _ in range(8)]
         trainer = None

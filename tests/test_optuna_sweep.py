@@ -32,7 +32,7 @@ from segtrain.errors import ConfigError
 from segtrain.eval.metrics import SUMMARY_METRICS
 from segtrain.sweeper import chosen_pruner, open_trial, study_storage
 from tests.cli_in_process import run_module
-from tests.conftest import CONF_DIR, REPO, TINY
+from tests.conftest import CONF_DIR, REPO, TINY, OneConv
 
 sys.path.insert(0, str(REPO / "scripts"))
 import ablation_table  # noqa: E402
@@ -256,15 +256,6 @@ def test_search_with_the_submitit_launcher(tmp_path):
     assert results["best_value"] == max(scores)
 
 
-class _Tiny(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 2, 1)
-
-    def forward(self, x):
-        return {"out": self.conv(x)}
-
-
 class _Scores(Callback):
     """An evaluation every 3 iterations whose mIoU is the iteration / 100."""
 
@@ -293,7 +284,7 @@ def test_a_pruned_trial_stops_after_that_step_with_last_pt(tmp_path, ranks):
         torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}",
                                              rank=0, world_size=1)
     try:
-        model, trial = _Tiny(), _Trial()
+        model, trial = OneConv(), _Trial()
         data = [{"image": torch.randn(3, 8, 8), "mask": torch.zeros(8, 8, dtype=torch.long),
                  "meta": {}} for _ in range(8)]
         batches = functools.partial(train_loader, data, 2, 0, 0, rank=0, world_size=ranks)
